@@ -1,0 +1,452 @@
+"""The only module that talks to a node: a small JSON-RPC client with retries, batching and
+one table that turns node error strings into typed errors, plus the hand-written ABI
+encoding of the few calls disburser makes (web3's generic encoder is slow on hot paths)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+
+from disburser.errors import ChainMismatchError, DisburserError, RpcError
+
+# --- typed node errors ------------------------------------------------------------------
+
+
+class NodeError(DisburserError):
+    """The node answered a request with a JSON-RPC error."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, code: int | None = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.data = data
+
+
+class AlreadyKnown(NodeError):
+    """The node already has this exact transaction: counts as sent."""
+
+
+class NonceTooLow(NodeError):
+    """The nonce is used: by this transaction (fine) or another one (look it up)."""
+
+
+class Underpriced(NodeError):
+    """A replacement did not raise fees enough, or fees are below the node's floor."""
+
+
+class InsufficientFunds(NodeError):
+    """The payer cannot pay gas * max fee."""
+
+
+class GasCapExceeded(NodeError):
+    """The gas limit is above the per-transaction cap (EIP-7825) or the block limit."""
+
+
+class Reverted(NodeError):
+    """eth_call / eth_estimateGas reverted; ``data`` is the revert data (bytes)."""
+
+
+# Substrings seen from geth, Anvil, Erigon, Nethermind and Besu, lower-cased.
+_ERROR_TABLE: tuple[tuple[str, type[NodeError]], ...] = (
+    ("already known", AlreadyKnown),
+    ("known transaction", AlreadyKnown),
+    ("already imported", AlreadyKnown),
+    ("transaction already exists", AlreadyKnown),
+    ("nonce too low", NonceTooLow),
+    ("nonce is too low", NonceTooLow),
+    ("oldnonce", NonceTooLow),
+    ("replacement transaction underpriced", Underpriced),
+    ("underpriced", Underpriced),
+    ("max fee per gas less than block base fee", Underpriced),
+    ("insufficient funds", InsufficientFunds),
+    ("gas limit cap", GasCapExceeded),
+    ("tx_gas_limit_cap", GasCapExceeded),
+    ("exceeds block gas limit", GasCapExceeded),
+    ("intrinsic gas too high", GasCapExceeded),
+    ("execution reverted", Reverted),
+    ("revert", Reverted),
+)
+
+
+def classify(code: int | None, message: str, data: Any = None) -> NodeError:
+    low = message.lower()
+    for needle, cls in _ERROR_TABLE:
+        if needle in low:
+            if cls is Reverted:
+                return Reverted(message, code, _revert_bytes(data))
+            return cls(message, code, data)
+    return NodeError(message, code, data)
+
+
+def _revert_bytes(data: Any) -> bytes:
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, str) and data.startswith("0x"):
+        try:
+            return bytes.fromhex(data[2:])
+        except ValueError:
+            return b""
+    return b""
+
+
+# --- transport --------------------------------------------------------------------------
+
+
+class Transport:
+    """JSON-RPC over HTTP with retries (timeouts, resets, 429, 5xx) using backoff and jitter.
+    Sleep and randomness are parameters so that tests drive them."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 8,
+                 sleep: Callable[[float], None] = time.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self._sleep = sleep
+        self._rand = rand
+        self._ids = itertools.count(1)
+        self._http = requests.Session()
+
+    def _post(self, payload: Any) -> Any:
+        body = json.dumps(payload, separators=(",", ":"))
+        delay = 0.1
+        for attempt in range(self.retries + 1):
+            try:
+                r = self._http.post(self.url, data=body, timeout=self.timeout,
+                                    headers={"Content-Type": "application/json"})
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise _Retryable(f"HTTP {r.status_code}")
+                if r.status_code != 200:
+                    raise RpcError(f"node at {self.url} answered HTTP {r.status_code}")
+                try:
+                    return r.json()
+                except ValueError:
+                    raise _Retryable("invalid JSON from node") from None
+            except (requests.ConnectionError, requests.Timeout, _Retryable) as e:
+                if attempt == self.retries:
+                    raise RpcError(
+                        f"node at {self.url} unreachable after {self.retries + 1} tries: "
+                        f"{_short(e)}"
+                    ) from None
+                # Full jitter: spreads retries of many clients (and of our batches).
+                self._sleep(delay * (0.5 + self._rand()))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        resp = self._post({"jsonrpc": "2.0", "id": next(self._ids), "method": method,
+                           "params": list(params)})
+        if not isinstance(resp, dict):
+            raise RpcError(f"{method}: unexpected answer from node")
+        if "error" in resp and resp["error"] is not None:
+            err = resp["error"]
+            raise classify(err.get("code"), str(err.get("message", "")), err.get("data"))
+        return resp.get("result")
+
+    def batch(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Several requests in one HTTP round trip; each result is a value or a NodeError."""
+        if not calls:
+            return []
+        first = next(self._ids)
+        ids = [first + i for i in range(len(calls))]
+        self._ids = itertools.count(ids[-1] + 1)
+        resp = self._post([
+            {"jsonrpc": "2.0", "id": i, "method": m, "params": list(p)}
+            for i, (m, p) in zip(ids, calls, strict=True)
+        ])
+        if not isinstance(resp, list):
+            # Some nodes answer a whole batch with one error object (too big, rate limited).
+            if isinstance(resp, dict) and resp.get("error"):
+                err = resp["error"]
+                raise classify(err.get("code"), str(err.get("message", "")), err.get("data"))
+            raise RpcError("batch request: unexpected answer from node")
+        by_id = {r.get("id"): r for r in resp if isinstance(r, dict)}
+        out: list[Any] = []
+        for i in ids:
+            r = by_id.get(i)
+            if r is None:
+                out.append(RpcError("batch request: node left out an answer"))
+            elif r.get("error") is not None:
+                err = r["error"]
+                out.append(classify(err.get("code"), str(err.get("message", "")),
+                                    err.get("data")))
+            else:
+                out.append(r.get("result"))
+        return out
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+# --- ABI, by hand ------------------------------------------------------------------------
+
+SEL_BALANCE_OF = "70a08231"
+SEL_ALLOWANCE = "dd62ed3e"
+SEL_APPROVE = "095ea7b3"
+SEL_TRANSFER = "a9059cbb"
+SEL_DECIMALS = "313ce567"
+SEL_SYMBOL = "95d89b41"
+SEL_PAUSED = "5c975abb"
+SEL_IS_BLACKLISTED = "fe575a87"
+TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
+
+
+def selector(signature: str) -> str:
+    from eth_hash.auto import keccak
+
+    return keccak(signature.encode()).hex()[:8]
+
+
+SEL_DISBURSE = selector("disburse(address,bytes32,uint256[],address[],uint256[])")
+SEL_PAID_WORD = selector("paidWord(address,bytes32,uint256)")
+TRANSFER_FAILED = bytes.fromhex(selector("TransferFailed(uint256,bytes)"))
+
+
+def w_uint(n: int) -> str:
+    return format(n, "064x")
+
+
+def w_addr(a: str) -> str:
+    return a[2:].lower().rjust(64, "0")
+
+
+def enc_transfer(to: str, amount: int) -> str:
+    return "0x" + SEL_TRANSFER + w_addr(to) + w_uint(amount)
+
+
+def enc_approve(spender: str, amount: int) -> str:
+    return "0x" + SEL_APPROVE + w_addr(spender) + w_uint(amount)
+
+
+def enc_disburse(token: str, root: str, idxs: Sequence[int], tos: Sequence[str],
+                 amounts: Sequence[int]) -> str:
+    n = len(idxs)
+    head_words = 5
+    off1 = head_words * 32
+    off2 = off1 + 32 * (1 + n)
+    off3 = off2 + 32 * (1 + n)
+    parts = [SEL_DISBURSE, w_addr(token), root[2:].rjust(64, "0"), w_uint(off1), w_uint(off2),
+             w_uint(off3), w_uint(n)]
+    parts.extend(format(i, "064x") for i in idxs)
+    parts.append(w_uint(n))
+    parts.extend(t[2:].lower().rjust(64, "0") for t in tos)
+    parts.append(w_uint(n))
+    parts.extend(format(a, "064x") for a in amounts)
+    return "0x" + "".join(parts)
+
+
+def decode_revert(data: bytes) -> tuple[int | None, str]:
+    """(payment index or None, human reason) from revert data of the token or BatchPayout."""
+    if data[:4] == TRANSFER_FAILED and len(data) >= 4 + 64:
+        index = int.from_bytes(data[4:36], "big")
+        off = int.from_bytes(data[36:68], "big")
+        ln = int.from_bytes(data[4 + off:4 + off + 32], "big")
+        inner = data[4 + off + 32:4 + off + 32 + ln]
+        return index, decode_revert(inner)[1]
+    if data[:4] == ERROR_STRING and len(data) >= 4 + 64:
+        ln = int.from_bytes(data[36:68], "big")
+        return None, data[68:68 + ln].decode("utf-8", "replace")
+    if not data:
+        return None, "reverted without a reason"
+    if len(data) == 32:
+        return None, "token returned false"
+    return None, "reverted with data 0x" + data.hex()[:80]
+
+
+# --- the chain client ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receipt:
+    tx_hash: str
+    block_number: int
+    block_hash: str
+    status: int
+    gas_used: int
+    effective_gas_price: int
+
+
+@dataclass(frozen=True)
+class Head:
+    number: int
+    hash: str
+    base_fee: int
+    gas_limit: int
+    timestamp: int
+
+
+class ChainClient(Protocol):
+    def chain_id(self) -> int: ...
+    def head(self) -> Head: ...
+    def block_hash(self, number: int) -> str | None: ...
+    def nonce(self, address: str, block: str = "latest") -> int: ...
+    def eth_balance(self, address: str) -> int: ...
+    def call(self, to: str, data: str, sender: str | None = None) -> bytes: ...
+    def estimate_gas(self, sender: str, to: str, data: str) -> int: ...
+    def estimate_gas_create(self, sender: str, code: str) -> int:
+        return int(self.t.call("eth_estimateGas", [{"from": sender, "data": code}]), 16)
+
+    def send_raw(self, raw: str) -> str: ...
+    def receipts(self, hashes: Sequence[str]) -> dict[str, Receipt | None]: ...
+    def known(self, hashes: Sequence[str]) -> dict[str, bool]: ...
+
+
+class RpcChain:
+    """ChainClient over JSON-RPC."""
+
+    def __init__(self, url: str, transport: Transport | None = None) -> None:
+        self.url = url
+        self.t = transport or Transport(url)
+
+    def chain_id(self) -> int:
+        return int(self.t.call("eth_chainId"), 16)
+
+    def head(self) -> Head:
+        b = self.t.call("eth_getBlockByNumber", ["latest", False])
+        return Head(int(b["number"], 16), b["hash"], int(b.get("baseFeePerGas") or "0x0", 16),
+                    int(b["gasLimit"], 16), int(b["timestamp"], 16))
+
+    def block_hash(self, number: int) -> str | None:
+        b = self.t.call("eth_getBlockByNumber", [hex(number), False])
+        return None if b is None else str(b["hash"])
+
+    def block_hashes(self, numbers: Sequence[int]) -> dict[int, str | None]:
+        res = self.t.batch([("eth_getBlockByNumber", [hex(n), False]) for n in numbers])
+        out: dict[int, str | None] = {}
+        for n, b in zip(numbers, res, strict=True):
+            if isinstance(b, Exception):
+                raise b
+            out[n] = None if b is None else str(b["hash"])
+        return out
+
+    def nonce(self, address: str, block: str = "latest") -> int:
+        return int(self.t.call("eth_getTransactionCount", [address, block]), 16)
+
+    def eth_balance(self, address: str) -> int:
+        return int(self.t.call("eth_getBalance", [address, "latest"]), 16)
+
+    def call(self, to: str, data: str, sender: str | None = None) -> bytes:
+        tx: dict[str, str] = {"to": to, "data": data}
+        if sender:
+            tx["from"] = sender
+        out = self.t.call("eth_call", [tx, "latest"])
+        return bytes.fromhex(str(out)[2:])
+
+    def call_uint(self, to: str, data: str) -> int:
+        out = self.call(to, data)
+        if len(out) < 32:
+            raise ChainMismatchError(f"contract {to} gave no answer to call 0x{data[2:10]}")
+        return int.from_bytes(out[:32], "big")
+
+    def estimate_gas(self, sender: str, to: str, data: str) -> int:
+        return int(self.t.call("eth_estimateGas", [{"from": sender, "to": to, "data": data}]),
+                   16)
+
+    def estimate_gas_create(self, sender: str, code: str) -> int:
+        return int(self.t.call("eth_estimateGas", [{"from": sender, "data": code}]), 16)
+
+    def send_raw(self, raw: str) -> str:
+        return str(self.t.call("eth_sendRawTransaction", [raw]))
+
+    def send_raw_many(self, raws: Sequence[str]) -> list[Any]:
+        return self.t.batch([("eth_sendRawTransaction", [r]) for r in raws])
+
+    def receipts(self, hashes: Sequence[str]) -> dict[str, Receipt | None]:
+        out: dict[str, Receipt | None] = {}
+        for i in range(0, len(hashes), 200):
+            chunk = hashes[i:i + 200]
+            res = self.t.batch([("eth_getTransactionReceipt", [h]) for h in chunk])
+            for h, r in zip(chunk, res, strict=True):
+                if isinstance(r, Exception):
+                    raise r
+                out[h] = None if r is None else Receipt(
+                    h, int(r["blockNumber"], 16), r["blockHash"], int(r["status"], 16),
+                    int(r["gasUsed"], 16), int(r.get("effectiveGasPrice") or "0x0", 16))
+        return out
+
+    def known(self, hashes: Sequence[str]) -> dict[str, bool]:
+        """Whether the node knows each transaction (pending in its pool or mined)."""
+        out: dict[str, bool] = {}
+        for i in range(0, len(hashes), 200):
+            chunk = hashes[i:i + 200]
+            res = self.t.batch([("eth_getTransactionByHash", [h]) for h in chunk])
+            for h, r in zip(chunk, res, strict=True):
+                if isinstance(r, Exception):
+                    raise r
+                out[h] = r is not None
+        return out
+
+    def find_tx_by_nonce(self, sender: str, nonce: int, max_blocks: int = 2000) -> str | None:
+        """The hash of ``sender``'s mined transaction with ``nonce`` (scanning back from the
+        head), to name it in a fail-closed message."""
+        head = self.head().number
+        lo, hi = max(0, head - max_blocks), head
+        # The nonce at a block tells which block included it: binary search.
+        if self.nonce_at(sender, hi) <= nonce:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.nonce_at(sender, mid) > nonce:
+                hi = mid
+            else:
+                lo = mid + 1
+        b = self.t.call("eth_getBlockByNumber", [hex(lo), True])
+        for tx in (b or {}).get("transactions", []):
+            if str(tx.get("from", "")).lower() == sender.lower() and int(tx["nonce"], 16) == nonce:
+                return str(tx["hash"])
+        return None
+
+    def nonce_at(self, address: str, block: int) -> int:
+        return int(self.t.call("eth_getTransactionCount", [address, hex(block)]), 16)
+
+    # token views
+    def decimals(self, token: str) -> int:
+        return self.call_uint(token, "0x" + SEL_DECIMALS)
+
+    def token_balance(self, token: str, holder: str) -> int:
+        return self.call_uint(token, "0x" + SEL_BALANCE_OF + w_addr(holder))
+
+    def allowance(self, token: str, owner: str, spender: str) -> int:
+        return self.call_uint(token, "0x" + SEL_ALLOWANCE + w_addr(owner) + w_addr(spender))
+
+    def paused(self, token: str) -> bool | None:
+        """None when the token has no ``paused()`` view."""
+        try:
+            out = self.call(token, "0x" + SEL_PAUSED)
+        except NodeError:
+            return None
+        return bool(int.from_bytes(out[:32], "big")) if len(out) >= 32 else None
+
+    def code(self, address: str) -> bytes:
+        return bytes.fromhex(str(self.t.call("eth_getCode", [address, "latest"]))[2:])
+
+    def paid_words(self, contract: str, payer: str, root: str,
+                   words: Sequence[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        calls = [("eth_call", [{"to": contract, "data": "0x" + SEL_PAID_WORD + w_addr(payer)
+                                + root[2:] + w_uint(w)}, "latest"]) for w in words]
+        for i in range(0, len(calls), 200):
+            res = self.t.batch(calls[i:i + 200])
+            for w, r in zip(words[i:i + 200], res, strict=True):
+                if isinstance(r, Exception):
+                    raise r
+                out[w] = int(str(r), 16)
+        return out
+
+    def rpc(self, method: str, params: Sequence[Any] = ()) -> Any:
+        return self.t.call(method, params)

@@ -1,0 +1,567 @@
+"""The `disburser` command line: options -> settings -> one core function -> print.
+
+This is the only place where an error becomes an exit code and a message: 0 done and
+consistent, 1 finished with failures or discrepancies, 2 refused (nothing was sent).
+Heavy libraries are imported inside the commands that need them, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+
+from disburser.errors import DisburserError, InputError
+
+if TYPE_CHECKING:
+    from disburser.ledger import Ledger
+    from disburser.settings import Settings
+
+app = typer.Typer(
+    name="disburser",
+    help="Pay a relief fund out on-chain from signed manifests: allocate, sign, send, "
+    "reconcile. Every option can also be set as DISBURSER_<NAME> in the environment or .env.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+manifest_app = typer.Typer(help="Build, sign, verify and prove allocation manifests.",
+                           no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+key_app = typer.Typer(help="Create and inspect encrypted keystores.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+
+_state: dict[str, Any] = {"debug": False}
+
+
+def _env(name: str) -> str:
+    return "DISBURSER_" + name
+
+
+class Fmt(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    html = "html"
+
+
+class ModeOpt(str, Enum):
+    batch = "batch"
+    direct = "direct"
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", envvar=_env("DEBUG"),
+                                        help="Show tracebacks.")] = False,
+    env_file: Annotated[Path, typer.Option("--env-file", envvar=_env("ENV_FILE"),
+                                           help="Settings file read before the environment "
+                                                "defaults.")] = Path(".env"),
+) -> None:
+    _state["debug"] = debug
+    from disburser.settings import load_dotenv
+
+    load_dotenv(env_file)
+
+
+def settings() -> Settings:
+    from disburser import settings as st
+
+    if "settings" not in _state:
+        _state["settings"] = st.load()
+    s: Settings = _state["settings"]
+    return s
+
+
+def _configure_logging(s: Settings) -> None:
+    from disburser.logging import configure
+
+    configure(s.log_file)
+
+
+def _ledger(s: Settings) -> Ledger:
+    from disburser.ledger import Ledger
+
+    return Ledger(s.db)
+
+
+def _out(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+# --- manifest ------------------------------------------------------------------------
+
+
+@manifest_app.command("build")
+def manifest_build(
+    payments: Annotated[Path, typer.Argument(help="CSV with columns id,to,amount (whole "
+                                             "tokens, up to the token's decimals).")],
+    program: Annotated[str, typer.Option(envvar=_env("PROGRAM"), help="Program name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Manifest JSON to write.")],
+    payer: Annotated[Optional[str], typer.Option(envvar=_env("PAYER"),  # noqa: UP045
+                                                 help="Paying address.")] = None,
+    not_after: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        envvar=_env("NOT_AFTER"), help="Unix time after which nothing of it is sent "
+        "(default: 96 hours from now).")] = None,
+) -> None:
+    """Build an unsigned manifest from a CSV of payments."""
+    from disburser import manifest as mf
+
+    s = settings()
+    payer_addr = _payer_address(s, payer)
+    m = mf.build_from_csv(payments, program=program, chain_id=s.chain_id, token=s.token,
+                          payer=payer_addr, not_after=not_after or _now() + 96 * 3600,
+                          decimals=s.decimals)
+    mf.write(m, output)
+    _print_summary(m, s.decimals)
+
+
+def _payer_address(s: Settings, explicit: str | None) -> str:
+    from disburser.manifest import check_address
+
+    if explicit:
+        return check_address(explicit, "--payer / DISBURSER_PAYER")
+    if s.private_key or s.keystore:
+        return _payer_signer(s).address
+    raise InputError("no payer: set --payer / DISBURSER_PAYER (or the payer's key)")
+
+
+def _print_summary(m: Any, decimals: int) -> None:
+    from disburser.amounts import format_units
+
+    typer.echo(f"program       {m.program}")
+    typer.echo(f"chain_id      {m.chain_id}")
+    typer.echo(f"token         {m.token}")
+    typer.echo(f"payer         {m.payer}")
+    typer.echo(f"not_after     {m.not_after}")
+    typer.echo(f"count         {m.count}")
+    typer.echo(f"total         {m.total} base units ({format_units(m.total, decimals)} tokens)")
+    typer.echo(f"paymentsRoot  {m.root}")
+
+
+@manifest_app.command("sign")
+def manifest_sign(
+    manifest: Annotated[Path, typer.Argument(help="Manifest JSON; the signature is added "
+                                             "in place.")],
+    keystore: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Approver's encrypted V3 keystore.")] = None,
+    password_file: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        envvar=_env("PASSWORD_FILE"), help="File holding the keystore password.")] = None,
+    private_key_env: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Name of an environment variable holding the approver's hex key.")] = None,
+) -> None:
+    """Sign a manifest (EIP-712) as one approver."""
+    from disburser import keys
+    from disburser import manifest as mf
+
+    m = mf.load(manifest)
+    if (keystore is None) == (private_key_env is None):
+        raise InputError("give exactly one of --keystore or --private-key-env")
+    if keystore is not None:
+        pw = keys.read_password(os.environ.get(_env("APPROVER_PASSWORD")), password_file)
+        if pw is None and sys.stdin.isatty():
+            pw = typer.prompt(f"password for {keystore}", hide_input=True)
+        signer = keys.from_keystore(keystore, pw, password_source="--password-file")
+    else:
+        assert private_key_env is not None
+        signer = keys.from_env_var(private_key_env)
+    sig = mf.sign(m, signer.key_bytes)
+    signed = mf.with_signature(m, sig)
+    mf.write(signed, manifest)
+    typer.echo(f"signed by {signer.address} ({len(signed.signatures)} signature(s))")
+
+
+@manifest_app.command("typed-data")
+def manifest_typed_data(manifest: Annotated[Path, typer.Argument()]) -> None:
+    """Print the EIP-712 JSON that any wallet or `cast wallet sign --data` can sign."""
+    from disburser import manifest as mf
+
+    typer.echo(json.dumps(mf.typed_data(mf.load(manifest)), indent=2))
+
+
+@manifest_app.command("add-signature")
+def manifest_add_signature(
+    manifest: Annotated[Path, typer.Argument()],
+    signature: Annotated[str, typer.Argument(help="0x r||s||v signature made elsewhere.")],
+) -> None:
+    """Attach an EIP-712 signature produced by another tool."""
+    from disburser import manifest as mf
+
+    m = mf.load(manifest)
+    sig = signature.strip()
+    signed = mf.with_signature(m, sig)
+    mf.write(signed, manifest)
+    typer.echo(f"added signature of {mf.recover(signed, sig.lower())}")
+
+
+@manifest_app.command("verify")
+def manifest_verify(manifest: Annotated[Path, typer.Argument()]) -> None:
+    """Check a manifest against the settings: chain, token, payer, expiry, approvers, quorum
+    and the program's ceiling."""
+    from disburser import manifest as mf
+
+    s = settings()
+    m = mf.load(manifest)
+    _print_summary(m, s.decimals)
+    signers = mf.signers_of(m)
+    for j, who in enumerate(signers):
+        tag = "approver" if who in s.approvers else "NOT AN APPROVER"
+        typer.echo(f"signature[{j}]  {who}  {tag}")
+    approved = len({w for w in signers if w in s.approvers})
+    typer.echo(f"quorum        {approved} of {s.quorum} required: "
+               f"{'met' if approved >= s.quorum else 'NOT met'}")
+    _verify(s, m, str(manifest))
+
+
+def _verify(s: Settings, m: Any, source: str, payer: str | None = None) -> Any:
+    from disburser import manifest as mf
+    from disburser.errors import CeilingError
+    from disburser.settings import require_approvers
+
+    require_approvers(s)
+    v = mf.verify(m, source=source, approvers=s.approvers, quorum=s.quorum,
+                  chain_id=s.chain_id, token=s.token,
+                  payer=payer or os.environ.get(_env("PAYER")) or None, now=_now())
+    ceiling = s.ceilings.for_program(m.program)
+    if m.total > ceiling:
+        raise CeilingError(f"{source}: total {m.total} base units exceeds the ceiling "
+                           f"{ceiling} of program {m.program}")
+    return v
+
+
+@manifest_app.command("proof")
+def manifest_proof(
+    manifest: Annotated[Path, typer.Argument()],
+    index: Annotated[int, typer.Option("--index", help="Payment index.")],
+) -> None:
+    """Print the Merkle proof of one payment (checkable with OpenZeppelin tooling)."""
+    from eth_hash.auto import keccak
+
+    from disburser import manifest as mf
+    from disburser.merkle import MerkleTree
+
+    m = mf.load(manifest)
+    if not 0 <= index < m.count:
+        raise InputError(f"--index {index}: manifest has payments 0..{m.count - 1}")
+    p = m.payments[index]
+    typer.echo(json.dumps({
+        "root": m.root,
+        "index": index,
+        "id": p.id,
+        "to": p.to,
+        "amount": str(p.amount),
+        "leaf": [str(index), p.to, str(p.amount), "0x" + keccak(p.id.encode()).hex()],
+        "leafEncoding": ["uint256", "address", "uint256", "bytes32"],
+        "proof": MerkleTree(m.payments).proof(index),
+    }, indent=2))
+
+
+# --- chain commands ----------------------------------------------------------------------
+
+
+def _payer_signer(s: Settings) -> Any:
+    from disburser import keys
+    from disburser.errors import SettingsError
+
+    if "signer" in _state:
+        return _state["signer"]
+    if s.keystore is not None:
+        pw = keys.read_password(s.keystore_password, os.environ.get(_env("PASSWORD_FILE")))
+        if pw is None and sys.stdin.isatty():
+            pw = typer.prompt(f"password for {s.keystore}", hide_input=True)
+        signer = keys.from_keystore(s.keystore, pw,
+                                    password_source="DISBURSER_KEYSTORE_PASSWORD")
+    elif s.private_key is not None:
+        if not s.network.local and not s.allow_plain_key:
+            raise SettingsError(
+                f"DISBURSER_PRIVATE_KEY is refused on network {s.network.name}: use "
+                "DISBURSER_KEYSTORE (or DISBURSER_ALLOW_PLAIN_KEY=1 to override)")
+        signer = keys.from_env_var(_env("PRIVATE_KEY"))
+    else:
+        raise SettingsError("no payer key: set DISBURSER_KEYSTORE (and its password) or, on "
+                            "a local chain, DISBURSER_PRIVATE_KEY")
+    _state["signer"] = signer
+    return signer
+
+
+def _chain(s: Settings) -> Any:
+    from disburser.chain import RpcChain
+
+    return RpcChain(s.rpc_url)
+
+
+@app.command()
+def deploy() -> None:
+    """Deploy the batch payout contract from the payer's key and print its address."""
+    from disburser.sender import deploy_batch_contract
+
+    s = settings()
+    _configure_logging(s)
+    addr = deploy_batch_contract(_ledger(s), _chain(s), _payer_signer(s), s)
+    typer.echo(addr)
+
+
+@app.command()
+def send(
+    manifest: Annotated[Path, typer.Argument(help="Signed manifest JSON.")],
+    mode: Annotated[ModeOpt, typer.Option(envvar=_env("MODE"),
+                                          help="batch: through the batch contract; direct: "
+                                               "one transfer per payment.")] = ModeOpt.batch,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send "
+                                          "nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", envvar=_env("YES"),
+                                      help="Do not ask for confirmation.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Put payments marked "
+                                               "failed back in the queue.")] = False,
+) -> None:
+    """Verify a signed manifest, record it, pay it in batches and wait for confirmations."""
+    from disburser import manifest as mf
+    from disburser.amounts import format_units
+    from disburser.domain import Mode, PaymentStatus
+    from disburser.errors import Interrupted
+    from disburser.locks import RunnerLock
+    from disburser.sender import Sender, config_from_settings
+
+    s = settings()
+    m = mf.load(manifest)
+    signer = _payer_signer(s)
+    v = _verify(s, m, str(manifest), payer=signer.address)
+    c = _chain(s)
+    cfg = config_from_settings(s, Mode(mode.value), m.program)
+    if dry_run:
+        _dry_run(s, m, cfg)
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InputError("send needs confirmation: pass --yes (or DISBURSER_YES=1)")
+        typer.confirm(f"Pay {m.count} payments, {format_units(m.total, s.decimals)} tokens, "
+                      f"from {m.payer} on chain {s.chain_id}?", abort=True)
+    _configure_logging(s)
+    with RunnerLock(s.db, signer.address, s.chain_id):
+        ledger = _ledger(s)
+        first_block = c.head().number
+        ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
+                               first_block=first_block)
+        if retry_failed:
+            ledger.requeue_failed(m.root)
+        stop = _StopFlag()
+        progress = _ProgressPrinter(s.decimals)
+        sender = Sender(ledger, c, signer, cfg, should_stop=stop, on_progress=progress)
+        try:
+            result = sender.run(m)
+        except Interrupted:
+            progress.done()
+            raise
+        progress.done()
+    typer.echo(f"confirmed {result.confirmed}, failed {result.failed}, unpaid {result.unpaid}; "
+               f"paid {format_units(result.amount_paid, s.decimals)} tokens in "
+               f"{result.txs_sent} new transaction(s)")
+    if result.failed:
+        for p in ledger.payments(m.root, [PaymentStatus.FAILED]):
+            typer.echo(f"failed: payments[{p.idx}] {p.pid} {p.to}: {p.reason}", err=True)
+    if result.expired and result.unpaid:
+        typer.echo(f"manifest expired (not_after={m.not_after}) with {result.unpaid} unpaid",
+                   err=True)
+    if result.failed or result.unpaid:
+        raise typer.Exit(1)
+
+
+def _dry_run(s: Settings, m: Any, cfg: Any) -> None:
+    from disburser import ledger as lg
+    from disburser.amounts import format_units
+    from disburser.domain import PaymentStatus
+
+    owed = list(m.payments)
+    if lg.exists(s.db):
+        ledger = _ledger(s)
+        if ledger.manifest(m.root) is not None:
+            queued = {p.idx for p in ledger.payments(m.root, [PaymentStatus.QUEUED])}
+            owed = [p for p in m.payments if p.index in queued]
+    total = sum(p.amount for p in owed)
+    batches = (len(owed) + cfg.batch_size - 1) // cfg.batch_size if cfg.mode.value == "batch" \
+        else len(owed)
+    typer.echo(f"dry run: would pay {len(owed)} of {m.count} payments, "
+               f"{format_units(total, s.decimals)} tokens, in about {batches} transaction(s) "
+               f"({cfg.mode.value} mode) from {m.payer}; nothing was sent")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after its current step."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.stopped:  # a second Ctrl-C: the operator means it
+            raise KeyboardInterrupt
+        self.stopped = True
+        typer.echo("\nstopping after the current step (Ctrl-C again to abort now)", err=True)
+
+    def __call__(self) -> bool:
+        return self.stopped
+
+
+class _ProgressPrinter:
+    """One status line on stderr: payments done, amount paid, rate."""
+
+    def __init__(self, decimals: int) -> None:
+        self.decimals = decimals
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.first_done: int | None = None
+        self.shown = False
+
+    def __call__(self, p: Any) -> None:
+        from disburser.amounts import format_units
+
+        now = time.monotonic()
+        if self.first_done is None:
+            self.first_done = p.done
+        if now - self.last < (0.2 if self.tty else 5.0) and p.done < p.total:
+            return
+        self.last = now
+        elapsed = max(now - p.started, 1e-6)
+        rate = (p.done - self.first_done) / elapsed
+        pct = 100.0 * p.done / p.total if p.total else 100.0
+        line = (f"paid {p.done}/{p.total} ({pct:5.1f}%)  failed {p.failed}  "
+                f"{format_units(p.amount_done, self.decimals)}/"
+                f"{format_units(p.amount_total, self.decimals)} tokens  {rate:,.0f}/s")
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(100))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\n")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Payments by state, amounts paid and owed, transactions in flight, and the rate."""
+    from disburser import ledger as lg
+    from disburser.status import render_status, status_data
+
+    s = settings()
+    if not lg.exists(s.db):
+        raise InputError(f"DISBURSER_DB {s.db}: no ledger yet (nothing was sent)")
+    data = status_data(_ledger(s), s)
+    typer.echo(json.dumps(data, indent=2) if as_json else render_status(data))
+
+
+@app.command()
+def reconcile(
+    manifests: Annotated[Optional[list[Path]], typer.Argument(  # noqa: UP045
+        help="Manifest files to reconcile (besides those in the ledger).")] = None,
+    program: Annotated[Optional[str], typer.Option(envvar=_env("PROGRAM"),  # noqa: UP045
+                                                   help="Only this program.")] = None,
+    no_ledger: Annotated[bool, typer.Option("--no-ledger", help="Use the manifest files and "
+                                            "the chain only.")] = False,
+    fmt: Annotated[Fmt, typer.Option("--format", help="Report format.")] = Fmt.table,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output",  # noqa: UP045
+                                                   help="Write the report here.")] = None,
+    from_block: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        envvar=_env("FROM_BLOCK"), help="Scan Transfer logs from this block.")] = None,
+) -> None:
+    """Compare what the chain shows was paid with the manifests and the ceiling."""
+    from disburser.reconcile import run_reconcile
+
+    s = settings()
+    text, code = run_reconcile(s, manifests or [], program=program, use_ledger=not no_ledger,
+                               fmt=fmt.value, from_block=from_block)
+    _out(text, output)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def devnet(
+    fork_url: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        envvar=_env("FORK_URL"), help="Fork this chain instead of starting an empty one.")
+    ] = None,
+    port: Annotated[int, typer.Option(envvar=_env("DEVNET_PORT"), help="Loopback port.")]
+    = 8545,
+    block_time: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        envvar=_env("BLOCK_TIME"), help="Seconds per block (default: mine on demand).")
+    ] = None,
+    env_out: Annotated[Path, typer.Option("--env-out", help="Write the settings here.")]
+    = Path(".env.devnet"),
+) -> None:
+    """Start a local Anvil chain with a USDC at the mainnet address and a funded payer."""
+    from disburser import devnet as dn
+
+    anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url).start()
+    try:
+        d = dn.setup(anvil.url)
+        lines = [f"{k}={v}" for k, v in d.env().items()]
+        env_out.write_text("# written by `disburser devnet`; local chain only\n"
+                           + "\n".join(lines) + "\n")
+        typer.echo(f"anvil on {anvil.url} (chain {d.chain_id}); settings written to {env_out}:")
+        for k, v in d.env().items():
+            shown = "<dev key, see " + str(env_out) + ">" if k == "DISBURSER_PRIVATE_KEY" else v
+            typer.echo(f"  export {k}={shown}")
+        typer.echo("Ctrl-C stops the chain.")
+        stop = {"flag": False}
+
+        def _h(*_: Any) -> None:
+            stop["flag"] = True
+
+        signal.signal(signal.SIGINT, _h)
+        signal.signal(signal.SIGTERM, _h)
+        while not stop["flag"] and anvil.proc is not None and anvil.proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        anvil.stop()
+        typer.echo("devnet stopped", err=True)
+
+
+def _fail(e: BaseException, code: int) -> NoReturn:
+    if _state.get("debug"):
+        import traceback
+
+        traceback.print_exception(e)
+    sys.stderr.write(f"disburser: error: {e}\n")
+    raise SystemExit(code)
+
+
+def main() -> None:
+    """Entry point: the error boundary."""
+    try:
+        app()
+    except DisburserError as e:
+        _fail(e, e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("disburser: aborted\n")
+        raise SystemExit(130) from None
+    except Exception as e:  # noqa: BLE001 - the boundary: one line, traceback only on --debug
+        if _state.get("debug"):
+            raise
+        sys.stderr.write(f"disburser: internal error: {type(e).__name__}: {str(e)[:300]} "
+                         "(run with --debug for the traceback)\n")
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

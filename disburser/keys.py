@@ -1,0 +1,98 @@
+"""Keys: load the payer's or an approver's key and sign with it. The key never leaves this
+object: no repr, no logging, no error message carries it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from disburser.errors import InputError, SettingsError
+
+
+@dataclass(frozen=True)
+class SignedTx:
+    raw: str  # 0x-hex signed bytes
+    hash: str  # 0x-hex
+
+
+class Signer:
+    """Signs EIP-1559 transactions (and EIP-712 digests) with one private key."""
+
+    def __init__(self, private_key: bytes) -> None:
+        from eth_account import Account
+
+        if len(private_key) != 32:
+            raise InputError("private key must be 32 bytes")
+        self._account = Account.from_key(private_key)
+        self.address: str = self._account.address
+
+    def __repr__(self) -> str:
+        return f"Signer({self.address})"
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes(self._account.key)
+
+    def sign_tx(self, *, chain_id: int, nonce: int, to: str, data: str, gas: int,
+                max_fee: int, tip: int, value: int = 0) -> SignedTx:
+        tx: dict[str, object] = {
+            "type": 2, "chainId": chain_id, "nonce": nonce, "data": data,
+            "gas": gas, "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "value": value,
+        }
+        if to:  # empty: contract creation
+            tx["to"] = to
+        signed = self._account.sign_transaction(tx)
+        return SignedTx("0x" + bytes(signed.raw_transaction).hex(), "0x" + bytes(signed.hash).hex())
+
+
+def _parse_hex_key(text: str, where: str) -> bytes:
+    t = text.strip()
+    if t.startswith("0x"):
+        t = t[2:]
+    try:
+        key = bytes.fromhex(t)
+    except ValueError:
+        raise SettingsError(f"{where}: not a hex private key") from None
+    if len(key) != 32:
+        raise SettingsError(f"{where}: a private key is 32 bytes, got {len(key)}")
+    return key
+
+
+def from_env_var(var: str) -> Signer:
+    value = os.environ.get(var)
+    if not value:
+        raise SettingsError(f"environment variable {var} is not set")
+    return Signer(_parse_hex_key(value, var))
+
+
+def from_keystore(path: Path, password: str | None, *, password_source: str) -> Signer:
+    from eth_account import Account
+
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"keystore {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
+    if password is None:
+        raise SettingsError(f"keystore {path}: no password ({password_source} is not set)")
+    try:
+        key = Account.decrypt(doc, password)
+    except ValueError:
+        raise SettingsError(f"keystore {path}: wrong password or corrupt keystore") from None
+    except Exception:  # noqa: BLE001 - the library's errors may quote key material
+        raise SettingsError(f"keystore {path}: cannot be decrypted") from None
+    return Signer(bytes(key))
+
+
+def read_password(value: str | None, file: str | None) -> str | None:
+    if value is not None:
+        return value
+    if file:
+        try:
+            return Path(file).read_text().rstrip("\r\n")
+        except FileNotFoundError:
+            raise SettingsError(f"password file {file}: no such file") from None
+    return None

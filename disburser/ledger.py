@@ -1,0 +1,458 @@
+"""The ledger: sqlmodel tables on SQLite (WAL) and the only code that opens a Session.
+
+Every state change is a guarded compare-and-set (``UPDATE ... WHERE status IN (...)``) and
+is written in the same database transaction as the event that records it. Amounts are
+stored as decimal TEXT: 3x10^26 base units (18-decimal tokens) do not fit SQLite's int64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Index, UniqueConstraint, event, func, insert, text, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from disburser.domain import Manifest, PaymentStatus, TxStatus
+from disburser.errors import CeilingError, DisburserError
+from disburser.manifest import to_json
+
+
+class ProgramRow(SQLModel, table=True):
+    __tablename__ = "program"
+    name: str = Field(primary_key=True)
+    ceiling: str  # base units, the ceiling in force when the first manifest was accepted
+    first_block: int | None = None  # chain height when the program's first manifest landed
+    started_at: int  # unix seconds
+    deadline: int  # unix seconds
+
+
+class ManifestRow(SQLModel, table=True):
+    __tablename__ = "manifest"
+    root: str = Field(primary_key=True)  # paymentsRoot: the manifest's identity
+    program: str = Field(index=True)
+    chain_id: int
+    token: str
+    payer: str
+    not_after: int
+    count: int
+    total: str
+    document: str  # the signed manifest JSON as accepted (latest signing)
+    signers: str  # JSON list of approver addresses
+    accepted_at: int
+
+
+class PaymentRow(SQLModel, table=True):
+    __tablename__ = "payment"
+    __table_args__ = (Index("ix_payment_status", "root", "status", "idx"),)
+    root: str = Field(primary_key=True)
+    idx: int = Field(primary_key=True)
+    pid: str
+    to: str
+    amount: str
+    status: str = PaymentStatus.QUEUED.value
+    reason: str | None = None
+    tx_id: int | None = Field(default=None, index=True)
+    updated_at: int = 0
+
+
+class TxRow(SQLModel, table=True):
+    """One logical transaction: one nonce of the payer, one payload, many attempts."""
+
+    __tablename__ = "tx"
+    __table_args__ = (UniqueConstraint("payer", "nonce"),)
+    id: int | None = Field(default=None, primary_key=True)
+    payer: str
+    nonce: int
+    kind: str  # batch | direct | approve
+    root: str | None = None
+    to: str
+    data: str  # 0x calldata, identical in every attempt
+    gas_limit: int
+    count: int = 0
+    amount: str = "0"
+    status: str = TxStatus.PENDING.value
+    mined_hash: str | None = None
+    block_number: int | None = None
+    block_hash: str | None = None
+    receipt_status: int | None = None
+    gas_used: int | None = None
+    created_at: int = 0
+    updated_at: int = 0
+
+
+class AttemptRow(SQLModel, table=True):
+    """One signed version of a transaction (the first, or a fee bump at the same nonce)."""
+
+    __tablename__ = "attempt"
+    id: int | None = Field(default=None, primary_key=True)
+    tx_id: int = Field(index=True)
+    hash: str = Field(unique=True)
+    raw: str  # the signed bytes, committed before the first broadcast
+    max_fee: str
+    tip: str
+    created_at: int = 0
+
+
+class EventRow(SQLModel, table=True):
+    """Append-only audit trail of every state change."""
+
+    __tablename__ = "event"
+    id: int | None = Field(default=None, primary_key=True)
+    ts: float
+    kind: str
+    data: str
+
+
+class PayerRow(SQLModel, table=True):
+    __tablename__ = "payer"
+    address: str = Field(primary_key=True)
+    first_nonce: int  # the chain's nonce when this ledger first used the payer
+
+
+@dataclass(frozen=True)
+class Counts:
+    by_status: dict[str, int]
+    amount_by_status: dict[str, int]
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Ledger:
+    """All reads and guarded writes of the ledger."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.url = str(path)
+        is_url = "://" in self.url
+        if not is_url:
+            Path(self.url).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(
+            self.url if is_url else f"sqlite:///{self.url}",
+            connect_args={"timeout": 30} if not is_url else {},
+        )
+        if not is_url:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        # Rows outlive their session (callers read them after commit).
+        with Session(self.engine, expire_on_commit=False) as s:
+            yield s
+            s.commit()
+
+    def _event(self, s: Session, kind: str, /, **data: Any) -> None:
+        s.add(EventRow(ts=time.time(), kind=kind, data=json.dumps(data, sort_keys=True)))
+
+    # --- manifests -------------------------------------------------------------------
+
+    def accept_manifest(
+        self, m: Manifest, *, ceiling: int, signers: Sequence[str], deadline_hours: int = 96,
+        first_block: int | None = None,
+    ) -> bool:
+        """Record a verified manifest; True if new. Refuses (CeilingError) when the program's
+        accepted manifests plus this one would exceed ``ceiling``. A manifest already known by
+        its paymentsRoot is the same payments: only its document and not_after are updated."""
+        with self.session() as s:
+            existing = s.get(ManifestRow, m.root)
+            if existing is not None:
+                if existing.program != m.program:
+                    raise CeilingError(
+                        f"manifest {m.root} is already recorded for program {existing.program}"
+                    )
+                if m.not_after != existing.not_after or json.loads(existing.signers) != list(
+                    signers
+                ):
+                    existing.not_after = m.not_after
+                    existing.document = to_json(m)
+                    existing.signers = json.dumps(list(signers))
+                    s.add(existing)
+                    self._event(s, "manifest_resigned", root=m.root, not_after=m.not_after)
+                return False
+            committed = sum(
+                int(t) for t in s.exec(select(ManifestRow.total).where(
+                    ManifestRow.program == m.program))
+            )
+            if committed + m.total > ceiling:
+                raise CeilingError(
+                    f"program {m.program}: accepted {committed} + this manifest {m.total} "
+                    f"= {committed + m.total} base units exceeds the ceiling {ceiling}"
+                )
+            now = _now()
+            if s.get(ProgramRow, m.program) is None:
+                s.add(ProgramRow(name=m.program, ceiling=str(ceiling), first_block=first_block,
+                                 started_at=now, deadline=now + deadline_hours * 3600))
+            s.add(ManifestRow(
+                root=m.root, program=m.program, chain_id=m.chain_id, token=m.token,
+                payer=m.payer, not_after=m.not_after, count=m.count, total=str(m.total),
+                document=to_json(m), signers=json.dumps(list(signers)), accepted_at=now,
+            ))
+            s.flush()
+            s.execute(insert(PaymentRow), [
+                {"root": m.root, "idx": p.index, "pid": p.id, "to": p.to,
+                 "amount": str(p.amount), "status": PaymentStatus.QUEUED.value,
+                 "updated_at": now}
+                for p in m.payments
+            ])
+            self._event(s, "manifest_accepted", root=m.root, program=m.program, count=m.count,
+                        total=str(m.total), signers=list(signers))
+            return True
+
+    def manifests(self, program: str | None = None) -> list[ManifestRow]:
+        with self.session() as s:
+            q = select(ManifestRow).order_by(ManifestRow.accepted_at, ManifestRow.root)
+            if program is not None:
+                q = q.where(ManifestRow.program == program)
+            return list(s.exec(q))
+
+    def manifest(self, root: str) -> ManifestRow | None:
+        with self.session() as s:
+            return s.get(ManifestRow, root)
+
+    def programs(self) -> list[ProgramRow]:
+        with self.session() as s:
+            return list(s.exec(select(ProgramRow).order_by(ProgramRow.name)))
+
+    def committed(self, program: str) -> int:
+        with self.session() as s:
+            return sum(int(t) for t in s.exec(
+                select(ManifestRow.total).where(ManifestRow.program == program)))
+
+    def check_ceiling(self, program: str, ceiling: int) -> None:
+        """Re-checked whenever a batch is signed: every payment we may send belongs to an
+        accepted manifest, so accepted totals within the ceiling bound what can be paid."""
+        committed = self.committed(program)
+        if committed > ceiling:
+            raise CeilingError(
+                f"program {program}: accepted manifests total {committed} base units, "
+                f"over the ceiling {ceiling}"
+            )
+
+    # --- payments --------------------------------------------------------------------
+
+    def payments(self, root: str, statuses: Iterable[PaymentStatus] | None = None,
+                 limit: int | None = None) -> list[PaymentRow]:
+        with self.session() as s:
+            q = select(PaymentRow).where(PaymentRow.root == root)
+            if statuses is not None:
+                q = q.where(PaymentRow.status.in_([st.value for st in statuses]))  # type: ignore[attr-defined]
+            q = q.order_by(PaymentRow.idx)  # type: ignore[arg-type]
+            if limit is not None:
+                q = q.limit(limit)
+            return list(s.exec(q))
+
+    def all_payments(self) -> list[PaymentRow]:
+        with self.session() as s:
+            return list(s.exec(select(PaymentRow).order_by(PaymentRow.root, PaymentRow.idx)))  # type: ignore[arg-type]
+
+    def counts(self, roots: Sequence[str] | None = None) -> Counts:
+        with self.session() as s:
+            q = select(PaymentRow.status, PaymentRow.amount)
+            if roots is not None:
+                q = q.where(PaymentRow.root.in_(list(roots)))  # type: ignore[attr-defined]
+            by: dict[str, int] = {}
+            amt: dict[str, int] = {}
+            for st, a in s.exec(q):
+                by[st] = by.get(st, 0) + 1
+                amt[st] = amt.get(st, 0) + int(a)
+            return Counts(by, amt)
+
+    def mark_failed(self, root: str, idx: int, reason: str) -> None:
+        with self.session() as s:
+            r = s.execute(update(PaymentRow).where(
+                PaymentRow.root == root, PaymentRow.idx == idx,
+                PaymentRow.status == PaymentStatus.QUEUED.value,
+            ).values(status=PaymentStatus.FAILED.value, reason=reason, updated_at=_now()))
+            _expect(r.rowcount, 1, f"payment {root}[{idx}] queued -> failed")  # type: ignore[attr-defined]
+            self._event(s, "payment_failed", root=root, idx=idx, reason=reason)
+
+    def requeue_failed(self, root: str) -> int:
+        with self.session() as s:
+            r = s.execute(update(PaymentRow).where(
+                PaymentRow.root == root, PaymentRow.status == PaymentStatus.FAILED.value,
+            ).values(status=PaymentStatus.QUEUED.value, reason=None, updated_at=_now()))
+            n: int = r.rowcount  # type: ignore[attr-defined]
+            if n:
+                self._event(s, "payments_requeued", root=root, count=n)
+            return n
+
+    def mark_paid_elsewhere(self, root: str, idxs: Sequence[int]) -> None:
+        if not idxs:
+            return
+        with self.session() as s:
+            r = s.execute(update(PaymentRow).where(
+                PaymentRow.root == root, PaymentRow.idx.in_(list(idxs)),  # type: ignore[attr-defined]
+                PaymentRow.status == PaymentStatus.QUEUED.value,
+            ).values(status=PaymentStatus.PAID_ELSEWHERE.value,
+                     reason="already paid on chain (batch contract bitmap)", updated_at=_now()))
+            _expect(r.rowcount, len(idxs), "payments queued -> paid_elsewhere")  # type: ignore[attr-defined]
+            self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs))
+
+    # --- nonces and transactions -------------------------------------------------------
+
+    def first_nonce(self, payer: str, chain_nonce: int) -> int:
+        """The nonce this ledger started from for ``payer`` (recorded on first use)."""
+        with self.session() as s:
+            row = s.get(PayerRow, payer)
+            if row is None:
+                row = PayerRow(address=payer, first_nonce=chain_nonce)
+                s.add(row)
+                self._event(s, "payer_registered", payer=payer, first_nonce=chain_nonce)
+            return row.first_nonce
+
+    def next_nonce(self, payer: str) -> int | None:
+        with self.session() as s:
+            n = s.exec(select(func.max(TxRow.nonce)).where(TxRow.payer == payer)).one()
+            return None if n is None else int(n) + 1
+
+    def record_tx(
+        self, *, payer: str, nonce: int, kind: str, root: str | None, to: str, data: str,
+        gas_limit: int, raw: str, tx_hash: str, max_fee: int, tip: int,
+        idxs: Sequence[int] = (), amount: int = 0,
+    ) -> int:
+        """Write-ahead: the transaction, its first signed attempt and the claim of its
+        payments (queued -> in_flight) commit together, before anything is broadcast."""
+        now = _now()
+        with self.session() as s:
+            tx = TxRow(payer=payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
+                       gas_limit=gas_limit, count=len(idxs), amount=str(amount),
+                       created_at=now, updated_at=now)
+            s.add(tx)
+            s.flush()
+            assert tx.id is not None
+            s.add(AttemptRow(tx_id=tx.id, hash=tx_hash, raw=raw, max_fee=str(max_fee),
+                             tip=str(tip), created_at=now))
+            if idxs:
+                r = s.execute(update(PaymentRow).where(
+                    PaymentRow.root == root, PaymentRow.idx.in_(list(idxs)),  # type: ignore[attr-defined]
+                    PaymentRow.status == PaymentStatus.QUEUED.value,
+                ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx.id, updated_at=now))
+                _expect(r.rowcount, len(idxs), f"claim of {len(idxs)} payments for nonce {nonce}")  # type: ignore[attr-defined]
+            self._event(s, "tx_signed", tx_id=tx.id, nonce=nonce, kind=kind, hash=tx_hash,
+                        count=len(idxs), amount=str(amount), max_fee=str(max_fee), tip=str(tip))
+            return tx.id
+
+    def add_attempt(self, tx_id: int, *, raw: str, tx_hash: str, max_fee: int, tip: int) -> None:
+        with self.session() as s:
+            s.add(AttemptRow(tx_id=tx_id, hash=tx_hash, raw=raw, max_fee=str(max_fee),
+                             tip=str(tip), created_at=_now()))
+            self._event(s, "tx_bumped", tx_id=tx_id, hash=tx_hash, max_fee=str(max_fee),
+                        tip=str(tip))
+
+    def attempts(self, tx_id: int) -> list[AttemptRow]:
+        with self.session() as s:
+            return list(s.exec(select(AttemptRow).where(AttemptRow.tx_id == tx_id)
+                               .order_by(AttemptRow.id)))  # type: ignore[arg-type]
+
+    def open_txs(self, payer: str) -> list[TxRow]:
+        """Transactions not yet final (pending or mined-but-shallow), by nonce."""
+        with self.session() as s:
+            return list(s.exec(select(TxRow).where(
+                TxRow.payer == payer,
+                TxRow.status.in_([TxStatus.PENDING.value, TxStatus.MINED.value]),  # type: ignore[attr-defined]
+            ).order_by(TxRow.nonce)))  # type: ignore[arg-type]
+
+    def txs(self, payer: str | None = None) -> list[TxRow]:
+        with self.session() as s:
+            q = select(TxRow).order_by(TxRow.nonce)  # type: ignore[arg-type]
+            if payer is not None:
+                q = q.where(TxRow.payer == payer)
+            return list(s.exec(q))
+
+    def tx_at(self, payer: str, nonce: int) -> TxRow | None:
+        with self.session() as s:
+            return s.exec(select(TxRow).where(TxRow.payer == payer, TxRow.nonce == nonce)).first()
+
+    def mark_mined(self, tx_id: int, *, tx_hash: str, block_number: int, block_hash: str,
+                   receipt_status: int, gas_used: int) -> None:
+        with self.session() as s:
+            r = s.execute(update(TxRow).where(
+                TxRow.id == tx_id, TxRow.status == TxStatus.PENDING.value,
+            ).values(status=TxStatus.MINED.value, mined_hash=tx_hash, block_number=block_number,
+                     block_hash=block_hash, receipt_status=receipt_status, gas_used=gas_used,
+                     updated_at=_now()))
+            _expect(r.rowcount, 1, f"tx {tx_id} pending -> mined")  # type: ignore[attr-defined]
+            self._event(s, "tx_mined", tx_id=tx_id, hash=tx_hash, block=block_number,
+                        status=receipt_status, gas_used=gas_used)
+
+    def mark_reorged(self, tx_id: int) -> None:
+        """Its block left the canonical chain: back to pending, to be re-broadcast."""
+        with self.session() as s:
+            r = s.execute(update(TxRow).where(
+                TxRow.id == tx_id, TxRow.status == TxStatus.MINED.value,
+            ).values(status=TxStatus.PENDING.value, mined_hash=None, block_number=None,
+                     block_hash=None, receipt_status=None, gas_used=None, updated_at=_now()))
+            _expect(r.rowcount, 1, f"tx {tx_id} mined -> pending (reorg)")  # type: ignore[attr-defined]
+            self._event(s, "tx_reorged", tx_id=tx_id)
+
+    def finalize(self, tx_id: int) -> TxStatus:
+        """Deep enough: confirmed (payments confirmed) or reverted (payments back to queued,
+        their nonce is spent so they can never be paid by it)."""
+        with self.session() as s:
+            tx = s.get(TxRow, tx_id)
+            assert tx is not None
+            ok = tx.receipt_status == 1
+            final = TxStatus.CONFIRMED if ok else TxStatus.REVERTED
+            r = s.execute(update(TxRow).where(
+                TxRow.id == tx_id, TxRow.status == TxStatus.MINED.value,
+            ).values(status=final.value, updated_at=_now()))
+            _expect(r.rowcount, 1, f"tx {tx_id} mined -> {final.value}")  # type: ignore[attr-defined]
+            s.execute(update(PaymentRow).where(
+                PaymentRow.tx_id == tx_id, PaymentRow.status == PaymentStatus.IN_FLIGHT.value,
+            ).values(
+                status=(PaymentStatus.CONFIRMED if ok else PaymentStatus.QUEUED).value,
+                tx_id=tx_id if ok else None, updated_at=_now(),
+            ))
+            self._event(s, "tx_confirmed" if ok else "tx_reverted", tx_id=tx_id,
+                        nonce=tx.nonce, hash=tx.mined_hash, count=tx.count if ok else 0)
+            return final
+
+    def log(self, kind: str, /, **data: Any) -> None:
+        with self.session() as s:
+            self._event(s, kind, **data)
+
+    def events(self, kind: str | None = None) -> list[EventRow]:
+        with self.session() as s:
+            q = select(EventRow).order_by(EventRow.id)  # type: ignore[arg-type]
+            if kind:
+                q = q.where(EventRow.kind == kind)
+            return list(s.exec(q))
+
+    def tx_hashes(self) -> dict[str, tuple[int, str | None]]:
+        """Every attempt hash we ever signed -> (tx id, root)."""
+        with self.session() as s:
+            rows = s.exec(select(AttemptRow.hash, TxRow.id, TxRow.root).where(
+                AttemptRow.tx_id == TxRow.id))
+            return {h: (int(i), r) for h, i, r in rows if i is not None}
+
+
+def _expect(got: int, want: int, what: str) -> None:
+    if got != want:
+        raise DisburserError(f"ledger: {what} changed {got} rows, expected {want}; "
+                             "another process changed the ledger")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before we broadcast what it records (write-ahead).
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def exists(path: Path | str) -> bool:
+    s = str(path)
+    return "://" in s or os.path.exists(s)
+
+
+__all__ = ["Ledger", "text"]

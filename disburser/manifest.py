@@ -1,0 +1,423 @@
+"""Manifests: parse and validate, build from CSV, EIP-712 digest, sign, verify. Pure: no
+chain, no ledger. Every refusal is a ManifestError naming the file and the field."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eth_hash.auto import keccak
+
+from disburser.amounts import parse_units
+from disburser.domain import MANIFEST_FORMAT, ZERO_ADDRESS, Manifest, Payment
+from disburser.errors import InputError, ManifestError
+from disburser.merkle import MerkleTree
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_AMOUNT = re.compile(r"^[1-9][0-9]*$")
+_SIG = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_FIELDS = ("format", "program", "chain_id", "token", "payer", "not_after", "payments")
+MAX_UINT256 = 2**256 - 1
+
+DOMAIN_TYPE = "EIP712Domain(string name,string version,uint256 chainId)"
+MANIFEST_TYPE = (
+    "Manifest(string program,address token,address payer,uint256 count,uint256 total,"
+    "bytes32 paymentsRoot,uint256 notAfter)"
+)
+
+
+def to_checksum(address: str) -> str:
+    from eth_utils import to_checksum_address
+
+    result: str = to_checksum_address(address)
+    return result
+
+
+def check_address(value: object, where: str, *, strict_checksum: bool = True) -> str:
+    """Return the EIP-55 form of ``value`` or refuse it. With ``strict_checksum`` the value
+    must already be in EIP-55 form (manifests); otherwise all-lower/upper case is accepted
+    (CSV input), but a mixed-case address with a wrong checksum never is."""
+    if not isinstance(value, str) or not _ADDRESS.match(value):
+        raise ManifestError(f"{where}: {value!r} is not a 0x-prefixed 20-byte hex address")
+    cs = to_checksum(value)
+    body = value[2:]
+    mixed = body != body.lower() and body != body.upper()
+    if value != cs and (strict_checksum or mixed):
+        raise ManifestError(f"{where}: {value} fails its EIP-55 checksum (expected {cs})")
+    if cs == ZERO_ADDRESS:
+        raise ManifestError(f"{where}: the zero address cannot be paid")
+    return cs
+
+
+def check_id(value: object, where: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
+        raise ManifestError(f"{where}: id must be 1-128 printable characters, got {value!r}")
+    return value
+
+
+def make_manifest(
+    *,
+    program: str,
+    chain_id: int,
+    token: str,
+    payer: str,
+    not_after: int,
+    payments: Sequence[Payment],
+    signatures: Sequence[str] = (),
+) -> Manifest:
+    """Assemble a manifest from validated parts, computing its paymentsRoot."""
+    if not payments:
+        raise ManifestError("manifest has no payments")
+    return Manifest(
+        program=program,
+        chain_id=chain_id,
+        token=token,
+        payer=payer,
+        not_after=not_after,
+        payments=tuple(payments),
+        signatures=tuple(signatures),
+        root=MerkleTree(payments).root,
+    )
+
+
+def parse(text: str, source: str) -> Manifest:
+    """Parse and structurally validate manifest JSON. ``source`` names it in errors."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{source}: a manifest is a JSON object")
+    for f in _FIELDS:
+        if f not in doc:
+            raise ManifestError(f"{source}: missing field '{f}'")
+    if doc["format"] != MANIFEST_FORMAT:
+        raise ManifestError(
+            f"{source}: format is {doc['format']!r}, expected {MANIFEST_FORMAT!r}"
+        )
+    program = doc["program"]
+    if not isinstance(program, str) or not 1 <= len(program) <= 128 or not program.isprintable():
+        raise ManifestError(f"{source}: program must be 1-128 printable characters")
+    for f in ("chain_id", "not_after"):
+        if not isinstance(doc[f], int) or isinstance(doc[f], bool) or doc[f] <= 0:
+            raise ManifestError(f"{source}: {f} must be a positive integer, got {doc[f]!r}")
+    token = check_address(doc["token"], f"{source}: token")
+    payer = check_address(doc["payer"], f"{source}: payer")
+    raw_payments = doc["payments"]
+    if not isinstance(raw_payments, list) or not raw_payments:
+        raise ManifestError(f"{source}: payments must be a non-empty list")
+    payments: list[Payment] = []
+    seen: dict[str, int] = {}
+    for i, p in enumerate(raw_payments):
+        where = f"{source}: payments[{i}]"
+        if not isinstance(p, dict):
+            raise ManifestError(f"{where}: must be an object with id, to, amount")
+        for f in ("id", "to", "amount"):
+            if f not in p:
+                raise ManifestError(f"{where}: missing field '{f}'")
+        pid = check_id(p["id"], where)
+        if pid in seen:
+            raise ManifestError(f"{where}: duplicate id {pid!r} (also payments[{seen[pid]}])")
+        seen[pid] = i
+        to = check_address(p["to"], f"{where}.to")
+        amount = p["amount"]
+        if not isinstance(amount, str) or not _AMOUNT.match(amount):
+            raise ManifestError(
+                f"{where}.amount: {amount!r} is not a positive integer string of base units"
+            )
+        value = int(amount)
+        if value > MAX_UINT256:
+            raise ManifestError(f"{where}.amount: does not fit in uint256")
+        payments.append(Payment(index=i, id=pid, to=to, amount=value))
+    sigs = doc.get("signatures", [])
+    if not isinstance(sigs, list):
+        raise ManifestError(f"{source}: signatures must be a list")
+    for j, s in enumerate(sigs):
+        if not isinstance(s, str) or not _SIG.match(s):
+            raise ManifestError(f"{source}: signatures[{j}] is not a 65-byte 0x-hex signature")
+    return make_manifest(
+        program=program,
+        chain_id=doc["chain_id"],
+        token=token,
+        payer=payer,
+        not_after=doc["not_after"],
+        payments=payments,
+        signatures=[s.lower() for s in sigs],
+    )
+
+
+def load(path: Path) -> Manifest:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text") from None
+    return parse(text, str(path))
+
+
+def to_json(m: Manifest) -> str:
+    """Canonical JSON text of a manifest (stable key order, one payment per line)."""
+    head = {
+        "format": MANIFEST_FORMAT,
+        "program": m.program,
+        "chain_id": m.chain_id,
+        "token": m.token,
+        "payer": m.payer,
+        "not_after": m.not_after,
+    }
+    lines = ["{"]
+    for k, v in head.items():
+        lines.append(f"  {json.dumps(k)}: {json.dumps(v)},")
+    lines.append('  "payments": [')
+    rows = [
+        "    "
+        + json.dumps({"id": p.id, "to": p.to, "amount": str(p.amount)}, ensure_ascii=False)
+        for p in m.payments
+    ]
+    lines.append(",\n".join(rows))
+    lines.append("  ],")
+    lines.append(f'  "signatures": {json.dumps(list(m.signatures))}')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write(m: Manifest, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json(m), encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_from_csv(
+    path: Path,
+    *,
+    program: str,
+    chain_id: int,
+    token: str,
+    payer: str,
+    not_after: int,
+    decimals: int,
+) -> Manifest:
+    """CSV ``id,to,amount`` (amount in whole tokens, up to ``decimals`` places) -> manifest."""
+    try:
+        f = path.open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise InputError(f"{path}: empty file")
+        cols = [h.strip() for h in header]
+        for c in ("id", "to", "amount"):
+            if c not in cols:
+                raise InputError(f"{path}: missing column '{c}' (header: {','.join(cols)})")
+        ci, ct, ca = cols.index("id"), cols.index("to"), cols.index("amount")
+        payments: list[Payment] = []
+        seen: dict[str, int] = {}
+        for lineno, row in enumerate(reader, 2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            where = f"{path}:{lineno}"
+            if len(row) != len(cols):
+                raise InputError(f"{where}: expected {len(cols)} columns, got {len(row)}")
+            pid = check_id(row[ci].strip(), where)
+            if pid in seen:
+                raise InputError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
+            seen[pid] = lineno
+            to = check_address(row[ct].strip(), f"{where}: to", strict_checksum=False)
+            amount = parse_units(row[ca], decimals, where=f"{where}: amount")
+            if amount <= 0:
+                raise InputError(f"{where}: amount must be greater than zero")
+            payments.append(Payment(len(payments), pid, to, amount))
+    if not payments:
+        raise InputError(f"{path}: no payment rows")
+    return make_manifest(
+        program=program,
+        chain_id=chain_id,
+        token=token,
+        payer=payer,
+        not_after=not_after,
+        payments=payments,
+    )
+
+
+# --- EIP-712 ---------------------------------------------------------------------------
+
+
+def typed_data(m: Manifest) -> dict[str, Any]:
+    """The EIP-712 JSON any wallet, `cast wallet sign --data` or eth_signTypedData_v4 signs."""
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+            ],
+            "Manifest": [
+                {"name": "program", "type": "string"},
+                {"name": "token", "type": "address"},
+                {"name": "payer", "type": "address"},
+                {"name": "count", "type": "uint256"},
+                {"name": "total", "type": "uint256"},
+                {"name": "paymentsRoot", "type": "bytes32"},
+                {"name": "notAfter", "type": "uint256"},
+            ],
+        },
+        "primaryType": "Manifest",
+        "domain": {"name": "disburser", "version": "1", "chainId": m.chain_id},
+        "message": {
+            "program": m.program,
+            "token": m.token,
+            "payer": m.payer,
+            "count": m.count,
+            "total": str(m.total),
+            "paymentsRoot": m.root,
+            "notAfter": m.not_after,
+        },
+    }
+
+
+def _word(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+def _addr_word(a: str) -> bytes:
+    return bytes(12) + bytes.fromhex(a[2:])
+
+
+def domain_separator(chain_id: int) -> bytes:
+    return keccak(
+        keccak(DOMAIN_TYPE.encode())
+        + keccak(b"disburser")
+        + keccak(b"1")
+        + _word(chain_id)
+    )
+
+
+def struct_hash(m: Manifest) -> bytes:
+    return keccak(
+        keccak(MANIFEST_TYPE.encode())
+        + keccak(m.program.encode("utf-8"))
+        + _addr_word(m.token)
+        + _addr_word(m.payer)
+        + _word(m.count)
+        + _word(m.total)
+        + bytes.fromhex(m.root[2:])
+        + _word(m.not_after)
+    )
+
+
+def digest(m: Manifest) -> bytes:
+    """The 32-byte EIP-712 hash approvers sign."""
+    return keccak(b"\x19\x01" + domain_separator(m.chain_id) + struct_hash(m))
+
+
+def recover(m: Manifest, signature: str) -> str:
+    """The address that produced ``signature`` over this manifest's digest."""
+    from eth_keys import keys
+    from eth_keys.exceptions import BadSignature
+
+    raw = bytes.fromhex(signature[2:])
+    v = raw[64]
+    if v >= 27:
+        v -= 27
+    if v not in (0, 1):
+        raise ManifestError(f"signature {signature[:12]}…: invalid recovery byte")
+    try:
+        sig = keys.Signature(signature_bytes=raw[:64] + bytes([v]))
+        return to_checksum(sig.recover_public_key_from_msg_hash(digest(m)).to_address())
+    except (BadSignature, ValueError):
+        raise ManifestError(f"signature {signature[:12]}…: cannot be recovered") from None
+
+
+def sign(m: Manifest, private_key: bytes) -> str:
+    """Sign the manifest's digest; returns 0x r||s||v with v in {27, 28}."""
+    from eth_keys import keys
+
+    sig = keys.PrivateKey(private_key).sign_msg_hash(digest(m))
+    r, s, v = sig.r, sig.s, sig.v
+    return "0x" + (_word(r) + _word(s) + bytes([v + 27])).hex()
+
+
+def with_signature(m: Manifest, signature: str) -> Manifest:
+    """A copy of ``m`` with ``signature`` appended (refused if it adds no new signer)."""
+    if not _SIG.match(signature):
+        raise ManifestError("signature is not a 65-byte 0x-hex string")
+    signer = recover(m, signature.lower())
+    for existing in m.signatures:
+        if recover(m, existing) == signer:
+            raise ManifestError(f"{signer} has already signed this manifest")
+    return Manifest(
+        program=m.program,
+        chain_id=m.chain_id,
+        token=m.token,
+        payer=m.payer,
+        not_after=m.not_after,
+        payments=m.payments,
+        signatures=(*m.signatures, signature.lower()),
+        root=m.root,
+    )
+
+
+@dataclass(frozen=True)
+class Verification:
+    signers: tuple[str, ...]  # in signature order
+    approved: tuple[str, ...]  # distinct configured approvers among them
+    quorum: int
+
+    @property
+    def quorum_met(self) -> bool:
+        return len(self.approved) >= self.quorum
+
+
+def signers_of(m: Manifest) -> tuple[str, ...]:
+    return tuple(recover(m, s) for s in m.signatures)
+
+
+def verify(
+    m: Manifest,
+    *,
+    source: str,
+    approvers: Iterable[str],
+    quorum: int,
+    chain_id: int,
+    token: str,
+    payer: str | None,
+    now: int,
+) -> Verification:
+    """Refuse the manifest unless it is for this chain, token and payer, has not expired,
+    and carries ``quorum`` distinct approver signatures. Returns who signed."""
+    if m.chain_id != chain_id:
+        raise ManifestError(
+            f"{source}: manifest is for chain {m.chain_id}, this is chain {chain_id}"
+        )
+    if m.token != token:
+        raise ManifestError(f"{source}: manifest pays token {m.token}, configured is {token}")
+    if payer is not None and m.payer != payer:
+        raise ManifestError(f"{source}: manifest payer is {m.payer}, the configured payer is {payer}")
+    if now > m.not_after:
+        raise ManifestError(f"{source}: manifest expired at not_after={m.not_after} (now {now})")
+    allowed = set(approvers)
+    signers = signers_of(m)
+    approved: list[str] = []
+    for j, signer in enumerate(signers):
+        if signer in approved:
+            raise ManifestError(f"{source}: signatures[{j}]: {signer} signed twice")
+        if signer not in allowed:
+            raise ManifestError(
+                f"{source}: signatures[{j}]: signer {signer} is not a configured approver "
+                "(or the manifest was changed after signing)"
+            )
+        approved.append(signer)
+    result = Verification(signers, tuple(approved), quorum)
+    if not result.quorum_met:
+        raise ManifestError(
+            f"{source}: quorum not met: {len(approved)} of {quorum} required approver signatures"
+        )
+    return result

@@ -1,0 +1,619 @@
+"""The send loop: claim -> simulate -> sign -> persist -> broadcast -> poll -> bump -> confirm.
+
+It owns the payer's nonces through the ledger, keeps up to ``max_in_flight`` transactions
+pipelined, and never re-signs a payload while an older signed version could still be
+mined: replacements keep the nonce and the payload and only raise the fees. Clock, sleep
+and the stop flag are parameters, so tests drive time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from disburser import chain as ch
+from disburser import policy
+from disburser.domain import Manifest, Mode, PaymentStatus, TxStatus
+from disburser.errors import ChainMismatchError, FailClosed, Interrupted
+from disburser.keys import Signer
+from disburser.ledger import Ledger, PaymentRow, TxRow
+
+log = structlog.get_logger("disburser.send")
+
+# Gas model used to size batches before the first estimate (FIELD-NOTES: ~29.9k per fresh
+# recipient, ~41k fixed); the estimate of each batch is what sets its gas limit.
+PER_RECIPIENT_GAS = 31_000
+BATCH_FIXED_GAS = 60_000
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    mode: Mode
+    chain_id: int
+    token: str
+    decimals: int
+    batch_contract: str | None
+    confirmations: int
+    max_in_flight: int
+    batch_size: int
+    bump_after_blocks: int
+    max_fee_wei: int
+    priority_fee_wei: int
+    poll_interval: float
+    ceiling: int
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    failed: int = 0
+    amount_done: int = 0
+    amount_total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    root: str
+    confirmed: int
+    failed: int
+    unpaid: int
+    amount_paid: int
+    txs_sent: int
+    expired: bool
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+class Sender:
+    def __init__(
+        self,
+        ledger: Ledger,
+        chain: ch.RpcChain,
+        signer: Signer,
+        cfg: SendConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: ProgressFn | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.chain = chain
+        self.signer = signer
+        self.cfg = cfg
+        self.payer = signer.address
+        self.clock = clock
+        self.sleep = sleep
+        self.should_stop = should_stop
+        self.on_progress = on_progress
+        self._sent_at_block: dict[int, int] = {}
+        self._at_cap_logged: set[int] = set()
+        self._batch_size = cfg.batch_size
+        self._txs_sent = 0
+
+    # --- preflight ----------------------------------------------------------------------
+
+    def preflight_chain_only(self) -> int:
+        cid = self.chain.chain_id()
+        if cid != self.cfg.chain_id:
+            raise ChainMismatchError(
+                f"node at {self.chain.url} is chain {cid}, settings say {self.cfg.chain_id} "
+                "(DISBURSER_CHAIN_ID / DISBURSER_NETWORK)")
+        return cid
+
+    def preflight(self) -> ch.Head:
+        """Fail closed unless the chain, token and contract are what the settings say."""
+        cid = self.preflight_chain_only()
+        if not self.chain.code(self.cfg.token):
+            raise ChainMismatchError(f"DISBURSER_TOKEN {self.cfg.token}: no contract on chain {cid}")
+        dec = self.chain.decimals(self.cfg.token)
+        if dec != self.cfg.decimals:
+            raise ChainMismatchError(
+                f"token {self.cfg.token} has {dec} decimals on chain, the network profile "
+                f"expects {self.cfg.decimals}: refusing to pay amounts built for "
+                f"{self.cfg.decimals}")
+        if self.cfg.mode is Mode.BATCH:
+            if self.cfg.batch_contract is None:
+                raise ChainMismatchError(
+                    "DISBURSER_BATCH_CONTRACT is not set (run `disburser deploy`, or use "
+                    "--mode direct)")
+            verify_batch_contract(self.chain, self.cfg.batch_contract)
+        return self.chain.head()
+
+    def sync_nonces(self) -> None:
+        """The ledger owns the payer's nonces; the chain must not have moved without us."""
+        latest = self.chain.nonce(self.payer, "latest")
+        pending = self.chain.nonce(self.payer, "pending")
+        first = self.ledger.first_nonce(self.payer, latest)
+        nxt = self.ledger.next_nonce(self.payer)
+        ours_next = first if nxt is None else nxt
+        if latest > ours_next:
+            foreign = ours_next
+            h = self.chain.find_tx_by_nonce(self.payer, foreign)
+            raise FailClosed(
+                f"payer {self.payer}: nonce {foreign} was used by transaction "
+                f"{h or '(hash not found in recent blocks)'} that this ledger did not send; "
+                "stopping rather than guessing (another wallet or process uses this key)")
+        if pending > max(latest, ours_next):
+            raise FailClosed(
+                f"payer {self.payer}: the node holds pending transactions up to nonce "
+                f"{pending - 1} that this ledger did not send (ledger's next nonce is "
+                f"{ours_next}); stopping rather than guessing")
+
+    # --- the run --------------------------------------------------------------------------
+
+    def run(self, m: Manifest) -> SendResult:
+        """Pay every queued payment of ``m`` (already verified and accepted)."""
+        if m.payer != self.payer:
+            raise ChainMismatchError(
+                f"manifest payer is {m.payer} but the configured key is {self.payer}")
+        self.preflight()
+        self.sync_nonces()
+        log.info("send_started", root=m.root, program=m.program, mode=self.cfg.mode.value,
+                 payer=self.payer)
+        # Settle what an earlier run left in flight before new allowance or batches.
+        self._drain()
+        if self.cfg.mode is Mode.BATCH:
+            self._skip_paid_on_chain(m.root)
+        self._check_funds(m.root)
+        if self.cfg.mode is Mode.BATCH:
+            self._set_allowance(sum(int(p.amount) for p in self.ledger.payments(
+                m.root, [PaymentStatus.QUEUED])))
+        progress = self._progress(m.root)
+        expired = False
+        while True:
+            if self.should_stop():
+                raise Interrupted("stopped by operator; state is saved, run `send` again "
+                                  "to resume")
+            changed = self._poll()
+            if not expired and self.clock() > m.not_after:
+                expired = True
+                log.warning("manifest_expired", root=m.root, not_after=m.not_after)
+            if not expired:
+                changed |= self._fill(m)
+            if self.on_progress:
+                self.on_progress(self._progress(m.root, progress.started))
+            if not self.ledger.open_txs(self.payer) and (
+                expired or not self.ledger.payments(m.root, [PaymentStatus.QUEUED], limit=1)
+            ):
+                break
+            if not changed:
+                self.sleep(self.cfg.poll_interval)
+        if self.cfg.mode is Mode.BATCH and not self.ledger.payments(
+                m.root, [PaymentStatus.QUEUED], limit=1):
+            self._set_allowance(0)
+        counts = self.ledger.counts([m.root])
+        by = counts.by_status
+        result = SendResult(
+            root=m.root,
+            confirmed=by.get(PaymentStatus.CONFIRMED.value, 0)
+            + by.get(PaymentStatus.PAID_ELSEWHERE.value, 0),
+            failed=by.get(PaymentStatus.FAILED.value, 0),
+            unpaid=by.get(PaymentStatus.QUEUED.value, 0) + by.get(PaymentStatus.IN_FLIGHT.value, 0),
+            amount_paid=counts.amount_by_status.get(PaymentStatus.CONFIRMED.value, 0)
+            + counts.amount_by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0),
+            txs_sent=self._txs_sent,
+            expired=expired,
+        )
+        log.info("send_finished", root=m.root, confirmed=result.confirmed,
+                 failed=result.failed, unpaid=result.unpaid, amount_paid=str(result.amount_paid))
+        return result
+
+    def _progress(self, root: str, started: float | None = None) -> Progress:
+        c = self.ledger.counts([root])
+        done = c.by_status.get(PaymentStatus.CONFIRMED.value, 0) + c.by_status.get(
+            PaymentStatus.PAID_ELSEWHERE.value, 0)
+        p = Progress(
+            total=sum(c.by_status.values()),
+            done=done,
+            failed=c.by_status.get(PaymentStatus.FAILED.value, 0),
+            amount_done=c.amount_by_status.get(PaymentStatus.CONFIRMED.value, 0)
+            + c.amount_by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0),
+            amount_total=sum(c.amount_by_status.values()),
+        )
+        if started is not None:
+            p.started = started
+        return p
+
+    def _drain(self) -> None:
+        while self.ledger.open_txs(self.payer):
+            if self.should_stop():
+                raise Interrupted("stopped by operator while settling transactions in flight")
+            if not self._poll():
+                self.sleep(self.cfg.poll_interval)
+
+    def _skip_paid_on_chain(self, root: str) -> None:
+        """With a lost or fresh ledger, the batch contract's bitmap still knows what this
+        payer paid for this root: those payments are never sent again."""
+        assert self.cfg.batch_contract is not None
+        queued = self.ledger.payments(root, [PaymentStatus.QUEUED])
+        words = sorted({p.idx // 256 for p in queued})
+        if not words:
+            return
+        bitmap = self.chain.paid_words(self.cfg.batch_contract, self.payer, root, words)
+        paid = [p.idx for p in queued if bitmap[p.idx // 256] >> (p.idx % 256) & 1]
+        if paid:
+            log.warning("payments_already_paid_on_chain", root=root, count=len(paid))
+            self.ledger.mark_paid_elsewhere(root, paid)
+
+    def _check_funds(self, root: str) -> None:
+        owed = sum(int(p.amount) for p in self.ledger.payments(root, [PaymentStatus.QUEUED]))
+        if owed == 0:
+            return
+        if self.chain.paused(self.cfg.token):
+            raise FailClosed(f"token {self.cfg.token} is paused; nothing was sent. Run `send` "
+                             "again once it is unpaused")
+        bal = self.chain.token_balance(self.cfg.token, self.payer)
+        if bal < owed:
+            raise FailClosed(
+                f"payer {self.payer} holds {bal} base units of {self.cfg.token}, "
+                f"{owed} are still owed; fund it and run `send` again")
+        head = self.chain.head()
+        n = len(self.ledger.payments(root, [PaymentStatus.QUEUED]))
+        per = PER_RECIPIENT_GAS if self.cfg.mode is Mode.BATCH else 65_000
+        fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei, self.cfg.max_fee_wei)
+        need = (n * per + BATCH_FIXED_GAS) * fees.max_fee
+        eth = self.chain.eth_balance(self.payer)
+        if eth < need:
+            raise FailClosed(
+                f"payer {self.payer} has {eth} wei for gas, about {need} wei are needed at "
+                f"the current fees; fund it and run `send` again")
+
+    # --- allowance ------------------------------------------------------------------------
+
+    def _set_allowance(self, amount: int) -> None:
+        """Allowance of the batch contract = exactly what is still to be sent, never more;
+        waits until the approval is mined so that batch simulations see it."""
+        assert self.cfg.batch_contract is not None
+        current = self.chain.allowance(self.cfg.token, self.payer, self.cfg.batch_contract)
+        if current == amount:
+            return
+        data = ch.enc_approve(self.cfg.batch_contract, amount)
+        try:
+            gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer, self.cfg.token, data))
+        except ch.Reverted as e:
+            raise FailClosed(f"token {self.cfg.token} refuses approve: "
+                             f"{ch.decode_revert(e.data)[1]}") from None
+        self._sign_and_send(kind="approve", root=None, to=self.cfg.token, data=data, gas=gas,
+                            rows=(), amount=amount)
+        log.info("allowance_set", spender=self.cfg.batch_contract, amount=str(amount))
+        # Batches are simulated against the latest state, so the approval must be mined.
+        while any(t.status == TxStatus.PENDING.value for t in self.ledger.open_txs(self.payer)):
+            if self.should_stop():
+                raise Interrupted("stopped by operator while the approval was pending")
+            if not self._poll():
+                self.sleep(self.cfg.poll_interval)
+
+    # --- filling the pipeline ------------------------------------------------------------
+
+    def _fill(self, m: Manifest) -> bool:
+        changed = False
+        while len(self.ledger.open_txs(self.payer)) < self.cfg.max_in_flight:
+            if self.should_stop():
+                return changed
+            if self.cfg.mode is Mode.BATCH:
+                sent = self._send_batch(m)
+            else:
+                sent = self._send_direct(m)
+            if not sent:
+                break
+            changed = True
+        return changed
+
+    def _send_batch(self, m: Manifest) -> bool:
+        head = self.chain.head()
+        cap = policy.max_batch_size(head.gas_limit, PER_RECIPIENT_GAS, BATCH_FIXED_GAS)
+        size = max(1, min(self._batch_size, cap))
+        while True:
+            rows = self.ledger.payments(m.root, [PaymentStatus.QUEUED], limit=size)
+            if not rows:
+                return False
+            assert self.cfg.batch_contract is not None
+            data = ch.enc_disburse(self.cfg.token, m.root, [r.idx for r in rows],
+                                   [r.to for r in rows], [int(r.amount) for r in rows])
+            try:
+                estimate = self.chain.estimate_gas(self.payer, self.cfg.batch_contract, data)
+            except ch.Reverted as e:
+                self._isolate_failure(m.root, rows, e.data)
+                continue
+            gas = policy.batch_gas_limit(estimate)
+            if gas > min(policy.TX_GAS_CAP, head.gas_limit):
+                size = policy.split(len(rows))[0] or 1
+                self._batch_size = size
+                log.info("batch_size_reduced", size=size, estimate=estimate)
+                continue
+            self._sign_and_send(kind="batch", root=m.root, to=self.cfg.batch_contract, data=data,
+                                gas=gas, rows=rows, amount=sum(int(r.amount) for r in rows),
+                                program=m.program)
+            return True
+
+    def _send_direct(self, m: Manifest) -> bool:
+        rows = self.ledger.payments(m.root, [PaymentStatus.QUEUED], limit=1)
+        if not rows:
+            return False
+        r = rows[0]
+        data = ch.enc_transfer(r.to, int(r.amount))
+        try:
+            estimate = self.chain.estimate_gas(self.payer, self.cfg.token, data)
+        except ch.Reverted as e:
+            self._isolate_failure(m.root, rows, e.data)
+            return True
+        self._sign_and_send(kind="direct", root=m.root, to=self.cfg.token, data=data,
+                            gas=policy.batch_gas_limit(estimate), rows=rows,
+                            amount=int(r.amount), program=m.program)
+        return True
+
+    def _isolate_failure(self, root: str, rows: Sequence[PaymentRow], data: bytes) -> None:
+        """A simulation failed. A paused token or a short balance stops the run; otherwise
+        the payment at fault is marked failed with the token's reason and the rest go on."""
+        index, reason = ch.decode_revert(data)
+        self._fail_closed_if_global(reason)
+        if index is None and len(rows) > 1:
+            index = self._bisect(root, rows)
+            reason = self._reason_of(rows, index)
+        if index is None:
+            index = rows[0].idx
+        log.warning("payment_failed", root=root, idx=index, reason=reason)
+        self.ledger.mark_failed(root, index, reason)
+
+    def _fail_closed_if_global(self, reason: str) -> None:
+        if self.chain.paused(self.cfg.token):
+            raise FailClosed(f"token {self.cfg.token} is paused; stopped before sending. Run "
+                             "`send` again once it is unpaused")
+        low = reason.lower()
+        if "exceeds balance" in low or "exceeds allowance" in low:
+            raise FailClosed(f"token {self.cfg.token} refused the batch: {reason}; "
+                             "check the payer's balance and run `send` again")
+
+    def _simulate(self, rows: Sequence[PaymentRow], root: str) -> bytes | None:
+        if self.cfg.mode is Mode.DIRECT:
+            data, to = ch.enc_transfer(rows[0].to, int(rows[0].amount)), self.cfg.token
+        else:
+            assert self.cfg.batch_contract is not None
+            to = self.cfg.batch_contract
+            data = ch.enc_disburse(self.cfg.token, root, [r.idx for r in rows],
+                                   [r.to for r in rows], [int(r.amount) for r in rows])
+        try:
+            self.chain.call(to, data, self.payer)
+            return None
+        except ch.Reverted as e:
+            return e.data
+
+    def _bisect(self, root: str, rows: Sequence[PaymentRow]) -> int | None:
+        """Split a failing batch until one payment is left that fails alone."""
+        while len(rows) > 1:
+            a, _ = policy.split(len(rows))
+            left = rows[:a]
+            rows = left if self._simulate(left, root) is not None else rows[a:]
+        return rows[0].idx if self._simulate(rows, root) is not None else None
+
+    def _reason_of(self, rows: Sequence[PaymentRow], index: int | None) -> str:
+        for r in rows:
+            if r.idx == index:
+                data = self._simulate([r], r.root)
+                return ch.decode_revert(data or b"")[1]
+        return "simulation failed"
+
+    # --- sign, persist, broadcast -------------------------------------------------------
+
+    def _next_nonce(self) -> int:
+        nxt = self.ledger.next_nonce(self.payer)
+        if nxt is None:
+            nxt = self.ledger.first_nonce(self.payer, self.chain.nonce(self.payer, "latest"))
+        return nxt
+
+    def _sign_and_send(self, *, kind: str, root: str | None, to: str, data: str, gas: int,
+                       rows: Sequence[PaymentRow], amount: int, program: str | None = None
+                       ) -> None:
+        if program is not None:
+            # Invariant 2, checked again at signing time.
+            self.ledger.check_ceiling(program, self.cfg.ceiling)
+        head = self.chain.head()
+        fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei, self.cfg.max_fee_wei)
+        if fees.max_fee < head.base_fee:
+            log.warning("fee_cap_below_base_fee", base_fee=head.base_fee, max_fee=fees.max_fee)
+        nonce = self._next_nonce()
+        signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=nonce, to=to, data=data,
+                                     gas=gas, max_fee=fees.max_fee, tip=fees.tip)
+        tx_id = self.ledger.record_tx(
+            payer=self.payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
+            gas_limit=gas, raw=signed.raw, tx_hash=signed.hash, max_fee=fees.max_fee,
+            tip=fees.tip, idxs=[r.idx for r in rows], amount=amount)
+        self._sent_at_block[tx_id] = head.number
+        self._txs_sent += 1
+        log.info("transfer_signed", kind=kind, nonce=nonce, tx_hash=signed.hash, count=len(rows),
+                 amount=str(amount), gas=gas, max_fee=fees.max_fee, tip=fees.tip)
+        self._broadcast(tx_id, nonce, signed.raw, signed.hash)
+
+    def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str) -> None:
+        try:
+            self.chain.send_raw(raw)
+            log.info("transfer_broadcast", nonce=nonce, tx_hash=tx_hash)
+        except ch.AlreadyKnown:
+            log.info("transfer_already_known", nonce=nonce, tx_hash=tx_hash)
+        except ch.Underpriced as e:
+            # A newer attempt at this nonce is in the pool, or the fee is below the node's
+            # floor: the poll loop decides whether to bump.
+            log.info("transfer_underpriced", nonce=nonce, tx_hash=tx_hash, error=str(e))
+        except ch.NonceTooLow:
+            # Mined already (by this attempt or another of ours) or taken by a foreign tx:
+            # the poll resolves it by looking the hashes up, never by re-signing.
+            log.info("transfer_nonce_used", nonce=nonce, tx_hash=tx_hash)
+        except ch.InsufficientFunds:
+            raise FailClosed(f"payer {self.payer} cannot pay gas for nonce {nonce}; fund it "
+                             "with ETH and run `send` again") from None
+        except ch.RpcError as e:
+            # Ambiguous: the node may or may not have it. Looked up at the next poll.
+            log.warning("transfer_broadcast_unknown", nonce=nonce, tx_hash=tx_hash, error=str(e))
+        except ch.NodeError as e:
+            log.warning("transfer_broadcast_refused", nonce=nonce, tx_hash=tx_hash, error=str(e))
+
+    # --- polling ----------------------------------------------------------------------
+
+    def _poll(self) -> bool:
+        """Advance every open transaction one step. True when anything changed."""
+        open_txs = self.ledger.open_txs(self.payer)
+        if not open_txs:
+            return False
+        head = self.chain.head()
+        attempts = {t.id: self.ledger.attempts(t.id) for t in open_txs if t.id is not None}
+        hashes = [a.hash for t in open_txs if t.status == TxStatus.PENDING.value
+                  for a in attempts[t.id]]
+        receipts = self.chain.receipts(hashes) if hashes else {}
+        changed = False
+        latest_nonce: int | None = None
+        lowest_pending = min((t.nonce for t in open_txs if t.status == TxStatus.PENDING.value),
+                             default=None)
+        mined = [t for t in open_txs if t.status == TxStatus.MINED.value]
+        canonical = self.chain.block_hashes([t.block_number for t in mined
+                                             if t.block_number is not None]) if mined else {}
+        for t in open_txs:
+            assert t.id is not None
+            if t.status == TxStatus.MINED.value:
+                assert t.block_number is not None
+                if canonical.get(t.block_number) != t.block_hash:
+                    log.warning("transfer_reorged", nonce=t.nonce, tx_hash=t.mined_hash,
+                                block=t.block_number)
+                    self.ledger.mark_reorged(t.id)
+                    self._rebroadcast_all(t, attempts[t.id])
+                    self._sent_at_block[t.id] = head.number
+                    changed = True
+                elif policy.is_deep(t.block_number, head.number, self.cfg.confirmations):
+                    final = self.ledger.finalize(t.id)
+                    log.info("transfer_confirmed" if final is TxStatus.CONFIRMED
+                             else "transfer_reverted", nonce=t.nonce, tx_hash=t.mined_hash,
+                             count=t.count, amount=t.amount)
+                    changed = True
+                continue
+            got = next((receipts[a.hash] for a in attempts[t.id] if receipts.get(a.hash)), None)
+            if got is not None:
+                self.ledger.mark_mined(t.id, tx_hash=got.tx_hash, block_number=got.block_number,
+                                       block_hash=got.block_hash, receipt_status=got.status,
+                                       gas_used=got.gas_used)
+                log.info("transfer_mined", nonce=t.nonce, tx_hash=got.tx_hash,
+                         block=got.block_number, status=got.status, gas_used=got.gas_used)
+                changed = True
+                continue
+            if latest_nonce is None:
+                latest_nonce = self.chain.nonce(self.payer, "latest")
+            if t.nonce < latest_nonce:
+                self._resolve_used_nonce(t, attempts[t.id])
+                changed = True
+                continue
+            last = attempts[t.id][-1]
+            if not self.chain.known([last.hash]).get(last.hash):
+                # Dropped from the pool (or never arrived): the same bytes again.
+                log.warning("transfer_dropped_rebroadcast", nonce=t.nonce, tx_hash=last.hash)
+                self._broadcast(t.id, t.nonce, last.raw, last.hash)
+                changed = True
+            sent_at = self._sent_at_block.setdefault(t.id, head.number)
+            priced_out = int(last.max_fee) < head.base_fee
+            if (t.nonce == lowest_pending or priced_out) and policy.should_bump(
+                    sent_at, head.number, self.cfg.bump_after_blocks):
+                changed |= self._bump(t, last, head)
+        return changed
+
+    def _resolve_used_nonce(self, t: TxRow, attempts: Sequence[Any]) -> None:
+        """The chain's nonce passed this transaction but no receipt was seen: look again
+        (it may have been mined between the two queries); if none of our attempts is mined
+        a foreign transaction took the nonce - stop."""
+        assert t.id is not None
+        receipts = self.chain.receipts([a.hash for a in attempts])
+        got = next((r for r in receipts.values() if r is not None), None)
+        if got is not None:
+            self.ledger.mark_mined(t.id, tx_hash=got.tx_hash, block_number=got.block_number,
+                                   block_hash=got.block_hash, receipt_status=got.status,
+                                   gas_used=got.gas_used)
+            return
+        h = self.chain.find_tx_by_nonce(self.payer, t.nonce)
+        raise FailClosed(
+            f"payer {self.payer}: nonce {t.nonce} was used by transaction "
+            f"{h or '(not found in recent blocks)'}, which this ledger did not send; its "
+            f"payments stay in flight. Stopping rather than guessing")
+
+    def _rebroadcast_all(self, t: TxRow, attempts: Sequence[Any]) -> None:
+        for a in reversed(attempts):
+            self._broadcast(t.id or 0, t.nonce, a.raw, a.hash)
+
+    def _bump(self, t: TxRow, last: Any, head: ch.Head) -> bool:
+        assert t.id is not None
+        old = policy.Fees(max_fee=int(last.max_fee), tip=int(last.tip))
+        new = policy.bump_fees(old, head.base_fee, self.cfg.max_fee_wei)
+        if new is None:
+            if t.id not in self._at_cap_logged:
+                self._at_cap_logged.add(t.id)
+                log.warning("transfer_at_fee_cap_waiting", nonce=t.nonce, max_fee=old.max_fee,
+                            base_fee=head.base_fee, cap=self.cfg.max_fee_wei)
+            return False
+        signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=t.nonce, to=t.to,
+                                     data=t.data, gas=t.gas_limit, max_fee=new.max_fee,
+                                     tip=new.tip)
+        self.ledger.add_attempt(t.id, raw=signed.raw, tx_hash=signed.hash, max_fee=new.max_fee,
+                                tip=new.tip)
+        self._sent_at_block[t.id] = head.number
+        log.info("transfer_bumped", nonce=t.nonce, tx_hash=signed.hash, max_fee=new.max_fee,
+                 tip=new.tip)
+        self._broadcast(t.id, t.nonce, signed.raw, signed.hash)
+        return True
+
+
+def verify_batch_contract(chain: ch.RpcChain, address: str) -> None:
+    """The code at DISBURSER_BATCH_CONTRACT must be exactly our BatchPayout."""
+    from disburser.artifacts import load_artifact
+
+    want = load_artifact("BatchPayout")["deployedBytecode"]
+    got = "0x" + chain.code(address).hex()
+    if got.lower() != str(want).lower():
+        raise ChainMismatchError(
+            f"DISBURSER_BATCH_CONTRACT {address}: the code there is not disburser's "
+            "BatchPayout (deploy it with `disburser deploy`)")
+
+
+def config_from_settings(s: Any, mode: Mode, program: str) -> SendConfig:
+    """SendConfig from validated Settings, for one program's ceiling."""
+    return SendConfig(
+        mode=mode, chain_id=s.chain_id, token=s.token, decimals=s.decimals,
+        batch_contract=s.batch_contract, confirmations=s.confirmations,
+        max_in_flight=s.max_in_flight, batch_size=s.batch_size,
+        bump_after_blocks=s.bump_after_blocks, max_fee_wei=s.max_fee_wei,
+        priority_fee_wei=s.priority_fee_wei, poll_interval=s.poll_interval,
+        ceiling=s.ceilings.for_program(program),
+    )
+
+
+def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s: Any) -> str:
+    """Deploy BatchPayout from the payer through the ledger's write-ahead path (the payer's
+    nonces belong to the ledger), wait for confirmation and verify the code."""
+    from eth_hash.auto import keccak
+    from eth_utils import to_checksum_address
+
+    from disburser.artifacts import load_artifact
+
+    sender = Sender(ledger, chain, signer, config_from_settings(s, Mode.DIRECT, "-"))
+    sender.preflight_chain_only()
+    sender.sync_nonces()
+    sender._drain()
+    nonce = sender._next_nonce()
+    code = str(load_artifact("BatchPayout")["bytecode"])
+    gas = policy.batch_gas_limit(chain.estimate_gas_create(signer.address, code))
+    sender._sign_and_send(kind="deploy", root=None, to="", data=code, gas=gas, rows=(),
+                          amount=0)
+    sender._drain()
+    tx = ledger.tx_at(signer.address, nonce)
+    if tx is None or tx.status != TxStatus.CONFIRMED.value:
+        raise FailClosed(f"deployment at nonce {nonce} did not succeed")
+    # CREATE address: keccak(rlp([sender, nonce]))[12:]
+    import rlp
+
+    address = to_checksum_address(
+        keccak(rlp.encode([bytes.fromhex(signer.address[2:]), nonce]))[12:])
+    verify_batch_contract(chain, address)
+    log.info("batch_contract_deployed", address=address, nonce=nonce)
+    return str(address)

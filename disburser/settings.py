@@ -1,0 +1,191 @@
+"""Every DISBURSER_* setting, read from the environment (and a ``.env`` file) and validated
+before any client is built. Values that are secret are kept out of ``repr``."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from disburser.amounts import parse_units
+from disburser.errors import SettingsError
+from disburser.profiles import PROFILES, Profile
+
+PREFIX = "DISBURSER_"
+DEFAULT_CEILING_TOKENS = "300000000"
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def load_dotenv(path: Path = Path(".env")) -> None:
+    """Put ``KEY=VALUE`` lines of ``path`` into the environment without overriding what is
+    already set (the environment wins over the file)."""
+    if not path.is_file():
+        return
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        if "=" not in line:
+            raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE")
+        key, _, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        os.environ.setdefault(key, value)
+
+
+def checksum(address: str, *, where: str) -> str:
+    """Validate an address strictly (EIP-55 when mixed case) and return its checksum form."""
+    from eth_utils import to_checksum_address
+
+    if not _ADDRESS.match(address):
+        raise SettingsError(f"{where}: {address!r} is not a 0x-prefixed 20-byte address")
+    cs: str = to_checksum_address(address)
+    body = address[2:]
+    if body != body.lower() and body != body.upper() and address != cs:
+        raise SettingsError(f"{where}: {address} fails its EIP-55 checksum (expected {cs})")
+    return cs
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Ceiling per program in base units; ``default`` applies to programs not named."""
+
+    default: int
+    per_program: dict[str, int] = field(default_factory=dict)
+
+    def for_program(self, program: str) -> int:
+        return self.per_program.get(program, self.default)
+
+
+def parse_ceilings(text: str, decimals: int) -> Ceilings:
+    """``300000000`` or ``together-2025=300000000,loans=100000000[,*=0]`` (whole tokens)."""
+    where = f"{PREFIX}CEILING"
+    default = parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where)
+    per: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if "=" in part:
+            name, _, value = part.partition("=")
+            amount = parse_units(value.strip(), decimals, where=f"{where} ({name.strip()})")
+            if name.strip() == "*":
+                default = amount
+            else:
+                per[name.strip()] = amount
+        else:
+            default = parse_units(part, decimals, where=where)
+    return Ceilings(default, per)
+
+
+@dataclass(frozen=True)
+class Settings:
+    network: Profile
+    rpc_url: str
+    db: Path
+    chain_id: int
+    token: str
+    decimals: int
+    approvers: tuple[str, ...]
+    quorum: int
+    ceilings: Ceilings
+    batch_contract: str | None
+    confirmations: int
+    max_fee_wei: int
+    priority_fee_wei: int
+    max_in_flight: int
+    batch_size: int
+    bump_after_blocks: int
+    poll_interval: float
+    log_file: Path
+    keystore: Path | None = field(default=None)
+    keystore_password: str | None = field(default=None, repr=False)
+    private_key: str | None = field(default=None, repr=False)
+    allow_plain_key: bool = False
+
+
+def _get(env: dict[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(PREFIX + name)
+    return value if value not in (None, "") else default
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}: {raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{PREFIX}{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _gwei(env: dict[str, str], name: str, default: str) -> int:
+    raw = _get(env, name, default)
+    assert raw is not None
+    return parse_units(raw, 9, where=f"{PREFIX}{name}")
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    """Build and validate the settings from ``env`` (default: the process environment)."""
+    env = dict(os.environ) if env is None else env
+    net_name = _get(env, "NETWORK", "anvil")
+    assert net_name is not None
+    if net_name not in PROFILES:
+        raise SettingsError(
+            f"{PREFIX}NETWORK: unknown network {net_name!r} (one of {', '.join(PROFILES)})"
+        )
+    prof = PROFILES[net_name]
+    decimals = _int(env, "DECIMALS", prof.decimals)
+    token = checksum(_get(env, "TOKEN", prof.token) or "", where=f"{PREFIX}TOKEN")
+    approvers_raw = _get(env, "APPROVERS", "") or ""
+    approvers = tuple(
+        checksum(a.strip(), where=f"{PREFIX}APPROVERS")
+        for a in approvers_raw.split(",")
+        if a.strip()
+    )
+    if len(set(approvers)) != len(approvers):
+        raise SettingsError(f"{PREFIX}APPROVERS: lists the same address twice")
+    quorum = _int(env, "QUORUM", min(2, max(1, len(approvers))), minimum=1)
+    if approvers and quorum > len(approvers):
+        raise SettingsError(
+            f"{PREFIX}QUORUM: {quorum} is more than the {len(approvers)} configured approvers"
+        )
+    batch_contract_raw = _get(env, "BATCH_CONTRACT")
+    keystore = _get(env, "KEYSTORE")
+    return Settings(
+        network=prof,
+        rpc_url=_get(env, "RPC_URL", prof.default_rpc) or "",
+        db=Path(_get(env, "DB", "disburser.sqlite") or ""),
+        chain_id=_int(env, "CHAIN_ID", prof.chain_id, minimum=1),
+        token=token,
+        decimals=decimals,
+        approvers=approvers,
+        quorum=quorum,
+        ceilings=parse_ceilings(_get(env, "CEILING", DEFAULT_CEILING_TOKENS) or "", decimals),
+        batch_contract=(
+            checksum(batch_contract_raw, where=f"{PREFIX}BATCH_CONTRACT")
+            if batch_contract_raw
+            else None
+        ),
+        confirmations=_int(env, "CONFIRMATIONS", prof.confirmations, minimum=1),
+        max_fee_wei=_gwei(env, "MAX_FEE_GWEI", prof.max_fee_gwei),
+        priority_fee_wei=_gwei(env, "PRIORITY_FEE_GWEI", prof.priority_fee_gwei),
+        max_in_flight=_int(env, "MAX_IN_FLIGHT", 16, minimum=1),
+        batch_size=_int(env, "BATCH_SIZE", 500, minimum=1),
+        bump_after_blocks=_int(env, "BUMP_AFTER_BLOCKS", 3, minimum=1),
+        poll_interval=float(_get(env, "POLL_INTERVAL", str(prof.poll_interval)) or "1"),
+        log_file=Path(_get(env, "LOG_FILE", "disburser.log.jsonl") or ""),
+        keystore=Path(keystore) if keystore else None,
+        keystore_password=_get(env, "KEYSTORE_PASSWORD"),
+        private_key=_get(env, "PRIVATE_KEY"),
+        allow_plain_key=(_get(env, "ALLOW_PLAIN_KEY", "0") or "0") in ("1", "true", "yes"),
+    )
+
+
+def require_approvers(s: Settings) -> None:
+    if not s.approvers:
+        raise SettingsError(f"{PREFIX}APPROVERS is not set: no manifest can reach quorum")

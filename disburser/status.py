@@ -1,0 +1,120 @@
+"""`disburser status`: what the ledger knows, summarised (plus the batch contract's allowance
+when the node answers). Read-only."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from disburser.amounts import format_units
+from disburser.domain import PaymentStatus, TxStatus
+from disburser.ledger import Ledger
+
+
+def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    programs = []
+    for prog in ledger.programs():
+        roots = [m.root for m in ledger.manifests(prog.name)]
+        c = ledger.counts(roots)
+        paid = c.amount_by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
+            c.amount_by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
+        committed = ledger.committed(prog.name)
+        done = c.by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
+            c.by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
+        total = sum(c.by_status.values())
+        rate = _rate(ledger, now)
+        left = total - done - c.by_status.get(PaymentStatus.FAILED.value, 0)
+        eta = now + left / rate if rate > 0 and left > 0 else (now if left == 0 else None)
+        programs.append({
+            "program": prog.name,
+            "ceiling": prog.ceiling,
+            "committed": str(committed),
+            "paid": str(paid),
+            "owed": str(committed - paid),
+            "remaining_under_ceiling": str(int(prog.ceiling) - paid),
+            "payments": {st.value: c.by_status.get(st.value, 0) for st in PaymentStatus},
+            "started_at": prog.started_at,
+            "deadline": prog.deadline,
+            "rate_per_s": round(rate, 2),
+            "projected_finish": int(eta) if eta is not None else None,
+            "on_track": eta is not None and eta <= prog.deadline,
+            "manifests": roots,
+        })
+    in_flight = []
+    for t in ledger.txs():
+        if t.status in (TxStatus.PENDING.value, TxStatus.MINED.value):
+            atts = ledger.attempts(t.id or 0)
+            last = atts[-1] if atts else None
+            in_flight.append({
+                "nonce": t.nonce, "kind": t.kind, "status": t.status, "count": t.count,
+                "amount": t.amount, "hash": last.hash if last else None,
+                "max_fee": last.max_fee if last else None, "tip": last.tip if last else None,
+                "attempts": len(atts), "block": t.block_number,
+            })
+    data: dict[str, Any] = {"programs": programs, "in_flight": in_flight,
+                            "decimals": s.decimals}
+    data["allowance"] = _allowance(s, ledger)
+    return data
+
+
+def _rate(ledger: Ledger, now: float, window: float = 600.0) -> float:
+    """Payments confirmed per second over the last ``window`` seconds."""
+    n = 0
+    first: float | None = None
+    for e in ledger.events("tx_confirmed"):
+        if e.ts >= now - window:
+            n += _count(e.data)
+            first = e.ts if first is None else first
+    if first is None or n == 0:
+        return 0.0
+    return n / max(now - first, 1.0)
+
+
+def _count(data: str) -> int:
+    return int(json.loads(data).get("count", 0) or 0)
+
+
+def _allowance(s: Any, ledger: Ledger) -> str | None:
+    if not s.batch_contract:
+        return None
+    payers = {t.payer for t in ledger.txs()}
+    if len(payers) != 1:
+        return None
+    try:
+        from disburser.chain import RpcChain, Transport
+
+        c = RpcChain(s.rpc_url, Transport(s.rpc_url, retries=0, timeout=2.0))
+        return str(c.allowance(s.token, payers.pop(), s.batch_contract))
+    except Exception:  # noqa: BLE001 - status works without a node
+        return None
+
+
+def render_status(d: dict[str, Any]) -> str:
+    dec = d["decimals"]
+    lines: list[str] = []
+    for p in d["programs"]:
+        lines.append(f"program {p['program']}")
+        lines.append(f"  ceiling    {format_units(int(p['ceiling']), dec)}")
+        lines.append(f"  committed  {format_units(int(p['committed']), dec)}")
+        lines.append(f"  paid       {format_units(int(p['paid']), dec)}")
+        lines.append(f"  owed       {format_units(int(p['owed']), dec)}")
+        pay = ", ".join(f"{k} {v}" for k, v in p["payments"].items() if v)
+        lines.append(f"  payments   {pay or 'none'}")
+        lines.append(f"  rate       {p['rate_per_s']}/s")
+        fin = p["projected_finish"]
+        fin_s = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(fin)) if fin else "unknown"
+        dl = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(p["deadline"]))
+        lines.append(f"  finish     {fin_s} (deadline {dl}{', on track' if p['on_track'] else ''})")
+    if d.get("allowance") is not None:
+        lines.append(f"allowance of the batch contract: {format_units(int(d['allowance']), dec)}")
+    if d["in_flight"]:
+        lines.append("in flight:")
+        for t in d["in_flight"]:
+            lines.append(f"  nonce {t['nonce']} {t['kind']} {t['status']} {t['count']} payments "
+                         f"max_fee {t['max_fee']} tip {t['tip']} attempts {t['attempts']} "
+                         f"{t['hash']}")
+    else:
+        lines.append("in flight: none")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The committed contract artifacts are what the pinned compiler makes of contracts/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "disburser" / "artifacts"
+EXPECTED = {"BatchPayout", "PlainDisperse", "TestUSDC"}
+NAMES = sorted(p.stem for p in ARTIFACTS.glob("*.json"))
+
+
+def test_artifacts_match_the_sources() -> None:
+    assert shutil.which("node"), "node is required to check the contract artifacts"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "build-contracts"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_every_contract_has_an_artifact() -> None:
+    assert not EXPECTED - set(NAMES), f"missing in {ARTIFACTS}: {sorted(EXPECTED - set(NAMES))}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_artifact_is_complete(name: str) -> None:
+    art = json.loads((ARTIFACTS / f"{name}.json").read_text())
+    assert art["contractName"] == name
+    assert isinstance(art["abi"], list) and art["abi"]
+    for key in ("bytecode", "deployedBytecode"):
+        code = art[key]
+        assert code.startswith("0x") and len(code) > 2, key
+        bytes.fromhex(code[2:])
+    assert art["compiler"].startswith("solc-0.8.")
+    assert len(art["sourceHash"]) == 64
+    bytes.fromhex(art["sourceHash"])
