@@ -81,6 +81,7 @@ point order) and payments are indexed in that order.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import enum
 import os
@@ -89,7 +90,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from eth_hash.auto import keccak
 
@@ -547,7 +548,7 @@ def read_records(
             where = _where(factors, line, "factor")
             f = _signed(value, FACTOR_DECIMALS, where)
             if f < 0:
-                raise InputError(f"{where}: factor {value!r} is negative")
+                raise InputError(f"{where}: {value!r} is negative")
             fac[uid] = f
     return Records(seen, losses, net_assets, comp, addr, fac)
 
@@ -651,11 +652,11 @@ def _table(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str
     refused (a stray comma must not shift a loss into another column).
     """
     try:
-        f = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below
+        f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        reader = csv.reader(f)
+        reader = csv.reader(_decoded_lines(f, path))
         try:
             try:
                 header = next(reader)
@@ -690,10 +691,22 @@ def _table(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str
                     _check_id(uid, path, reader.line_num)
                     checked.add(uid)
                 yield reader.line_num, fields
-        except UnicodeDecodeError:
-            raise InputError(f"{_where(path, reader.line_num + 1)}: not UTF-8 text") from None
         except csv.Error as e:
             raise InputError(f"{_where(path, reader.line_num)}: {e}") from None
+
+
+def _decoded_lines(f: BinaryIO, path: Path) -> Iterator[str]:
+    """Lines decoded one by one, so an undecodable byte is reported on its own line (a text
+    file decodes whole blocks, and would blame whatever line was read last)."""
+    for n, raw in enumerate(f, 1):
+        if n == 1 and raw.startswith(codecs.BOM_UTF8):  # spreadsheets often write one
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{_where(path, n)}: not UTF-8 text") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------------

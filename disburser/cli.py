@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from disburser.errors import DisburserError, InputError
 
@@ -24,7 +25,29 @@ if TYPE_CHECKING:
     from disburser.ledger import Ledger
     from disburser.settings import Settings
 
+class _ErrorBoundary(TyperGroup):
+    """The only place where an error becomes a message and an exit code: one line on
+    stderr, no traceback unless --debug."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DisburserError as e:
+            _fail(e, e.exit_code)
+        except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if type(e).__module__.startswith(("typer", "click")):
+                raise
+            if _state.get("debug"):
+                raise
+            sys.stderr.write(f"disburser: internal error: {type(e).__name__}: "
+                             f"{str(e)[:300]} (run with --debug for the traceback)\n")
+            raise SystemExit(1) from None
+
+
 app = typer.Typer(
+    cls=_ErrorBoundary,
     name="disburser",
     help="Pay a relief fund out on-chain from signed manifests: allocate, sign, send, "
     "reconcile. Every option can also be set as DISBURSER_<NAME> in the environment or .env.",
@@ -66,6 +89,7 @@ def main_options(
                                            help="Settings file read before the environment "
                                                 "defaults.")] = Path(".env"),
 ) -> None:
+    _state.clear()  # one invocation, one set of settings (CliRunner reuses the process)
     _state["debug"] = debug
     from disburser.settings import load_dotenv
 
@@ -547,20 +571,12 @@ def _fail(e: BaseException, code: int) -> NoReturn:
 
 
 def main() -> None:
-    """Entry point: the error boundary."""
+    """Entry point (errors are handled by the app's boundary)."""
     try:
         app()
-    except DisburserError as e:
-        _fail(e, e.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("disburser: aborted\n")
         raise SystemExit(130) from None
-    except Exception as e:  # noqa: BLE001 - the boundary: one line, traceback only on --debug
-        if _state.get("debug"):
-            raise
-        sys.stderr.write(f"disburser: internal error: {type(e).__name__}: {str(e)[:300]} "
-                         "(run with --debug for the traceback)\n")
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from disburser.profiles import USDC_MAINNET
 # Anvil's well-known development accounts (mnemonic "test test ... junk"). Worthless keys,
 # public in every Foundry install; used only on local chains.
 DEV_KEYS = (
-    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcbc1f7e7b9a2b4f1a",  # 0: token owner, deployer
+    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",  # 0: owner, deployer
     "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",  # 1: payer
     "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",  # 2: approver
     "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",  # 3: approver

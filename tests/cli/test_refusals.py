@@ -1,0 +1,210 @@
+"""Every refusal: exit 2, one clear line on stderr, no traceback, and nothing sent (the
+payer's nonce, its token balance and the ledger's transactions are unchanged)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from disburser import devnet as dn
+from disburser.ledger import Ledger
+from tests.conftest import Env
+
+
+def _assert_refused(env: Env, args: list[str], expected: str,
+                    extra: dict[str, str] | None = None) -> None:
+    nonce, bal = env.payer_nonce(), env.balance(env.devnet.payer)
+    r = env.cli(*args, extra=extra)
+    assert r.code == 2, (r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.err, r.err
+    assert lines[0].startswith("disburser: error: ")
+    assert expected in lines[0], lines[0]
+    assert env.payer_nonce() == nonce
+    assert env.balance(env.devnet.payer) == bal
+    db = Path(env.vars["DISBURSER_DB"])
+    if db.exists():
+        assert Ledger(db).txs() == []
+
+
+def _edit(path: Path, fn: Callable[[dict], None]) -> Path:  # type: ignore[type-arg]
+    d = json.loads(path.read_text())
+    fn(d)
+    out = path.with_name("edited-" + path.name)
+    out.write_text(json.dumps(d))
+    return out
+
+
+def test_tampered_amount(env: Env) -> None:
+    m = env.signed_manifest(3)
+    bad = _edit(m, lambda d: d["payments"][1].__setitem__("amount", "99999999"))
+    _assert_refused(env, ["send", str(bad), "--yes"],
+                    "is not a configured approver (or the manifest was changed after signing)")
+
+
+def test_unknown_signer(env: Env) -> None:
+    m = env.signed_manifest(3, signers=(0,))
+    r = env.cli("manifest", "sign", str(m), "--private-key-env", "STRANGER",
+                extra={"STRANGER": dn.DEV_KEYS[0]})
+    assert r.code == 0
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"signatures[1]: signer {dn.DEV_ADDRESSES[0]} is not a configured approver")
+
+
+def test_quorum_not_met(env: Env) -> None:
+    m = env.signed_manifest(3, signers=(0,))
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "quorum not met: 1 of 2 required approver signatures")
+
+
+def test_same_signer_twice(env: Env) -> None:
+    m = env.signed_manifest(3, signers=(0,))
+    bad = _edit(m, lambda d: d["signatures"].append(d["signatures"][0]))
+    _assert_refused(env, ["send", str(bad), "--yes"],
+                    f"signatures[1]: {dn.DEV_ADDRESSES[2]} signed twice")
+    r = env.cli("manifest", "sign", str(m), "--private-key-env", "APPROVER_0")
+    assert r.code == 2 and "has already signed this manifest" in r.err
+
+
+def test_another_chain(env: Env) -> None:
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "manifest is for chain 31337, this is chain 1",
+                    extra={"DISBURSER_CHAIN_ID": "1"})
+
+
+def test_node_on_another_chain_than_settings(env: Env, tmp_path: Path) -> None:
+    # Manifest and settings agree on chain 5, but the node is 31337: fail closed.
+    csv_path = env.write_payments(2)
+    out = tmp_path / "c5.json"
+    extra = {"DISBURSER_CHAIN_ID": "5"}
+    assert env.cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(out),
+                   extra=extra).code == 0
+    for i in (0, 1):
+        env.cli("manifest", "sign", str(out), "--private-key-env", f"APPROVER_{i}")
+    _assert_refused(env, ["send", str(out), "--yes"], "is chain 31337, settings say 5",
+                    extra=extra)
+
+
+def test_another_token(env: Env) -> None:
+    m = env.signed_manifest(2)
+    other = dn.DEV_ADDRESSES[4]
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"configured is {other}", extra={"DISBURSER_TOKEN": other})
+
+
+def test_another_payer(env: Env) -> None:
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"manifest payer is {dn.PAYER}, the configured payer is {dn.DEV_ADDRESSES[0]}",
+                    extra={"DISBURSER_PRIVATE_KEY": dn.DEV_KEYS[0]})
+
+
+def test_expired(env: Env, tmp_path: Path) -> None:
+    csv_path = env.write_payments(2)
+    out = tmp_path / "old.json"
+    assert env.cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(out),
+                   "--not-after", "1700000000").code == 0
+    for i in (0, 1):
+        env.cli("manifest", "sign", str(out), "--private-key-env", f"APPROVER_{i}")
+    _assert_refused(env, ["send", str(out), "--yes"], "manifest expired at not_after=1700000000")
+
+
+def test_over_the_ceiling(env: Env) -> None:
+    m = env.signed_manifest(5)  # amounts 1.25 .. 5.25 tokens
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "exceeds the ceiling 10000000 of program together-initiative-2025-10",
+                    extra={"DISBURSER_CEILING": "10"})
+
+
+def test_over_the_ceiling_across_manifests(env: Env) -> None:
+    first = env.signed_manifest(3, name="a.json", seed="a")  # 1.25+2.25+3.25 = 6.75
+    r = env.cli("send", str(first), "--yes", extra={"DISBURSER_CEILING": "10"})
+    assert r.code == 0, r.err
+    second = env.signed_manifest(3, name="b.json", seed="b")
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(second), "--yes", extra={"DISBURSER_CEILING": "10"})
+    assert r.code == 2
+    assert ("program together-initiative-2025-10: accepted 6750000 + this manifest 6750000 "
+            "= 13500000 base units exceeds the ceiling 10000000") in r.err
+    assert env.payer_nonce() == nonce
+
+
+def test_decimals_mismatch_refused(env: Env) -> None:
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "has 6 decimals on chain, the network profile expects 18",
+                    extra={"DISBURSER_DECIMALS": "18"})
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["payments"][0].__setitem__("amount", "0"),
+     "payments[0].amount: '0' is not a positive integer string of base units"),
+    (lambda d: d["payments"][0].__setitem__("amount", "1.5"),
+     "payments[0].amount: '1.5' is not a positive integer string of base units"),
+    (lambda d: d["payments"][0].__setitem__("to", d["payments"][0]["to"].swapcase()[:2].lower()
+                                            + d["payments"][0]["to"][2:].swapcase()),
+     "fails its EIP-55 checksum"),
+    (lambda d: d["payments"][0].__setitem__("to", "0x" + "0" * 40),
+     "payments[0].to: the zero address cannot be paid"),
+    (lambda d: d["payments"][0].__setitem__("to", "0xnot-an-address"),
+     "payments[0].to: '0xnot-an-address' is not a 0x-prefixed 20-byte hex address"),
+    (lambda d: d["payments"][1].__setitem__("id", d["payments"][0]["id"]),
+     "payments[1]: duplicate id 'user-000000' (also payments[0])"),
+    (lambda d: d.pop("token"), "missing field 'token'"),
+])
+def test_malformed_manifests(env: Env, edit: Callable[[dict], None], expected: str) -> None:  # type: ignore[type-arg]
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(_edit(m, edit)), "--yes"], expected)
+
+
+def test_malformed_json(env: Env, tmp_path: Path) -> None:
+    p = tmp_path / "broken.json"
+    p.write_text('{"format": ')
+    _assert_refused(env, ["send", str(p), "--yes"], f"{p}: not valid JSON")
+
+
+def test_paused_token_stops_before_sending(env: Env) -> None:
+    m = env.signed_manifest(3)
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token, dn.abi_call("pause()", [], []))
+    nonce = env.payer_nonce()
+    _assert_refused(env, ["send", str(m), "--yes"], "is paused; nothing was sent")
+    assert env.payer_nonce() == nonce
+    # Fixed: the run resumes and pays.
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token, dn.abi_call("unpause()", [], []))
+    r = env.cli("send", str(m), "--yes")
+    assert r.code == 0, r.err
+    assert "confirmed 3, failed 0, unpaid 0" in r.out
+
+
+def test_too_little_balance_stops_before_sending(env: Env) -> None:
+    m = env.signed_manifest(3)
+    bal = env.balance(dn.PAYER)
+    data = dn.abi_call("transfer(address,uint256)", ["address", "uint256"],
+                       [dn.OWNER, bal - 1_000_000])
+    dn.send_as(env.chain, dn.PAYER, env.devnet.token, data)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "holds 1000000 base units of 0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48, "
+                    "6750000 are still owed")
+
+
+def test_plain_key_refused_on_real_network(env: Env) -> None:
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "DISBURSER_PRIVATE_KEY is refused on network ethereum",
+                    extra={"DISBURSER_NETWORK": "ethereum"})
+
+
+def test_send_without_yes_when_not_interactive(env: Env) -> None:
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m)], "send needs confirmation: pass --yes")
+
+
+def test_bad_setting_names_it(env: Env) -> None:
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "DISBURSER_CONFIRMATIONS: 'many' is not an integer",
+                    extra={"DISBURSER_CONFIRMATIONS": "many"})

@@ -1,0 +1,191 @@
+"""Manifest parsing, the EIP-712 digest (checked against eth-account's own encoder), and
+every structural refusal with its exact message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from disburser import manifest as mf
+from disburser.domain import Payment
+from disburser.errors import InputError, ManifestError
+
+TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
+PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
+KEYS = [bytes.fromhex(k) for k in (
+    "5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    "7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+    "47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
+)]
+ADDRS = [Account.from_key(k).address for k in KEYS]
+
+
+def doc(**over: object) -> dict[str, object]:
+    d: dict[str, object] = {
+        "format": "disburser.manifest/1", "program": "p", "chain_id": 31337, "token": TOKEN,
+        "payer": PAYER, "not_after": 2_000_000_000,
+        "payments": [{"id": "a", "to": TO, "amount": "1250000"},
+                     {"id": "b", "to": PAYER, "amount": "7"}],
+        "signatures": [],
+    }
+    d.update(over)
+    return d
+
+
+def parse(d: dict[str, object]) -> mf.Manifest:
+    return mf.parse(json.dumps(d), "m.json")
+
+
+def test_digest_matches_eth_account_typed_data() -> None:
+    m = parse(doc())
+    signable = encode_typed_data(full_message=mf.typed_data(m))
+    assert signable.header == mf.domain_separator(m.chain_id)
+    assert signable.body == mf.struct_hash(m)
+    sig = Account.sign_message(signable, KEYS[0]).signature
+    assert mf.recover(m, "0x" + bytes(sig).hex()) == ADDRS[0]
+    assert mf.recover(m, mf.sign(m, KEYS[0])) == ADDRS[0]
+
+
+def test_roundtrip_json_is_canonical(tmp_path: Path) -> None:
+    m = mf.with_signature(parse(doc()), mf.sign(parse(doc()), KEYS[1]))
+    p = tmp_path / "m.json"
+    mf.write(m, p)
+    again = mf.load(p)
+    assert again == m
+    assert mf.to_json(again) == p.read_text()
+
+
+def _verify(m: mf.Manifest, **over: object) -> mf.Verification:
+    kw: dict[str, object] = dict(source="m.json", approvers=ADDRS, quorum=2, chain_id=31337,
+                                 token=TOKEN, payer=PAYER, now=1_000)
+    kw.update(over)
+    return mf.verify(m, **kw)  # type: ignore[arg-type]
+
+
+def signed(m: mf.Manifest, *keys: bytes) -> mf.Manifest:
+    for k in keys:
+        m = mf.with_signature(m, mf.sign(m, k))
+    return m
+
+
+def test_quorum_met() -> None:
+    v = _verify(signed(parse(doc()), KEYS[0], KEYS[2]))
+    assert v.approved == (ADDRS[0], ADDRS[2]) and v.quorum_met
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(chain_id=1), "m.json: manifest is for chain 31337, this is chain 1"),
+    (dict(token=PAYER), f"m.json: manifest pays token {TOKEN}, configured is {PAYER}"),
+    (dict(payer=TO), f"m.json: manifest payer is {PAYER}, the configured payer is {TO}"),
+    (dict(now=2_000_000_001), "m.json: manifest expired at not_after=2000000000 (now 2000000001)"),
+    (dict(quorum=3), "m.json: quorum not met: 2 of 3 required approver signatures"),
+    (dict(approvers=ADDRS[1:]), f"m.json: signatures[0]: signer {ADDRS[0]} is not a configured "
+     "approver (or the manifest was changed after signing)"),
+])
+def test_verify_refusals(over: dict[str, object], message: str) -> None:
+    with pytest.raises(ManifestError) as e:
+        _verify(signed(parse(doc()), KEYS[0], KEYS[1]), **over)
+    assert str(e.value) == message
+
+
+def test_tampered_amount_is_refused() -> None:
+    m = signed(parse(doc()), KEYS[0], KEYS[1])
+    d = json.loads(mf.to_json(m))
+    d["payments"][0]["amount"] = "1250001"
+    with pytest.raises(ManifestError, match=r"signatures\[0\]: signer 0x[0-9a-fA-F]{40} is not a "
+                       r"configured approver \(or the manifest was changed after signing\)"):
+        _verify(parse(d))
+
+
+def test_same_signer_twice_is_refused() -> None:
+    m = parse(doc())
+    sig = mf.sign(m, KEYS[0])
+    with pytest.raises(ManifestError, match="has already signed this manifest"):
+        mf.with_signature(mf.with_signature(m, sig), sig)
+    # And a hand-edited file with the signature twice (or a malleated twin) is refused too.
+    d = doc(signatures=[sig, sig])
+    with pytest.raises(ManifestError) as e:
+        _verify(parse(d))
+    assert str(e.value) == f"m.json: signatures[1]: {ADDRS[0]} signed twice"
+
+
+BAD_ADDR = "0x3c44CdDdB6a900fa2b585dd299e03d12FA4293BC"
+
+
+@pytest.mark.parametrize("text_or_doc, message", [
+    ("{not json", "m.json: not valid JSON (Expecting property name enclosed in double quotes "
+     "at line 1)"),
+    ("[]", "m.json: a manifest is a JSON object"),
+    ({k: v for k, v in doc().items() if k != "payer"}, "m.json: missing field 'payer'"),
+    (doc(format="x/2"), "m.json: format is 'x/2', expected 'disburser.manifest/1'"),
+    (doc(payments=[]), "m.json: payments must be a non-empty list"),
+    (doc(payments=[{"id": "a", "to": TO}]), "m.json: payments[0]: missing field 'amount'"),
+    (doc(payments=[{"id": "a", "to": TO, "amount": "0"}]),
+     "m.json: payments[0].amount: '0' is not a positive integer string of base units"),
+    (doc(payments=[{"id": "a", "to": TO, "amount": "-5"}]),
+     "m.json: payments[0].amount: '-5' is not a positive integer string of base units"),
+    (doc(payments=[{"id": "a", "to": TO, "amount": "1.5"}]),
+     "m.json: payments[0].amount: '1.5' is not a positive integer string of base units"),
+    (doc(payments=[{"id": "a", "to": TO, "amount": 5}]),
+     "m.json: payments[0].amount: 5 is not a positive integer string of base units"),
+    (doc(payments=[{"id": "a", "to": "0x1234", "amount": "5"}]),
+     "m.json: payments[0].to: '0x1234' is not a 0x-prefixed 20-byte hex address"),
+    (doc(payments=[{"id": "a", "to": BAD_ADDR, "amount": "5"}]),
+     f"m.json: payments[0].to: {BAD_ADDR} fails its EIP-55 checksum (expected {TO})"),
+    (doc(payments=[{"id": "a", "to": "0x" + "0" * 40, "amount": "5"}]),
+     "m.json: payments[0].to: the zero address cannot be paid"),
+    (doc(payments=[{"id": "a", "to": TO, "amount": "5"}, {"id": "a", "to": TO, "amount": "6"}]),
+     "m.json: payments[1]: duplicate id 'a' (also payments[0])"),
+    (doc(payments=[{"id": "", "to": TO, "amount": "5"}]),
+     "m.json: payments[0]: id must be 1-128 printable characters, got ''"),
+    (doc(chain_id="1"), "m.json: chain_id must be a positive integer, got '1'"),
+    (doc(signatures=["0x12"]), "m.json: signatures[0] is not a 65-byte 0x-hex signature"),
+])
+def test_structural_refusals(text_or_doc: object, message: str) -> None:
+    text = text_or_doc if isinstance(text_or_doc, str) else json.dumps(text_or_doc)
+    with pytest.raises(ManifestError) as e:
+        mf.parse(text, "m.json")
+    assert str(e.value) == message
+
+
+def test_build_from_csv_converts_exactly_and_refuses_bad_rows(tmp_path: Path) -> None:
+    p = tmp_path / "p.csv"
+    p.write_text(f"id,to,amount\nu1,{TO.lower()},1.25\nu2,{PAYER},300000000\n")
+    m = mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER,
+                          not_after=5, decimals=6)
+    assert [(x.to, x.amount) for x in m.payments] == [(TO, 1_250_000), (PAYER, 3 * 10**14)]
+    for row, msg in [
+        (f"u1,{TO},1.2500001", f"{p}:2: amount: amount '1.2500001' has more than 6 decimal places"),
+        (f"u1,{TO},0", f"{p}:2: amount must be greater than zero"),
+        (f"u1,{TO},-1", f"{p}:2: amount: amount '-1' is not a plain decimal number"),
+        (f"u1,{TO},1e3", f"{p}:2: amount: amount '1e3' is not a plain decimal number"),
+        (f"u1,{BAD_ADDR},1", f"{p}:2: to: {BAD_ADDR} fails its EIP-55 checksum (expected {TO})"),
+    ]:
+        p.write_text(f"id,to,amount\n{row}\n")
+        with pytest.raises(InputError) as e:
+            mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER,
+                              not_after=5, decimals=6)
+        assert str(e.value) == msg
+    p.write_text(f"id,amount\nu1,1\n")
+    with pytest.raises(InputError, match=r"missing column 'to' \(header: id,amount\)"):
+        mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=5,
+                          decimals=6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=3 * 10**26), min_size=1, max_size=8))
+def test_any_change_of_amount_changes_the_digest(amounts: list[int]) -> None:
+    pays = [Payment(i, f"id{i}", TO, a) for i, a in enumerate(amounts)]
+    m = mf.make_manifest(program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=9,
+                         payments=pays)
+    bumped = [*pays[:-1], Payment(pays[-1].index, pays[-1].id, TO, pays[-1].amount + 1)]
+    m2 = mf.make_manifest(program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=9,
+                          payments=bumped)
+    assert mf.digest(m) != mf.digest(m2)
