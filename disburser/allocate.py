@@ -75,6 +75,16 @@ Policy TOML (all keys optional; unknown keys refused)::
     min_ratio_bps = 3000                    # the lowest tier must be <= min_ratio_bps
     weight_bps = 8000                       # 0..10000, non-decreasing with min_ratio_bps
 
+Report (``write_report``): one row per user seen in any input, by user_id::
+
+    user_id,decision,reason,total_loss_usd,net_assets_usd,loss_ratio,factor,
+    amount_before,amount_after,address
+
+``decision`` is ``eligible`` or ``ineligible``; ``reason`` as above; USD figures exact;
+``loss_ratio`` is loss / net assets rounded *down* to 6 places (so ``0.300000`` really is
+>= 30 %), empty without a positive net; amounts are token amounts (``format_units``);
+``address`` is checksummed when valid, as written when not, empty when absent.
+
 Everything is deterministic: users are processed and reported in ``user_id`` order (code
 point order) and payments are indexed in that order.
 """
@@ -425,17 +435,14 @@ def decide(records: Records, policy: Policy, decimals: int = 6) -> Allocation:
     payments: list[Payment] = []
     owed = 0
     for uid, reason, before in first:
-        raw = records.addresses.get(uid)
-        address: str | None = None if raw is None or raw == "" else raw
+        address = records.addresses.get(uid) or None  # an empty cell is no address
+        checksummed = None if address is None else checksum_address(address)
         after = 0
         if reason is None:
             # floor(a * F / S) with one common F / S: the total stays <= F, and a larger
             # own amount a never gives a smaller result (S grows by less than a does).
             after = before * fund // requested if scaled else before
             owed += after
-            checksummed = checksum_address(address) if address is not None else None
-            if checksummed is not None:
-                address = checksummed
             if after == 0:
                 reason = Reason.ZERO_AMOUNT
             elif address is None:
@@ -458,7 +465,7 @@ def decide(records: Records, policy: Policy, decimals: int = 6) -> Allocation:
                 factor=records.factors.get(uid, ONE_FACTOR),
                 amount_before=before,
                 amount_after=after,
-                address=address,
+                address=checksummed or address,
             )
         )
     total = sum(p.amount for p in payments)

@@ -8,6 +8,8 @@ and the stop flag are parameters, so tests drive time.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +99,15 @@ class Sender:
         self._at_cap_logged: set[int] = set()
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
+        # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
+        # n-th time the loop passes `point`. Never set in production.
+        self._crash_at = _parse_crash_point(os.environ.get("DISBURSER_TEST_CRASH_AT", ""))
+
+    def _crash_point(self, name: str) -> None:
+        if self._crash_at and self._crash_at[0] == name:
+            self._crash_at[1] -= 1
+            if self._crash_at[1] <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # --- preflight ----------------------------------------------------------------------
 
@@ -426,11 +437,13 @@ class Sender:
             payer=self.payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
             gas_limit=gas, raw=signed.raw, tx_hash=signed.hash, max_fee=fees.max_fee,
             tip=fees.tip, idxs=[r.idx for r in rows], amount=amount)
+        self._crash_point("after_record")
         self._sent_at_block[tx_id] = head.number
         self._txs_sent += 1
         log.info("transfer_signed", kind=kind, nonce=nonce, tx_hash=signed.hash, count=len(rows),
                  amount=str(amount), gas=gas, max_fee=fees.max_fee, tip=fees.tip)
         self._broadcast(tx_id, nonce, signed.raw, signed.hash)
+        self._crash_point("after_broadcast")
 
     def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str) -> None:
         try:
@@ -487,6 +500,7 @@ class Sender:
                     changed = True
                 elif policy.is_deep(t.block_number, head.number, self.cfg.confirmations):
                     final = self.ledger.finalize(t.id)
+                    self._crash_point("after_confirm")
                     log.info("transfer_confirmed" if final is TxStatus.CONFIRMED
                              else "transfer_reverted", nonce=t.nonce, tx_hash=t.mined_hash,
                              count=t.count, amount=t.amount)
@@ -499,6 +513,7 @@ class Sender:
                                        gas_used=got.gas_used)
                 log.info("transfer_mined", nonce=t.nonce, tx_hash=got.tx_hash,
                          block=got.block_number, status=got.status, gas_used=got.gas_used)
+                self._crash_point("after_mined")
                 changed = True
                 continue
             if latest_nonce is None:
@@ -574,6 +589,13 @@ def verify_batch_contract(chain: ch.RpcChain, address: str) -> None:
         raise ChainMismatchError(
             f"DISBURSER_BATCH_CONTRACT {address}: the code there is not disburser's "
             "BatchPayout (deploy it with `disburser deploy`)")
+
+
+def _parse_crash_point(spec: str) -> list[Any] | None:
+    if not spec:
+        return None
+    name, _, n = spec.partition(":")
+    return [name, int(n or "1")]
 
 
 def config_from_settings(s: Any, mode: Mode, program: str) -> SendConfig:

@@ -284,7 +284,7 @@ def test_every_user_of_every_input_has_one_row(files: Files) -> None:
     [
         ("100", "100", "1", "100"),  # ratio 100 % -> weight 100 %
         ("90", "100", "1", "90"),  # exactly 90 % -> 100 %
-        ("89.999999", "100", "1", "80.9999991"),  # just under 90 % -> 90 %
+        ("89.999999", "100", "1", "80.999999"),  # just under 90 % -> 90 %, floor
         ("60", "100", "1", "54"),  # exactly 60 % -> 90 %
         ("59.99", "100", "1", "47.992"),  # -> 80 %
         ("30", "100", "1", "24"),  # exactly 30 % -> 80 %
@@ -306,9 +306,9 @@ def test_amount_with_cap_and_other_decimals() -> None:
 
 
 def test_scaling_to_the_fund_counts_users_without_address(files: Files) -> None:
-    files.user("a", (IN, "futures", "100"))  # 100 owed
-    files.user("b", (IN, "futures", "50"), address=None)  # 50 owed, not payable now
-    files.user("c", (IN, "futures", "70"), address="0xbad")  # 70 owed, not payable now
+    files.user("a", (IN, "futures", "100"), net="100")  # 100 owed
+    files.user("b", (IN, "futures", "50"), net="50", address=None)  # 50 owed, not payable now
+    files.user("c", (IN, "futures", "70"), net="70", address="0xbad")  # 70, not payable now
     alloc = files.run(Policy(fund_usd=usd("100")))
     after = {d.user_id: d.amount_after for d in alloc.decisions}
     assert alloc.scaled
@@ -345,6 +345,7 @@ def test_payments_are_indexed_by_user_id(files: Files) -> None:
 def test_report_columns_and_values(files: Files) -> None:
     files.user("a", (IN, "futures", "60.5"), (IN, "spot", "7"), factor="1.5", net="200")
     files.user("b", (IN, "futures", "10"), net=None, address="0xnope")
+    files.user("c", (IN, "spot", "99"), net="-1", address=addr("c").lower())
     alloc = files.run()
     path = files.root / "report.csv"
     write_report(alloc, path, 6)
@@ -353,6 +354,7 @@ def test_report_columns_and_values(files: Files) -> None:
         "amount_before,amount_after,address",
         f"a,eligible,in_manifest,60.5,200,0.302500,1.5,72.6,72.6,{addr('a')}",
         "b,ineligible,below_min_loss,10,,,1,0,0,0xnope",
+        f"c,ineligible,no_futures_or_margin,0,-1,,1,0,0,{addr('c')}",
     ]
 
 
@@ -595,11 +597,22 @@ def test_unreadable_policy_files(tmp_path: Path) -> None:
 def test_same_inputs_in_any_order_give_identical_bytes(files: Files) -> None:
     rng = random.Random(5)
     for i in range(60):
-        rows = [(f"2025-10-1{rng.randrange(3)}T0{rng.randrange(10)}:00:00Z", "futures",
-                 f"{rng.randrange(10_000)}.{rng.randrange(100):02d}") for _ in range(3)]  # fmt: skip
-        files.user(f"user-{i:03d}", *rows, net=str(rng.randrange(-5, 5000)),
-                   address=rng.choice(["valid", "valid", None, "0x12"]),
-                   compensated=rng.random() < 0.1, factor=rng.choice([None, "0.5", "2"]))  # fmt: skip
+        rows = [
+            (
+                f"2025-10-1{rng.randrange(3)}T0{rng.randrange(10)}:00:00Z",
+                "futures",
+                f"{rng.randrange(10_000)}.{rng.randrange(100):02d}",
+            )
+            for _ in range(3)
+        ]
+        files.user(
+            f"user-{i:03d}",
+            *rows,
+            net=str(rng.randrange(-5, 5000)),
+            address=rng.choice(["valid", "valid", None, "0x12"]),
+            compensated=rng.random() < 0.1,
+            factor=rng.choice([None, "0.5", "2"]),
+        )
     policy = Policy(fund_usd=usd("20000"))  # scaling on
     first = files.run(policy)
     write_report(first, files.root / "r1.csv", 6)
@@ -678,17 +691,22 @@ def test_a_larger_loss_never_gets_less(r: Records, policy: Policy, data: st.Data
 def test_a_larger_loss_never_gets_less_across_the_thresholds(tmp_path: Path) -> None:
     """Through the files, from $49.99 to $50 and from 29.99 % to 30 %, with the fund binding."""
     policy = Policy(fund_usd=usd("1000"))
-    seen: list[int] = []
-    for loss in ["49.99", "50", "299.99", "300", "600", "900", "5000", "1000000"]:
-        with tempfile.TemporaryDirectory(dir=tmp_path) as d:
-            f = Files(Path(d))
-            f.user("me", (IN, "futures", loss), net="1000")
-            f.user("other", (IN, "futures", "2000"), net="2000")
-            alloc = f.run(policy)
-            seen.append({x.user_id: x.amount_after for x in alloc.decisions}["me"])
-            assert alloc.total <= alloc.fund
-    assert seen == sorted(seen)
-    assert seen[0] == 0 < seen[1]
+    for net, losses in [
+        ("100", ["49.99", "50", "60", "90", "5000", "1000000"]),
+        ("1000", ["299.99", "300", "600", "900", "1000000"]),
+    ]:
+        seen: list[int] = []
+        for loss in losses:
+            with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+                f = Files(Path(d))
+                f.user("me", (IN, "futures", loss), net=net)
+                f.user("other", (IN, "futures", "2000"), net="2000")
+                alloc = f.run(policy)
+                seen.append({x.user_id: x.amount_after for x in alloc.decisions}["me"])
+                assert alloc.total <= alloc.fund
+        assert seen == sorted(seen)
+        assert seen[0] == 0 < seen[1]
+        assert seen[-1] < usd("1000")  # the fund binds
 
 
 @settings(max_examples=300)

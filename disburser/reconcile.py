@@ -1,0 +1,1015 @@
+"""Reconcile: the token's Transfer logs from the payer against the manifests and ceilings.
+
+The chain is the truth (DESIGN invariant 7). Payments are settled from Transfer logs alone;
+the ledger, when there is one, only adds attribution (which transaction carried which
+payment, why a payment failed, when a program started and its deadline) and is itself
+checked against the chain (``ledger_disagrees``).
+
+Three layers, so that tests can drive each:
+
+- ``reconcile(...)``: pure. Manifests, decoded transfers, what the ledger says, ceilings,
+  depth and head in; a ``Result`` out. No I/O.
+- ``fetch_transfers(...)``: ``eth_getLogs`` in block chunks that halve when the node says
+  the range or the answer is too big and grow back on success; logs decoded by hand
+  (web3's event decoder is ~250x slower, FIELD-NOTES "Speed").
+- ``run_reconcile(...)``: settings -> manifests (ledger and files) -> logs -> result ->
+  report text and exit code. The CLI's ``reconcile`` command calls it.
+
+Matching. Transfers and payments are grouped by (payer, recipient). Within a group, logs
+are given to payments (1) by ledger attribution: a log of exactly the payment's amount in
+a transaction the ledger signed for it; (2) by exact amount, in manifest order and chain
+order; (3) what is left: a log whose amount equals one of the group's payments is a
+repeat of it (``paid_twice``); any other log goes to the first payment not yet paid in
+full (``underpaid`` / ``paid`` when parts add up / ``overpaid``), or to the first payment
+of the group when all are paid (``overpaid``). A log to an address that no manifest pays
+is an ``unexplained_outflow``. A payment whose logs are all deep enough is ``paid``; one
+whose full amount arrived in a block shallower than the configured confirmations is
+``pending`` (depth = head - block + 1, as in ``policy.is_deep``).
+
+Scope. Transfers are always matched against every manifest known (ledger and files), so
+that another program's payments never show up as unexplained outflows. ``--program P``
+then reports only P's payments, figures and findings, plus the payer-level
+``unexplained_outflow`` findings, which no program explains and which therefore concern
+every program paid from that payer.
+
+Several programs and no ``--program``: the top-level ``program`` is ``"*"``, ``ceiling``
+is the sum of the programs' ceilings and ``committed``/``paid_total``/``remaining``/
+``counts`` add up all programs; each program's own figures, against its own ceiling
+(``Ceilings.for_program``), are in ``programs``, and ``over_ceiling`` is judged per
+program. With one program in scope, the top level is that program.
+
+Exit code: 0 when every payment in scope is ``paid`` and there is no finding; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from disburser.domain import Manifest
+from disburser.errors import ChainMismatchError, DisburserError, InputError, RpcError
+
+if TYPE_CHECKING:
+    from disburser.chain import RpcChain
+    from disburser.ledger import Ledger
+    from disburser.settings import Ceilings, Settings
+
+FORMATS = ("table", "json", "csv", "html")
+RESULT_FORMAT = "disburser.reconcile/1"
+
+
+class Status(enum.StrEnum):
+    """What the chain shows for one manifest payment."""
+
+    # Transfers of exactly the amount (one, or parts adding up), every one deep enough.
+    PAID = "paid"
+    # The full amount arrived, but in a block shallower than the configured confirmations:
+    # becomes ``paid`` as blocks are added (or ``unpaid`` if that block is reorganised away).
+    PENDING = "pending"
+    # No transfer to the recipient explains it; the ledger does not say it failed.
+    UNPAID = "unpaid"
+    # No transfer, and the ledger says the token refused it (``reason``): needs an operator.
+    FAILED = "failed"
+    # Transfers to the recipient add up to less than the amount.
+    UNDERPAID = "underpaid"
+    # Transfers to the recipient add up to more than the amount (not whole repeats).
+    OVERPAID = "overpaid"
+    # The exact amount was transferred two or more times.
+    PAID_TWICE = "paid_twice"
+
+
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+
+
+class Kind(enum.StrEnum):
+    """Kinds of findings (discrepancies). Each one makes the exit code 1."""
+
+    UNPAID = "unpaid"
+    FAILED = "failed"
+    UNDERPAID = "underpaid"
+    OVERPAID = "overpaid"
+    PAID_TWICE = "paid_twice"
+    PENDING = "pending"
+    # A Transfer from the payer that no manifest payment explains.
+    UNEXPLAINED_OUTFLOW = "unexplained_outflow"
+    # A program's paid total is above its ceiling (invariant 2 broken on chain).
+    OVER_CEILING = "over_ceiling"
+    # A program's manifests add up to more than its ceiling (files never accepted, or the
+    # ceiling was lowered since).
+    COMMITTED_OVER_CEILING = "committed_over_ceiling"
+    # The ledger says confirmed but the chain shows no transfer, or the ledger says
+    # queued/failed but the chain shows one, or another transaction than the ledger's.
+    LEDGER_DISAGREES = "ledger_disagrees"
+
+
+# Ledger payment statuses (domain.PaymentStatus values) that claim the money went out, and
+# those that claim it did not. ``in_flight`` claims neither: its transaction may be mined.
+_LEDGER_SAYS_PAID = frozenset({"confirmed", "paid_elsewhere"})
+_LEDGER_SAYS_NOT_SENT = frozenset({"queued", "failed"})
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+
+class Transfer(NamedTuple):
+    """One decoded Transfer log. A tuple: 100,000 of them must stay cheap."""
+
+    block: int
+    log_index: int
+    tx_hash: str  # lower-case 0x hex
+    sender: str  # lower-case 0x address (topic 1)
+    to: str  # lower-case 0x address (topic 2)
+    amount: int  # base units
+
+
+@dataclass(frozen=True)
+class ManifestIn:
+    """A manifest in scope, with who signed it and where it came from."""
+
+    manifest: Manifest
+    signers: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerPayment:
+    """What the ledger says about one payment."""
+
+    status: str  # domain.PaymentStatus value
+    reason: str | None
+    tx_hashes: tuple[str, ...]  # lower-case hashes of every signed attempt of its transaction
+    mined_hash: str | None  # the attempt the ledger saw mined
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    started_at: int  # unix seconds
+    deadline: int  # unix seconds
+    first_block: int | None
+
+
+@dataclass(frozen=True)
+class GasPoint:
+    """Gas of one payout transaction (a batch, or a direct transfer)."""
+
+    tx_hash: str
+    block: int
+    gas_used: int
+    recipients: int
+    root: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerInfo:
+    payments: Mapping[tuple[str, int], LedgerPayment] = field(default_factory=dict)
+    programs: Mapping[str, ProgramInfo] = field(default_factory=dict)
+    gas: tuple[GasPoint, ...] = ()
+
+
+# --- the result --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentResult:
+    manifest: str  # paymentsRoot
+    program: str
+    index: int
+    id: str
+    to: str  # EIP-55, as in the manifest
+    amount: int
+    paid: int
+    status: str
+    tx_hashes: tuple[str, ...]
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Progress of a program (or of all in scope) against its deadline."""
+
+    payments_total: int
+    payments_done: int  # the full amount arrived: paid, pending, overpaid, paid_twice
+    payments_left: int  # still to pay: unpaid and underpaid
+    payments_failed: int  # refused by the token: need an operator, not counted as left
+    amount_done: int  # sum of min(paid, amount)
+    amount_total: int  # sum of the manifests' amounts
+    started_at: int | None
+    deadline: int | None
+    now: int | None  # the head block's timestamp
+    payments_per_hour: int | None  # average since started_at
+    amount_per_hour: int | None
+    projected_finish: int | None  # unix seconds, at the average rate
+    finished: bool
+    on_track: bool | None  # projected finish (or finished) no later than the deadline
+
+
+@dataclass(frozen=True)
+class ProgramSummary:
+    program: str
+    ceiling: int
+    committed: int
+    paid_total: int
+    counts: dict[str, int]
+    started_at: int | None
+    deadline: int | None
+    progress: Progress
+
+    @property
+    def remaining(self) -> int:
+        return self.ceiling - self.paid_total
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    root: str
+    program: str
+    payer: str
+    count: int
+    total: int
+    paid_total: int
+    not_after: int
+    signers: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Charts:
+    """Data for the HTML report's charts, fetched only for that format."""
+
+    timeline: tuple[tuple[int, int], ...] = ()  # (unix time, cumulative amount paid)
+    gas: tuple[GasPoint, ...] = ()
+    gas_note: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    program: str  # the selected or only program, or "*" for several
+    programs: tuple[ProgramSummary, ...]
+    manifests: tuple[ManifestSummary, ...]
+    payments: tuple[PaymentResult, ...]
+    discrepancies: tuple[dict[str, Any], ...]
+    counts: dict[str, int]
+    ceiling: int
+    committed: int
+    paid_total: int  # transfers attributed to the payments in scope, at any depth
+    unexplained_total: int  # transfers from the payer that no payment explains
+    head_block: int
+    head_time: int | None
+    from_block: int
+    confirmations: int
+    transfers_scanned: int
+    decimals: int
+    progress: Progress
+    chain_id: int | None = None
+    token: str | None = None
+    payers: tuple[str, ...] = ()
+    paid_by_block: tuple[tuple[int, int], ...] = ()  # (block, amount) attributed in scope
+    tx_logs: tuple[tuple[str, int, int], ...] = ()  # (tx hash, block, logs) attributed in scope
+    charts: Charts | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.ceiling - self.paid_total
+
+    @property
+    def started_at(self) -> int | None:
+        return self.progress.started_at
+
+    @property
+    def deadline(self) -> int | None:
+        return self.progress.deadline
+
+    @property
+    def consistent(self) -> bool:
+        return not self.discrepancies and all(p.status == Status.PAID for p in self.payments)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.consistent else 1
+
+
+# --- the pure core -------------------------------------------------------------------------
+
+
+def is_deep(block: int, head: int, confirmations: int) -> bool:
+    """The including block counts as the first confirmation (as in policy.is_deep)."""
+    return head - block + 1 >= confirmations
+
+
+def dedupe(manifests: Iterable[Manifest | ManifestIn]) -> list[ManifestIn]:
+    """One entry per paymentsRoot: the same payments re-signed are the same payments. The
+    first document seen wins; signers and sources are merged."""
+    by_root: dict[str, ManifestIn] = {}
+    for item in manifests:
+        e = item if isinstance(item, ManifestIn) else ManifestIn(item)
+        old = by_root.get(e.manifest.root)
+        if old is None:
+            by_root[e.manifest.root] = e
+            continue
+        if old.manifest.program != e.manifest.program:
+            where = ", ".join((*old.sources, *e.sources)) or e.manifest.root
+            raise InputError(
+                f"manifest {e.manifest.root} appears with program {old.manifest.program!r} "
+                f"and {e.manifest.program!r} ({where})")
+        signers = old.signers + tuple(x for x in e.signers if x not in old.signers)
+        sources = old.sources + tuple(x for x in e.sources if x not in old.sources)
+        by_root[e.manifest.root] = replace(old, signers=signers, sources=sources)
+    return list(by_root.values())
+
+
+def reconcile(
+    manifests: Sequence[Manifest | ManifestIn],
+    transfers: Sequence[Transfer],
+    ledger_info: LedgerInfo | None,
+    ceilings: Ceilings,
+    confirmations: int,
+    head: int,
+    *,
+    now: int | None = None,
+    program: str | None = None,
+    decimals: int = 6,
+    from_block: int = 0,
+    chain_id: int | None = None,
+    token: str | None = None,
+) -> Result:
+    """Settle every manifest payment from the chain's transfers. Pure.
+
+    ``transfers`` are the token's Transfer logs from the manifests' payers (any order);
+    ``ledger_info`` is None without a ledger; ``now`` is the head block's timestamp (for
+    progress against the deadline); ``program`` limits what is reported (see the module
+    docstring). Raises InputError when there is no manifest or ``program`` is not in
+    scope.
+    """
+    entries = dedupe(manifests)
+    if not entries:
+        raise InputError("no manifests to reconcile")
+    all_programs = sorted({e.manifest.program for e in entries})
+    if program is not None and program not in all_programs:
+        raise InputError(f"--program {program}: no manifest of that program in scope "
+                         f"(programs: {', '.join(all_programs)})")
+    lp_map: Mapping[tuple[str, int], LedgerPayment] = (
+        ledger_info.payments if ledger_info is not None else {})
+
+    # Flat, parallel lists of every payment of every manifest (matching needs them all).
+    pay_entry: list[ManifestIn] = []
+    pay_pos: list[int] = []
+    groups: dict[tuple[str, str], list[int]] = {}
+    for e in entries:
+        m = e.manifest
+        payer = m.payer.lower()
+        for pos, p in enumerate(m.payments):
+            j = len(pay_entry)
+            pay_entry.append(e)
+            pay_pos.append(pos)
+            key = (payer, p.to.lower())
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [j]
+            else:
+                g.append(j)
+    n_pay = len(pay_entry)
+    amounts = [pay_entry[j].manifest.payments[pay_pos[j]].amount for j in range(n_pay)]
+    assigned: list[list[int] | None] = [None] * n_pay  # indices into ``logs``
+
+    logs = sorted(transfers, key=lambda t: (t.block, t.log_index))
+    by_key: dict[tuple[str, str], list[int]] = {}
+    for i, t in enumerate(logs):
+        key = (t.sender.lower(), t.to.lower())
+        lst = by_key.get(key)
+        if lst is None:
+            by_key[key] = [i]
+        else:
+            lst.append(i)
+
+    for key, pjs in groups.items():
+        lis = by_key.pop(key, None)
+        if not lis:
+            continue
+        if len(pjs) == 1 and len(lis) == 1:
+            assigned[pjs[0]] = [lis[0]]
+            continue
+        _match_group(pjs, lis, logs, amounts, assigned, pay_entry, pay_pos, lp_map)
+    unexplained = sorted(i for lis in by_key.values() for i in lis)
+
+    # --- settle each payment --------------------------------------------------------
+    in_scope = (lambda prog: True) if program is None else (lambda prog: prog == program)
+    results: list[PaymentResult] = []
+    findings: list[dict[str, Any]] = []
+    paid_by_program: dict[str, int] = {}
+    paid_by_root: dict[str, int] = {}
+    block_paid: dict[int, int] = {}
+    tx_logs: dict[str, list[int]] = {}
+    for j in range(n_pay):
+        e = pay_entry[j]
+        m = e.manifest
+        p = m.payments[pay_pos[j]]
+        lis = assigned[j] or []
+        paid = 0
+        shallow = False
+        hashes: list[str] = []
+        for i in lis:
+            t = logs[i]
+            paid += t.amount
+            if not is_deep(t.block, head, confirmations):
+                shallow = True
+            if t.tx_hash not in hashes:
+                hashes.append(t.tx_hash)
+        paid_by_root[m.root] = paid_by_root.get(m.root, 0) + paid
+        if not in_scope(m.program):
+            continue
+        paid_by_program[m.program] = paid_by_program.get(m.program, 0) + paid
+        for i in lis:
+            t = logs[i]
+            block_paid[t.block] = block_paid.get(t.block, 0) + t.amount
+            tx_logs.setdefault(t.tx_hash, [t.block, 0])[1] += 1
+        lp = lp_map.get((m.root, p.index))
+        status, reason = _status(p.amount, paid, lis, logs, shallow, lp)
+        r = PaymentResult(m.root, m.program, p.index, p.id, p.to, p.amount, paid, status,
+                          tuple(hashes), reason)
+        results.append(r)
+        if status != Status.PAID:
+            findings.append(_payment_finding(r, status, lis, logs, head))
+        if lp is not None:
+            d = _ledger_disagreement(r, lp)
+            if d is not None:
+                findings.append(d)
+
+    from disburser.manifest import to_checksum
+
+    outflows: list[dict[str, Any]] = []
+    unexplained_total = 0
+    for i in unexplained:
+        t = logs[i]
+        unexplained_total += t.amount
+        outflows.append({
+            "kind": Kind.UNEXPLAINED_OUTFLOW.value, "tx_hash": t.tx_hash,
+            "log_index": t.log_index, "block": t.block, "from": to_checksum(t.sender),
+            "to": to_checksum(t.to), "expected": "0", "paid": str(t.amount),
+        })
+
+    # --- programs ---------------------------------------------------------------------
+    scope_programs = [program] if program is not None else all_programs
+    infos = ledger_info.programs if ledger_info is not None else {}
+    summaries: list[ProgramSummary] = []
+    program_findings: list[dict[str, Any]] = []
+    for name in scope_programs:
+        rs = [r for r in results if r.program == name]
+        committed = sum(e.manifest.total for e in entries if e.manifest.program == name)
+        ceiling = ceilings.for_program(name)
+        paid_total = paid_by_program.get(name, 0)
+        info = infos.get(name)
+        summaries.append(ProgramSummary(
+            program=name, ceiling=ceiling, committed=committed, paid_total=paid_total,
+            counts=_counts(rs), started_at=info.started_at if info else None,
+            deadline=info.deadline if info else None,
+            progress=_progress(rs, committed, info.started_at if info else None,
+                               info.deadline if info else None, now),
+        ))
+        if paid_total > ceiling:
+            program_findings.append({
+                "kind": Kind.OVER_CEILING.value, "program": name, "ceiling": str(ceiling),
+                "expected": str(ceiling), "paid": str(paid_total),
+                "excess": str(paid_total - ceiling),
+            })
+        if committed > ceiling:
+            program_findings.append({
+                "kind": Kind.COMMITTED_OVER_CEILING.value, "program": name,
+                "ceiling": str(ceiling), "expected": str(ceiling), "committed": str(committed),
+                "excess": str(committed - ceiling),
+            })
+
+    manifest_summaries = tuple(
+        ManifestSummary(
+            root=e.manifest.root, program=e.manifest.program, payer=e.manifest.payer,
+            count=e.manifest.count, total=e.manifest.total,
+            paid_total=paid_by_root.get(e.manifest.root, 0), not_after=e.manifest.not_after,
+            signers=e.signers, sources=e.sources,
+        )
+        for e in entries if in_scope(e.manifest.program)
+    )
+    starts = [s.started_at for s in summaries if s.started_at is not None]
+    deadlines = [s.deadline for s in summaries if s.deadline is not None]
+    committed_all = sum(s.committed for s in summaries)
+    if len(summaries) == 1:
+        top_progress = summaries[0].progress
+    else:
+        top_progress = _progress(results, committed_all, min(starts, default=None),
+                                 max(deadlines, default=None), now)
+    return Result(
+        program=scope_programs[0] if len(scope_programs) == 1 else "*",
+        programs=tuple(summaries),
+        manifests=manifest_summaries,
+        payments=tuple(results),
+        discrepancies=tuple(program_findings + findings + outflows),
+        counts=_counts(results),
+        ceiling=sum(s.ceiling for s in summaries),
+        committed=committed_all,
+        paid_total=sum(s.paid_total for s in summaries),
+        unexplained_total=unexplained_total,
+        head_block=head,
+        head_time=now,
+        from_block=from_block,
+        confirmations=confirmations,
+        transfers_scanned=len(logs),
+        decimals=decimals,
+        progress=top_progress,
+        chain_id=chain_id,
+        token=token,
+        payers=tuple(sorted({e.manifest.payer for e in entries})),
+        paid_by_block=tuple(sorted(block_paid.items())),
+        tx_logs=tuple((h, b, n) for h, (b, n) in tx_logs.items()),
+    )
+
+
+def _match_group(pjs: list[int], lis: list[int], logs: Sequence[Transfer], amounts: list[int],
+                 assigned: list[list[int] | None], pay_entry: list[ManifestIn],
+                 pay_pos: list[int], lp_map: Mapping[tuple[str, int], LedgerPayment]) -> None:
+    """Give one (payer, recipient) group's logs to its payments (see the module docstring)."""
+    used: set[int] = set()
+    # 1. Ledger attribution: a log of exactly the amount in a transaction signed for it.
+    if lp_map:
+        by_tx_amount: dict[tuple[str, int], deque[int]] = {}
+        for i in lis:
+            t = logs[i]
+            by_tx_amount.setdefault((t.tx_hash, t.amount), deque()).append(i)
+        for j in pjs:
+            m = pay_entry[j].manifest
+            lp = lp_map.get((m.root, m.payments[pay_pos[j]].index))
+            if lp is None or not lp.tx_hashes:
+                continue
+            for h in lp.tx_hashes:
+                q = by_tx_amount.get((h.lower(), amounts[j]))
+                while q:
+                    i = q.popleft()
+                    if i not in used:
+                        used.add(i)
+                        assigned[j] = [i]
+                        break
+                if assigned[j] is not None:
+                    break
+    # 2. Exact amount, in manifest order and chain order.
+    by_amount: dict[int, deque[int]] = {}
+    for i in lis:
+        if i not in used:
+            by_amount.setdefault(logs[i].amount, deque()).append(i)
+    for j in pjs:
+        if assigned[j] is None:
+            q = by_amount.get(amounts[j])
+            if q:
+                i = q.popleft()
+                used.add(i)
+                assigned[j] = [i]
+    # 3. What is left, in chain order.
+    with_amount: dict[int, list[int]] = {}
+    for j in pjs:
+        with_amount.setdefault(amounts[j], []).append(j)
+    for i in sorted(i for i in lis if i not in used):
+        amount = logs[i].amount
+        same = with_amount.get(amount)
+        if same:
+            # A repeat of a payment of exactly this amount: the one with fewest logs so far.
+            j = min(same, key=lambda k: len(assigned[k] or ()))
+        else:
+            j = next((k for k in pjs
+                      if sum(logs[x].amount for x in assigned[k] or ()) < amounts[k]), pjs[0])
+        lst = assigned[j]
+        if lst is None:
+            assigned[j] = [i]
+        else:
+            lst.append(i)
+
+
+def _status(amount: int, paid: int, lis: Sequence[int], logs: Sequence[Transfer],
+            shallow: bool, lp: LedgerPayment | None) -> tuple[Status, str | None]:
+    if not lis:
+        if lp is not None and lp.status == "failed":
+            return Status.FAILED, lp.reason or "failed (no reason recorded)"
+        return Status.UNPAID, None
+    if paid == amount:
+        return (Status.PENDING if shallow else Status.PAID), None
+    if paid < amount:
+        return Status.UNDERPAID, None
+    exact = sum(1 for i in lis if logs[i].amount == amount)
+    return (Status.PAID_TWICE if exact >= 2 else Status.OVERPAID), None
+
+
+def _payment_finding(r: PaymentResult, status: Status, lis: Sequence[int],
+                     logs: Sequence[Transfer], head: int) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "kind": status.value, "program": r.program, "manifest": r.manifest, "index": r.index,
+        "id": r.id, "to": r.to, "expected": str(r.amount), "paid": str(r.paid),
+        "tx_hashes": list(r.tx_hashes),
+    }
+    if r.reason is not None:
+        d["reason"] = r.reason
+    if status == Status.PENDING and lis:
+        d["depth"] = min(head - logs[i].block + 1 for i in lis)
+    if status in (Status.UNDERPAID, Status.OVERPAID, Status.PAID_TWICE):
+        d["difference"] = str(r.paid - r.amount)
+        d["transfers"] = len(lis)
+    return d
+
+
+def _ledger_disagreement(r: PaymentResult, lp: LedgerPayment) -> dict[str, Any] | None:
+    detail: str | None = None
+    if r.paid == 0 and lp.status in _LEDGER_SAYS_PAID:
+        detail = (f"the ledger says {lp.status} but no Transfer to {r.to} from the payer "
+                  "is on chain")
+    elif r.paid > 0 and lp.status in _LEDGER_SAYS_NOT_SENT:
+        detail = (f"the ledger says {lp.status} but the chain shows {r.paid} base units "
+                  f"transferred to {r.to}")
+    elif (r.paid > 0 and lp.status == "confirmed" and lp.mined_hash
+          and lp.mined_hash.lower() not in r.tx_hashes):
+        detail = (f"the ledger says transaction {lp.mined_hash} paid it; the chain shows "
+                  f"{', '.join(r.tx_hashes)}")
+    if detail is None:
+        return None
+    return {
+        "kind": Kind.LEDGER_DISAGREES.value, "program": r.program, "manifest": r.manifest,
+        "index": r.index, "id": r.id, "to": r.to, "ledger_status": lp.status,
+        "chain_status": r.status, "expected": str(r.amount), "paid": str(r.paid),
+        "tx_hashes": list(r.tx_hashes),
+        "ledger_tx_hashes": [lp.mined_hash] if lp.mined_hash else list(lp.tx_hashes),
+        "detail": detail,
+    }
+
+
+def _counts(results: Iterable[PaymentResult]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for r in results:
+        counts[r.status] += 1
+    return counts
+
+
+_DONE = frozenset({Status.PAID, Status.PENDING, Status.OVERPAID, Status.PAID_TWICE})
+_LEFT = frozenset({Status.UNPAID, Status.UNDERPAID})
+
+
+def _progress(results: Sequence[PaymentResult], committed: int, started_at: int | None,
+              deadline: int | None, now: int | None) -> Progress:
+    """Integer arithmetic only: rates are floored per hour, the projection is exact."""
+    done = sum(1 for r in results if r.status in _DONE)
+    left = sum(1 for r in results if r.status in _LEFT)
+    failed = sum(1 for r in results if r.status == Status.FAILED)
+    amount_done = sum(min(r.paid, r.amount) for r in results)
+    per_hour: int | None = None
+    amount_per_hour: int | None = None
+    projected: int | None = None
+    if started_at is not None and now is not None:
+        elapsed = max(now - started_at, 1)
+        per_hour = done * 3600 // elapsed
+        amount_per_hour = amount_done * 3600 // elapsed
+        if left and done:
+            projected = now + -(-left * elapsed // done)
+    finished = left == 0
+    on_track: bool | None = None
+    if deadline is not None:
+        if finished:
+            on_track = True
+        elif projected is not None:
+            on_track = projected <= deadline
+        elif now is not None and now > deadline:
+            on_track = False
+    return Progress(
+        payments_total=len(results), payments_done=done, payments_left=left,
+        payments_failed=failed, amount_done=amount_done, amount_total=committed,
+        started_at=started_at, deadline=deadline, now=now, payments_per_hour=per_hour,
+        amount_per_hour=amount_per_hour, projected_finish=projected, finished=finished,
+        on_track=on_track,
+    )
+
+
+# --- logs from the node -------------------------------------------------------------------
+
+
+class RpcLike(Protocol):
+    def rpc(self, method: str, params: Sequence[Any] = ...) -> Any: ...
+
+
+# What nodes and providers say when an eth_getLogs range or answer is too big: Infura
+# ("query returned more than 10000 results", -32005), Alchemy ("Log response size exceeded",
+# "block range"), QuickNode ("is limited to a 10,000 range"), Erigon ("exceed maximum block
+# range"), Besu ("exceeds maximum range limit"), Ankr ("block range is too wide"),
+# Cloudflare/Chainstack ("block range too large", "limit exceeded"), others ("too many
+# results", "response is too big", "max results").
+_TOO_MUCH = (
+    "query returned more than", "more than 10000", "too many", "limit exceeded",
+    "limit exceed", "range too large", "range is too large", "too large", "too wide",
+    "too big", "response size", "max results", "maximum block range", "max block range",
+    "exceeds maximum", "exceed maximum", "exceeds max", "is limited to", "block range",
+    "-32005", "query timeout", "timed out",
+)
+MAX_CHUNK = 100_000
+# After a refusal, growth stays below the refused size for this many chunks, then probes.
+_PROBE_AFTER = 16
+
+
+def too_much(e: BaseException) -> bool:
+    """Whether a node error means "ask for fewer blocks"."""
+    code = getattr(e, "code", None)
+    if code == -32005:
+        return True
+    low = str(e).lower()
+    return any(s in low for s in _TOO_MUCH) or "http 413" in low
+
+
+def decode_logs(raw: Iterable[Mapping[str, Any]], out: list[Transfer]) -> None:
+    """Append the ERC-20 Transfer logs of an eth_getLogs answer to ``out``, by hand.
+    Logs flagged ``removed`` (reorganised away) and ERC-721 shaped ones are skipped."""
+    from disburser.chain import TRANSFER_TOPIC
+
+    append = out.append
+    for lg in raw:
+        if lg.get("removed"):
+            continue
+        topics: Sequence[Any] = lg.get("topics") or []
+        data: str = lg.get("data") or "0x"
+        if len(topics) != 3 or str(topics[0]).lower() != TRANSFER_TOPIC or len(data) < 3:
+            continue
+        append(Transfer(
+            int(lg["blockNumber"], 16), int(lg["logIndex"], 16),
+            str(lg["transactionHash"]).lower(), "0x" + str(topics[1])[-40:].lower(),
+            "0x" + str(topics[2])[-40:].lower(), int(data, 16),
+        ))
+
+
+def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: int, end: int,
+                    *, chunk: int = MAX_CHUNK, max_chunk: int = MAX_CHUNK,
+                    on_chunk: Callable[[int, int, int], None] | None = None) -> list[Transfer]:
+    """Every Transfer log of ``token`` from ``payers`` in blocks ``start..end``.
+
+    Chunks halve when the node refuses a range as too large (see ``too_much``) and double
+    after each success up to ``max_chunk``; after a refusal they stay below the refused
+    size for a while instead of bouncing off the limit every other request.
+    """
+    out: list[Transfer] = []
+    if not payers or start > end:
+        return out
+    padded = ["0x" + "0" * 24 + p[2:].lower() for p in payers]
+    topics: list[Any] = [_transfer_topic(), padded[0] if len(padded) == 1 else padded]
+    size = max(1, min(chunk, max_chunk))
+    limit = max_chunk
+    streak = 0
+    lo = start
+    while lo <= end:
+        hi = min(end, lo + size - 1)
+        try:
+            raw = chain.rpc("eth_getLogs", [{"address": token, "topics": topics,
+                                             "fromBlock": hex(lo), "toBlock": hex(hi)}])
+        except DisburserError as e:
+            if not too_much(e):
+                raise
+            if hi == lo:
+                raise RpcError(f"eth_getLogs for token {token} refuses even the single "
+                               f"block {lo}: {e}") from None
+            size = max(1, (hi - lo + 1) // 2)
+            limit = size
+            streak = 0
+            continue
+        if not isinstance(raw, list):
+            raise RpcError(f"eth_getLogs for blocks {lo}..{hi}: unexpected answer from node")
+        before = len(out)
+        decode_logs(raw, out)
+        if on_chunk is not None:
+            on_chunk(lo, hi, len(out) - before)
+        lo = hi + 1
+        streak += 1
+        if streak >= _PROBE_AFTER:
+            limit, streak = max_chunk, 0
+        size = min(size * 2, limit, max_chunk)
+    return out
+
+
+def _transfer_topic() -> str:
+    from disburser.chain import TRANSFER_TOPIC
+
+    return TRANSFER_TOPIC
+
+
+# --- the ledger's side ------------------------------------------------------------------
+
+
+def ledger_manifests(ledger: Ledger, where: str) -> list[ManifestIn]:
+    """Every manifest the ledger accepted, parsed from its signed document."""
+    from disburser import manifest as mf
+
+    out: list[ManifestIn] = []
+    for row in ledger.manifests():
+        m = mf.parse(row.document, f"{where}: manifest {row.root}")
+        if m.root != row.root:
+            raise InputError(f"{where}: manifest {row.root}: its document has paymentsRoot "
+                             f"{m.root}; the ledger is corrupt")
+        try:
+            signers = tuple(str(x) for x in json.loads(row.signers))
+        except (ValueError, TypeError):
+            signers = ()
+        out.append(ManifestIn(m, signers, ("ledger",)))
+    return out
+
+
+def ledger_info(ledger: Ledger) -> LedgerInfo:
+    """Attribution from the ledger: each payment's status, reason and the hashes of every
+    signed attempt of its transaction; each program's start, deadline and first block; the
+    gas of each mined payout transaction."""
+    txs = ledger.txs()
+    attempt_hashes: dict[int, list[str]] = {}
+    for h, (tx_id, _root) in ledger.tx_hashes().items():
+        attempt_hashes.setdefault(tx_id, []).append(h.lower())
+    mined: dict[int, str | None] = {}
+    gas: list[GasPoint] = []
+    for t in txs:
+        if t.id is None:
+            continue
+        mined[t.id] = t.mined_hash.lower() if t.mined_hash else None
+        if t.kind in ("batch", "direct") and t.gas_used is not None and t.mined_hash:
+            gas.append(GasPoint(t.mined_hash.lower(), t.block_number or 0, t.gas_used,
+                                t.count, t.root))
+    payments: dict[tuple[str, int], LedgerPayment] = {}
+    for r in ledger.all_payments():
+        tid = r.tx_id
+        hashes = tuple(attempt_hashes.get(tid, ())) if tid is not None else ()
+        payments[(r.root, r.idx)] = LedgerPayment(
+            r.status, r.reason, hashes, mined.get(tid) if tid is not None else None)
+    programs = {p.name: ProgramInfo(p.started_at, p.deadline, p.first_block)
+                for p in ledger.programs()}
+    gas.sort(key=lambda g: g.block)
+    return LedgerInfo(payments, programs, tuple(gas))
+
+
+def default_from_block(entries: Sequence[ManifestIn], info: LedgerInfo | None) -> int:
+    """The earliest first block the ledger knows for the programs in scope; 0 when any
+    of them has none (a file-only program, or no ledger): a scan that starts late would
+    report paid payments as unpaid."""
+    if info is None:
+        return 0
+    firsts: list[int] = []
+    for name in {e.manifest.program for e in entries}:
+        p = info.programs.get(name)
+        if p is None or p.first_block is None:
+            return 0
+        firsts.append(p.first_block)
+    return min(firsts, default=0)
+
+
+def file_signers(m: Manifest) -> tuple[str, ...]:
+    """Who signed a manifest file; an unrecoverable signature is left out (reconcile needs
+    the payments, not the approvals: ``manifest verify`` judges those)."""
+    from disburser import manifest as mf
+    from disburser.errors import ManifestError
+
+    out: list[str] = []
+    for sig in m.signatures:
+        try:
+            who = mf.recover(m, sig)
+        except ManifestError:
+            continue
+        if who not in out:
+            out.append(who)
+    return tuple(out)
+
+
+# --- chart data (HTML only) ----------------------------------------------------------------
+
+_TIMESTAMP_SAMPLES = 400
+_GAS_RECEIPTS = 300
+
+
+def block_times(chain: RpcChain, blocks: Sequence[int],
+                samples: int = _TIMESTAMP_SAMPLES) -> dict[int, int]:
+    """Timestamps of ``blocks``: up to ``samples`` of them fetched in JSON-RPC batches, the
+    others interpolated between their neighbours (a chart needs no more precision)."""
+    uniq = sorted(set(blocks))
+    if not uniq:
+        return {}
+    if len(uniq) <= samples:
+        picked = uniq
+    else:
+        step = (len(uniq) - 1) / (samples - 1)
+        picked = sorted({uniq[round(k * step)] for k in range(samples)})
+    known: dict[int, int] = {}
+    for i in range(0, len(picked), 200):
+        part = picked[i:i + 200]
+        res = chain.t.batch([("eth_getBlockByNumber", [hex(b), False]) for b in part])
+        for b, r in zip(part, res, strict=True):
+            if isinstance(r, Exception):
+                raise r
+            if r is not None:
+                known[b] = int(r["timestamp"], 16)
+    if not known:
+        return {}
+    ks = sorted(known)
+    out: dict[int, int] = {}
+    k = 0
+    for b in uniq:
+        while k + 1 < len(ks) and ks[k + 1] <= b:
+            k += 1
+        lo = ks[k]
+        if b <= lo or k + 1 >= len(ks):
+            out[b] = known[lo]
+        else:
+            hi = ks[k + 1]
+            out[b] = known[lo] + (known[hi] - known[lo]) * (b - lo) // (hi - lo)
+    return out
+
+
+def chart_data(result: Result, chain: RpcChain, info: LedgerInfo | None) -> Charts:
+    """Cumulative paid over time (block timestamps) and gas per payout transaction (from the
+    ledger when it has them, otherwise from receipts of the transfers' transactions)."""
+    times = block_times(chain, [b for b, _ in result.paid_by_block])
+    timeline: list[tuple[int, int]] = []
+    total = 0
+    for b, amount in result.paid_by_block:
+        total += amount
+        if b in times:
+            timeline.append((times[b], total))
+    roots = {m.root for m in result.manifests}
+    gas: list[GasPoint] = []
+    note = ""
+    if info is not None:
+        gas = [g for g in info.gas if g.root is None or g.root in roots]
+        if gas:
+            note = f"{len(gas)} payout transaction(s), gas used from the ledger"
+    if not gas and result.tx_logs:
+        txs = sorted(result.tx_logs, key=lambda x: x[1])
+        picked = txs[:_GAS_RECEIPTS]
+        receipts = chain.receipts([h for h, _, _ in picked])
+        for h, b, n in picked:
+            rc = receipts.get(h)
+            if rc is not None:
+                gas.append(GasPoint(h, b, rc.gas_used, n))
+        note = f"{len(gas)} transaction(s), gas used from their receipts"
+        if len(txs) > len(picked):
+            note += f" (the first {len(picked)} of {len(txs)})"
+    return Charts(tuple(timeline), tuple(gas), note)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | None,
+                  use_ledger: bool, fmt: str, from_block: int | None) -> tuple[str, int]:
+    """Reconcile the manifests of the ledger (unless ``use_ledger`` is False) and of
+    ``manifest_paths`` with the chain; returns the rendered report and the exit code
+    (0 consistent, 1 findings). Bad input raises InputError; a node that is not the
+    configured chain raises ChainMismatchError."""
+    from disburser import ledger as lg
+    from disburser import manifest as mf
+    from disburser import report
+    from disburser.chain import RpcChain
+
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    if from_block is not None and from_block < 0:
+        raise InputError(f"--from-block {from_block}: must be 0 or more")
+    entries: list[ManifestIn] = []
+    info: LedgerInfo | None = None
+    if use_ledger and lg.exists(s.db):
+        ledger = lg.Ledger(s.db)
+        entries.extend(ledger_manifests(ledger, f"DISBURSER_DB {s.db}"))
+        info = ledger_info(ledger)
+    for path in manifest_paths:
+        m = mf.load(path)
+        entries.append(ManifestIn(m, file_signers(m), (str(path),)))
+    if not entries:
+        if not use_ledger:
+            raise InputError("reconcile --no-ledger needs at least one MANIFEST file")
+        raise InputError(f"no manifests to reconcile: the ledger DISBURSER_DB {s.db} has "
+                         "none and no MANIFEST file was given")
+    entries = dedupe(entries)
+    for e in entries:
+        where = ", ".join(e.sources) or e.manifest.root
+        if e.manifest.chain_id != s.chain_id:
+            raise InputError(f"{where}: manifest is for chain {e.manifest.chain_id}, the "
+                             f"settings say chain {s.chain_id} (DISBURSER_CHAIN_ID)")
+        if e.manifest.token != s.token:
+            raise InputError(f"{where}: manifest pays token {e.manifest.token}, the "
+                             f"configured token is {s.token} (DISBURSER_TOKEN)")
+    programs = sorted({e.manifest.program for e in entries})
+    if program is not None and program not in programs:
+        raise InputError(f"--program {program}: no manifest of that program in scope "
+                         f"(programs: {', '.join(programs)})")
+
+    chain = RpcChain(s.rpc_url)
+    cid = chain.chain_id()
+    if cid != s.chain_id:
+        raise ChainMismatchError(f"node at {s.rpc_url} is chain {cid}, the settings say "
+                                 f"{s.chain_id} (DISBURSER_CHAIN_ID / DISBURSER_NETWORK)")
+    if not chain.code(s.token):
+        raise ChainMismatchError(f"DISBURSER_TOKEN {s.token}: no contract on chain {cid}")
+    head = chain.head()
+    start = from_block if from_block is not None else default_from_block(entries, info)
+    if start > head.number:
+        raise InputError(f"--from-block {start} is above the chain head {head.number}")
+    payers = sorted({e.manifest.payer for e in entries})
+    transfers = fetch_transfers(chain, s.token, payers, start, head.number)
+    result = reconcile(entries, transfers, info, s.ceilings, s.confirmations, head.number,
+                       now=head.timestamp, program=program, decimals=s.decimals,
+                       from_block=start, chain_id=cid, token=s.token)
+    if fmt == "html":
+        result = replace(result, charts=chart_data(result, chain, info))
+    return report.render(result, fmt), result.exit_code

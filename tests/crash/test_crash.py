@@ -1,0 +1,101 @@
+"""Crash safety: a real `disburser send` process is SIGKILLed at chosen points and at
+random moments, then run again; every recipient must end up paid exactly once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from disburser import devnet as dn
+from disburser import manifest as mf
+from disburser.domain import TxStatus
+from disburser.ledger import Ledger
+from tests.conftest import Env, make_env
+
+N = 120
+
+
+@pytest.fixture
+def slow_env(tmp_path: Path) -> Iterator[Env]:
+    """Blocks every second, so transactions spend time in flight and kills land mid-flight."""
+    with dn.Anvil() as anvil:
+        d = dn.setup(anvil.url)  # automine while setting up
+        anvil_chain = dn.ch.RpcChain(anvil.url)
+        anvil_chain.rpc("evm_setAutomine", [False])
+        anvil_chain.rpc("evm_setIntervalMining", [1])
+        env = make_env(tmp_path, anvil, d)
+        env.vars.update({"DISBURSER_BATCH_SIZE": "10", "DISBURSER_MAX_IN_FLIGHT": "4",
+                         "DISBURSER_CONFIRMATIONS": "2", "DISBURSER_POLL_INTERVAL": "0.1"})
+        yield env
+
+
+def _check_exactly_once(env: Env, m: Path) -> None:
+    manifest = mf.load(m)
+    paid = [env.balance(p.to) for p in manifest.payments]
+    assert paid == [p.amount for p in manifest.payments]
+    led = Ledger(Path(env.vars["DISBURSER_DB"]))
+    txs = led.txs(dn.PAYER)
+    assert [t.nonce for t in txs] == list(range(len(txs)))  # no gaps
+    assert all(t.status == TxStatus.CONFIRMED.value for t in txs)
+    assert env.payer_nonce() == len(txs)
+    assert env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_record", "after_broadcast", "after_mined",
+                                   "after_confirm"])
+@pytest.mark.parametrize("mode", ["batch", "direct"])
+def test_sigkill_at_each_point_then_resume(slow_env: Env, point: str, mode: str) -> None:
+    env = slow_env
+    n = N if mode == "batch" else 12
+    m = env.signed_manifest(n)
+    # The 3rd time the point is reached, the process SIGKILLs itself.
+    r = env.proc("send", str(m), "--yes", "--mode", mode,
+                 extra={"DISBURSER_TEST_CRASH_AT": f"{point}:3"})
+    assert r.code == -signal.SIGKILL, (r.code, r.err)
+    r = env.proc("send", str(m), "--yes", "--mode", mode)
+    assert r.code == 0, r.err
+    _check_exactly_once(env, m)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(slow_env: Env) -> None:
+    env = slow_env
+    m = env.signed_manifest(N)
+    rng = random.Random(20251010)
+    kills = 0
+    for _ in range(12):
+        p = env.popen("send", str(m), "--yes")
+        try:
+            p.wait(timeout=rng.uniform(0.4, 2.5))
+        except Exception:  # noqa: BLE001 - still running: kill it
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+        if p.returncode == 0:
+            break
+    assert kills >= 3
+    r = env.proc("send", str(m), "--yes")
+    assert r.code == 0, r.err
+    _check_exactly_once(env, m)
+
+
+@pytest.mark.slow
+def test_sigkill_then_lost_ledger_batch_mode(slow_env: Env) -> None:
+    env = slow_env
+    m = env.signed_manifest(N)
+    r = env.proc("send", str(m), "--yes", extra={"DISBURSER_TEST_CRASH_AT": "after_mined:4"})
+    assert r.code == -signal.SIGKILL
+    # Let what was broadcast be mined, then lose the ledger.
+    time.sleep(1.5)
+    for f in Path(env.vars["DISBURSER_DB"]).parent.glob("ledger.sqlite*"):
+        f.unlink()
+    r = env.proc("send", str(m), "--yes")
+    assert r.code == 0, r.err
+    manifest = mf.load(m)
+    assert [env.balance(p.to) for p in manifest.payments] == [p.amount for p in manifest.payments]

@@ -1,0 +1,170 @@
+"""Send on a real Anvil, both modes: balances on chain, rows in the ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from disburser import devnet as dn
+from disburser import manifest as mf
+from disburser.domain import PaymentStatus, TxStatus
+from disburser.ledger import Ledger
+from tests.conftest import Env
+
+
+def _ledger(env: Env) -> Ledger:
+    return Ledger(Path(env.vars["DISBURSER_DB"]))
+
+
+def _assert_all_paid_once(env: Env, manifest: Path) -> None:
+    m = mf.load(manifest)
+    for p in m.payments:
+        assert env.balance(p.to) == p.amount, (p.index, p.to)
+
+
+@pytest.mark.parametrize("mode", ["batch", "direct"])
+def test_send_pays_everyone_exactly_once(env: Env, mode: str) -> None:
+    n = 40 if mode == "direct" else 120
+    m = env.signed_manifest(n)
+    before = env.balance(dn.PAYER)
+    r = env.cli("send", str(m), "--yes", "--mode", mode, extra={"DISBURSER_BATCH_SIZE": "50"})
+    assert r.code == 0, r.err
+    assert f"confirmed {n}, failed 0, unpaid 0" in r.out
+    manifest = mf.load(m)
+    _assert_all_paid_once(env, m)
+    assert env.balance(dn.PAYER) == before - manifest.total
+    led = _ledger(env)
+    rows = led.payments(manifest.root)
+    assert {r.status for r in rows} == {PaymentStatus.CONFIRMED.value}
+    txs = led.txs(dn.PAYER)
+    assert all(t.status == TxStatus.CONFIRMED.value for t in txs)
+    # nonces are contiguous from the payer's first one, and the chain agrees
+    assert [t.nonce for t in txs] == list(range(txs[0].nonce, txs[0].nonce + len(txs)))
+    assert env.payer_nonce() == txs[-1].nonce + 1
+    if mode == "batch":
+        assert [t.kind for t in txs] == ["approve", "batch", "batch", "batch"]
+        # allowance ends at zero: never more than what is still owed
+        assert env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0
+    else:
+        assert [t.kind for t in txs] == ["direct"] * n
+    # every attempt's raw bytes were stored before broadcast: hash of raw == stored hash
+    from eth_utils import keccak
+    for t in txs:
+        for a in led.attempts(t.id or 0):
+            assert "0x" + keccak(bytes.fromhex(a.raw[2:])).hex() == a.hash
+
+    # Re-running on a finished manifest sends nothing.
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(m), "--yes", "--mode", mode)
+    assert r.code == 0, r.err
+    assert "in 0 new transaction(s)" in r.out
+    assert env.payer_nonce() == nonce
+
+
+def test_lost_ledger_batch_mode_pays_no_one_twice(env: Env) -> None:
+    m = env.signed_manifest(60)
+    assert env.cli("send", str(m), "--yes").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    r = env.cli("send", str(m), "--yes")
+    assert r.code == 0, r.err
+    _assert_all_paid_once(env, m)
+    led = _ledger(env)
+    assert {p.status for p in led.payments(mf.load(m).root)} == {"paid_elsewhere"}
+    assert [t.kind for t in led.txs()] == []  # the bitmap said all paid: nothing sent
+
+
+def test_lost_ledger_with_a_batch_replayed_on_chain_pays_no_one_twice(env: Env) -> None:
+    """Even sending the same batch calldata again (a lost ledger and no pre-check), the
+    contract's bitmap skips every payment already made."""
+    m = env.signed_manifest(20)
+    assert env.cli("send", str(m), "--yes").code == 0
+    led = _ledger(env)
+    batch = next(t for t in led.txs() if t.kind == "batch")
+    manifest = mf.load(m)
+    dn.send_as(env.chain, dn.PAYER, env.devnet.token, dn.abi_call(
+        "approve(address,uint256)", ["address", "uint256"],
+        [env.devnet.batch_contract, manifest.total]))
+    dn.send_as(env.chain, dn.PAYER, batch.to, batch.data)
+    _assert_all_paid_once(env, m)
+
+
+def test_blacklisted_recipient_blocks_no_one(env: Env) -> None:
+    m = env.signed_manifest(30)
+    manifest = mf.load(m)
+    victim = manifest.payments[17]
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token,
+               dn.abi_call("blacklist(address)", ["address"], [victim.to]))
+    r = env.cli("send", str(m), "--yes")
+    assert r.code == 1
+    assert "confirmed 29, failed 1, unpaid 0" in r.out
+    assert (f"failed: payments[17] {victim.id} {victim.to}: Blacklistable: account is "
+            "blacklisted") in r.err
+    for p in manifest.payments:
+        assert env.balance(p.to) == (0 if p.index == 17 else p.amount)
+    row = _ledger(env).payments(manifest.root, [PaymentStatus.FAILED])
+    assert [(x.idx, x.reason) for x in row] == [(17, "Blacklistable: account is blacklisted")]
+    # the allowance left for the failed payment is withdrawn at the end
+    assert env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0
+
+
+def test_blacklisted_recipient_direct_mode(env: Env) -> None:
+    m = env.signed_manifest(6)
+    manifest = mf.load(m)
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token,
+               dn.abi_call("blacklist(address)", ["address"], [manifest.payments[2].to]))
+    r = env.cli("send", str(m), "--yes", "--mode", "direct")
+    assert r.code == 1 and "confirmed 5, failed 1, unpaid 0" in r.out
+    assert env.balance(manifest.payments[2].to) == 0
+
+
+def test_foreign_nonce_fails_closed(env: Env) -> None:
+    first = env.signed_manifest(5, name="a.json", seed="a")
+    assert env.cli("send", str(first), "--yes").code == 0
+    # Someone else uses the payer key.
+    h = dn.send_as(env.chain, dn.PAYER, dn.OWNER, "0x", value=1)["transactionHash"]
+    second = env.signed_manifest(5, name="b.json", seed="b")
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(second), "--yes")
+    assert r.code == 2
+    assert f"nonce {nonce - 1} was used by transaction {h} that this ledger did not send" in r.err
+    assert env.payer_nonce() == nonce
+
+
+def test_status_json(env: Env) -> None:
+    m = env.signed_manifest(10)
+    assert env.cli("send", str(m), "--yes").code == 0
+    r = env.cli("status", "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    (p,) = d["programs"]
+    assert p["payments"]["confirmed"] == 10
+    assert p["paid"] == p["committed"] == str(mf.load(m).total)
+    assert p["owed"] == "0"
+    assert d["in_flight"] == []
+    assert d["allowance"] == "0"
+
+
+def test_dry_run_sends_nothing(env: Env) -> None:
+    m = env.signed_manifest(10)
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(m), "--dry-run")
+    assert r.code == 0, r.err
+    assert "dry run: would pay 10 of 10 payments, 36.5 tokens" in r.out
+    assert env.payer_nonce() == nonce
+    assert not Path(env.vars["DISBURSER_DB"]).exists() or _ledger(env).txs() == []
+
+
+def test_deploy_command_deploys_a_verified_contract(env: Env) -> None:
+    r = env.cli("deploy")
+    assert r.code == 0, r.err
+    addr = r.out.strip().splitlines()[-1]
+    assert env.chain.code(addr)
+    # and the ledger accounts for the payer nonce it used
+    (t,) = _ledger(env).txs()
+    assert t.kind == "deploy" and t.status == TxStatus.CONFIRMED.value
+    m = env.signed_manifest(5)
+    r = env.cli("send", str(m), "--yes", extra={"DISBURSER_BATCH_CONTRACT": addr})
+    assert r.code == 0, r.err
+    _assert_all_paid_once(env, m)
