@@ -147,6 +147,7 @@ class Devnet:
             "DISBURSER_CHAIN_ID": str(self.chain_id),
             "DISBURSER_TOKEN": self.token,
             "DISBURSER_BATCH_CONTRACT": self.batch_contract,
+            "DISBURSER_PAYER": self.payer,
             "DISBURSER_PRIVATE_KEY": self.payer_key,
             "DISBURSER_APPROVERS": ",".join(self.approvers),
             "DISBURSER_QUORUM": "2",

@@ -376,7 +376,10 @@ def reconcile(
     amounts = [pay_entry[j].manifest.payments[pay_pos[j]].amount for j in range(n_pay)]
     assigned: list[list[int] | None] = [None] * n_pay  # indices into ``logs``
 
-    logs = sorted(transfers, key=lambda t: (t.block, t.log_index))
+    # Only the manifests' payers' transfers count (the fetch asks for no others).
+    payer_set = {e.manifest.payer.lower() for e in entries}
+    logs = sorted((t for t in transfers if t.sender.lower() in payer_set),
+                  key=lambda t: (t.block, t.log_index))
     by_key: dict[tuple[str, str], list[int]] = {}
     for i, t in enumerate(logs):
         key = (t.sender.lower(), t.to.lower())

@@ -24,6 +24,8 @@ from disburser.allocate import (
     Reason,
     Records,
     Tier,
+    _signed,
+    _usd,
     allocate,
     checksum_address,
     decide,
@@ -723,3 +725,21 @@ def test_checksum_matches_eth_utils(raw: bytes) -> None:
     flipped = expected.swapcase().replace("0X", "0x")
     if flipped[2:] not in (flipped[2:].lower(), flipped[2:].upper()):
         assert checksum_address(flipped) is None  # every letter's case wrong
+
+
+@settings(max_examples=1000)
+@given(
+    st.text(alphabet="0123456789.-+e ٣", max_size=12)
+    | st.decimals(allow_nan=False, allow_infinity=False, places=7).map(str)
+)
+def test_the_fast_amount_path_agrees_with_parse_units(text: str) -> None:
+    try:
+        expected: int | None = _signed(text, 6, "x")
+    except InputError:
+        expected = None
+    try:
+        got: int | None = _usd(text, Path("f.csv"), 2, "loss_usd")
+    except InputError as e:
+        assert str(e).startswith("f.csv:2: loss_usd: amount ")
+        got = None
+    assert got == expected

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from disburser import settings as st
+from disburser.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_env_example_documents_every_setting() -> None:
+    used: set[str] = set()
+    for p in (ROOT / "disburser").rglob("*.py"):
+        used |= set(re.findall(r"DISBURSER_[A-Z_]+[A-Z]", p.read_text()))
+    # _env("NAME") in cli.py builds DISBURSER_NAME
+    used |= {"DISBURSER_" + n for n in re.findall(r'_env\("([A-Z_]+)"\)',
+                                                   (ROOT / "disburser/cli.py").read_text())}
+    used |= {"DISBURSER_" + n for n in re.findall(r'_(?:get|int|gwei)\(env, "([A-Z_]+)"',
+                                                   (ROOT / "disburser/settings.py").read_text())}
+    used -= {"DISBURSER_TEST_CRASH_AT", "DISBURSER_"}
+    documented = set(re.findall(r"DISBURSER_[A-Z_]+[A-Z]", (ROOT / ".env.example").read_text()))
+    assert used - documented == set()
+
+
+def test_defaults_and_ceilings() -> None:
+    s = st.load({})
+    assert s.network.name == "anvil" and s.chain_id == 31337 and s.decimals == 6
+    assert s.ceilings.for_program("x") == 300_000_000 * 10**6
+    c = st.parse_ceilings("relief=300000000,loans=100000000,*=0", 6)
+    assert c.for_program("relief") == 3 * 10**14
+    assert c.for_program("loans") == 10**14
+    assert c.for_program("other") == 0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DISBURSER_NETWORK": "moon"}, "DISBURSER_NETWORK: unknown network 'moon' (one of anvil, "
+     "ethereum, arbitrum, base, bnb)"),
+    ({"DISBURSER_QUORUM": "0"}, "DISBURSER_QUORUM: must be at least 1, got 0"),
+    ({"DISBURSER_APPROVERS": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+      "DISBURSER_QUORUM": "2"}, "DISBURSER_QUORUM: 2 is more than the 1 configured approvers"),
+    ({"DISBURSER_TOKEN": "0x1234"}, "DISBURSER_TOKEN: '0x1234' is not a 0x-prefixed 20-byte "
+     "address"),
+    ({"DISBURSER_CEILING": "1.5x"}, "DISBURSER_CEILING: amount '1.5x' is not a plain decimal "
+     "number"),
+    ({"DISBURSER_MAX_FEE_GWEI": "1.0000000001"}, "DISBURSER_MAX_FEE_GWEI: amount "
+     "'1.0000000001' has more than 9 decimal places"),
+])
+def test_bad_settings_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(InputError) as e:  # SettingsError or an amount's InputError
+        st.load(env)
+    assert str(e.value) == message
+
+
+def test_secrets_not_in_repr() -> None:
+    s = st.load({"DISBURSER_PRIVATE_KEY": "0x" + "ab" * 32, "DISBURSER_KEYSTORE_PASSWORD": "pw"})
+    assert "abab" not in repr(s) and "'pw'" not in repr(s)
+
+
+def test_bnb_profile_expects_18_decimals() -> None:
+    s = st.load({"DISBURSER_NETWORK": "bnb"})
+    assert s.decimals == 18 and s.chain_id == 56
+    assert s.token == "0x8AC76a51cc950d9822D68b83fE1Ad97B32Cd580d"
