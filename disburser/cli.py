@@ -525,25 +525,54 @@ def devnet(
     fork_url: Annotated[Optional[str], typer.Option(  # noqa: UP045
         envvar=_env("FORK_URL"), help="Fork this chain instead of starting an empty one.")
     ] = None,
+    fork_block: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        envvar=_env("FORK_BLOCK"), help="Fork at this block (default: latest).")] = None,
     port: Annotated[int, typer.Option(envvar=_env("DEVNET_PORT"), help="Loopback port.")]
     = 8545,
-    block_time: Annotated[Optional[float], typer.Option(  # noqa: UP045
+    block_time: Annotated[Optional[int], typer.Option(  # noqa: UP045
         envvar=_env("BLOCK_TIME"), help="Seconds per block (default: mine on demand).")
     ] = None,
     env_out: Annotated[Path, typer.Option("--env-out", help="Write the settings here.")]
     = Path(".env.devnet"),
 ) -> None:
-    """Start a local Anvil chain with a USDC at the mainnet address and a funded payer."""
-    from disburser import devnet as dn
+    """Start a local Anvil chain with a USDC at the mainnet address and a funded payer.
 
-    anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url).start()
+    With --fork-url the chain is a fork of another one: the real token's code is kept (the
+    DISBURSER_TOKEN setting, default the profile's USDC) and the payer is funded with it."""
+    from disburser import devnet as dn
+    from disburser.profiles import PROFILES
+
+    anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url,
+                     fork_block=fork_block).start()
     try:
-        d = dn.setup(anvil.url)
-        lines = [f"{k}={v}" for k, v in d.env().items()]
+        payer = os.environ.get(_env("PAYER")) or None
+        if payer:
+            from disburser.manifest import check_address
+
+            payer = check_address(payer, "DISBURSER_PAYER")
+        if fork_url:
+            token = os.environ.get(_env("TOKEN")) or _fork_token(dn.ch.RpcChain(anvil.url))
+            d = dn.setup_fork(anvil.url, token=token, payer=payer)
+        else:
+            d = dn.setup(anvil.url, payer=payer)
+        env = d.env()
+        if fork_url:
+            known = [p for p in PROFILES.values() if p.chain_id == d.chain_id and not p.local]
+            decimals = dn.ch.RpcChain(anvil.url).decimals(d.token)
+            env["DISBURSER_NETWORK"] = known[0].name if known else "anvil"
+            env["DISBURSER_DECIMALS"] = str(decimals)
+            # A rehearsal on a fork of a real network uses Anvil's dev payer key, and the
+            # fork mines only on demand: one confirmation, fast polls.
+            env["DISBURSER_ALLOW_PLAIN_KEY"] = "1"
+            env["DISBURSER_CONFIRMATIONS"] = "1"
+            env["DISBURSER_POLL_INTERVAL"] = "0.1"
+        lines = [f"{k}={v}" for k, v in env.items()]
         env_out.write_text("# written by `disburser devnet`; local chain only\n"
                            + "\n".join(lines) + "\n")
-        typer.echo(f"anvil on {anvil.url} (chain {d.chain_id}); settings written to {env_out}:")
-        for k, v in d.env().items():
+        what = f"fork of {fork_url}" if fork_url else "empty chain"
+        typer.echo(f"anvil on {anvil.url} ({what}, chain {d.chain_id}); settings written to "
+                   f"{env_out}:")
+        for k, v in env.items():
             shown = "<dev key, see " + str(env_out) + ">" if k == "DISBURSER_PRIVATE_KEY" else v
             typer.echo(f"  export {k}={shown}")
         typer.echo("Ctrl-C stops the chain.")
@@ -559,6 +588,54 @@ def devnet(
     finally:
         anvil.stop()
         typer.echo("devnet stopped", err=True)
+
+
+def _fork_token(c: Any) -> str:
+    from disburser.profiles import PROFILES
+
+    cid = c.chain_id()
+    for p in PROFILES.values():
+        if p.chain_id == cid and not p.local:
+            return p.token
+    return PROFILES["anvil"].token
+
+
+# --- keys -----------------------------------------------------------------------------
+
+
+@key_app.command("new")
+def key_new(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Keystore file to write.")],
+    password_file: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        envvar=_env("PASSWORD_FILE"), help="File holding the new password.")] = None,
+) -> None:
+    """Create a new key in an encrypted V3 keystore (scrypt) and print its address."""
+    from disburser import keys
+
+    if output.exists():
+        raise InputError(f"{output}: already exists; refusing to overwrite a keystore")
+    pw = keys.read_password(None, password_file)
+    if pw is None:
+        if not sys.stdin.isatty():
+            raise InputError("key new needs --password-file (or a terminal to prompt)")
+        pw = typer.prompt("new keystore password", hide_input=True, confirmation_prompt=True)
+    if len(pw) < 8:
+        raise InputError("keystore password must be at least 8 characters")
+    address = keys.new_keystore(output, pw)
+    typer.echo(address)
+
+
+@key_app.command("address")
+def key_address(
+    keystore: Annotated[Path, typer.Argument(help="V3 keystore file.")],
+    password_file: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        envvar=_env("PASSWORD_FILE"), help="Password file (only if the keystore does not "
+        "record its address).")] = None,
+) -> None:
+    """Print the address of a keystore."""
+    from disburser import keys
+
+    typer.echo(keys.keystore_address(keystore, password_file))
 
 
 def _fail(e: BaseException, code: int) -> NoReturn:

@@ -135,7 +135,7 @@ class Devnet:
     token: str
     batch_contract: str
     payer: str
-    payer_key: str
+    payer_key: str | None  # None when the payer is the operator's own (keystore) address
     approvers: tuple[str, ...]
     approver_keys: tuple[str, ...]
 
@@ -148,7 +148,7 @@ class Devnet:
             "DISBURSER_TOKEN": self.token,
             "DISBURSER_BATCH_CONTRACT": self.batch_contract,
             "DISBURSER_PAYER": self.payer,
-            "DISBURSER_PRIVATE_KEY": self.payer_key,
+            **({"DISBURSER_PRIVATE_KEY": self.payer_key} if self.payer_key else {}),
             "DISBURSER_APPROVERS": ",".join(self.approvers),
             "DISBURSER_QUORUM": "2",
         }
@@ -212,13 +212,58 @@ def deploy_batch_contract(c: ch.RpcChain, deployer: str = OWNER) -> str:
 
 
 def setup(url: str, *, decimals: int = 6, payer_tokens: int = 400_000_000,
-          payer_eth: int = 10_000) -> Devnet:
-    """Token at the USDC address, the payer funded with tokens and ETH, BatchPayout deployed."""
+          payer_eth: int = 10_000, payer: str | None = None) -> Devnet:
+    """Token at the USDC address, the payer (Anvil's dev account 1 unless ``payer`` is
+    given) funded with tokens and ETH, BatchPayout deployed."""
     c = ch.RpcChain(url)
+    who = payer or PAYER
     token = place_token(c, decimals=decimals)
-    mint(c, token, PAYER, payer_tokens * 10**decimals)
-    c.rpc("anvil_setBalance", [PAYER, hex(payer_eth * 10**18)])
+    mint(c, token, who, payer_tokens * 10**decimals)
+    c.rpc("anvil_setBalance", [who, hex(payer_eth * 10**18)])
     batch = deploy_batch_contract(c)
     return Devnet(url=url, chain_id=c.chain_id(), token=token, batch_contract=batch,
-                  payer=PAYER, payer_key=PAYER_KEY, approvers=DEV_ADDRESSES[2:5],
+                  payer=who, payer_key=PAYER_KEY if payer in (None, PAYER) else None,
+                  approvers=DEV_ADDRESSES[2:5], approver_keys=DEV_KEYS[2:5])
+
+
+def fund_token(c: ch.RpcChain, token: str, to: str, amount: int) -> str:
+    """Give ``to`` exactly ``amount`` of a token whose code we do not control (a fork of a
+    real chain): Anvil's ``anvil_dealERC20`` first, then a search of the balance mapping's
+    storage slot. Returns the method that worked."""
+    try:
+        c.rpc("anvil_dealERC20", [token, to, hex(amount)])
+        if c.token_balance(token, to) == amount:
+            return "anvil_dealERC20"
+    except DisburserError:
+        pass
+    from eth_hash.auto import keccak
+
+    holder = bytes(12) + bytes.fromhex(to[2:])
+    for slot in range(0, 64):
+        key = "0x" + keccak(holder + slot.to_bytes(32, "big")).hex()
+        old = c.rpc("eth_getStorageAt", [token, key, "latest"])
+        c.rpc("anvil_setStorageAt", [token, key, "0x" + format(amount, "064x")])
+        if c.token_balance(token, to) == amount:
+            return f"storage slot {slot}"
+        c.rpc("anvil_setStorageAt", [token, key, "0x" + str(old)[2:].rjust(64, "0")])
+    raise DisburserError(f"cannot fund {to} with token {token} on this fork: neither "
+                         "anvil_dealERC20 nor a balance-slot search worked")
+
+
+def setup_fork(url: str, *, token: str, payer: str | None = None,
+               payer_tokens: int = 400_000_000, payer_eth: int = 1_000) -> Devnet:
+    """On a fork of a real chain: keep the real token's code, fund the payer with it and
+    with ETH, deploy BatchPayout. Decimals come from the token itself."""
+    c = ch.RpcChain(url)
+    payer_key = PAYER_KEY if payer in (None, PAYER) else None
+    payer = payer or PAYER
+    if not c.code(token):
+        raise DisburserError(f"token {token}: no contract at this address on the forked chain")
+    decimals = c.decimals(token)
+    fund_token(c, token, payer, payer_tokens * 10**decimals)
+    c.rpc("anvil_setBalance", [payer, hex(payer_eth * 10**18)])
+    c.rpc("anvil_setBalance", [OWNER, hex(10**20)])
+    batch = deploy_batch_contract(c)
+    return Devnet(url=url, chain_id=c.chain_id(), token=token, batch_contract=batch,
+                  payer=payer, payer_key=payer_key, approvers=DEV_ADDRESSES[2:5],
                   approver_keys=DEV_KEYS[2:5])

@@ -96,3 +96,35 @@ def read_password(value: str | None, file: str | None) -> str | None:
         except FileNotFoundError:
             raise SettingsError(f"password file {file}: no such file") from None
     return None
+
+
+def new_keystore(path: Path, password: str) -> str:
+    """Write a new random key as a V3 keystore (scrypt, as geth and `cast wallet` do)."""
+    import secrets
+
+    from eth_account import Account
+
+    key = secrets.token_bytes(32)
+    doc = Account.encrypt(key, password)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    tmp.replace(path)
+    address: str = Account.from_key(key).address
+    return address
+
+
+def keystore_address(path: Path, password_file: str | None) -> str:
+    from eth_utils import to_checksum_address
+
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"keystore {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
+    if isinstance(doc, dict) and isinstance(doc.get("address"), str):
+        return str(to_checksum_address("0x" + doc["address"].removeprefix("0x")))
+    pw = read_password(os.environ.get("DISBURSER_KEYSTORE_PASSWORD"), password_file)
+    return from_keystore(path, pw, password_source="--password-file").address

@@ -44,9 +44,11 @@ Exit code: 0 when every payment in scope is ``paid`` and there is no finding; 1 
 from __future__ import annotations
 
 import enum
+import gc
 import json
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -174,11 +176,12 @@ class LedgerInfo:
 # --- the result --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PaymentResult:
+class PaymentResult(NamedTuple):
+    """One payment as the chain shows it. A tuple: there may be 100,000 of them."""
+
     manifest: str  # paymentsRoot
     program: str
-    index: int
+    idx: int  # index in the manifest ("index" in reports)
     id: str
     to: str  # EIP-55, as in the manifest
     amount: int
@@ -322,6 +325,19 @@ def dedupe(manifests: Iterable[Manifest | ManifestIn]) -> list[ManifestIn]:
     return list(by_root.values())
 
 
+@contextmanager
+def bulk() -> Iterator[None]:
+    """No cyclic garbage collection while building 100,000s of small containers that are
+    all kept: the collector's repeated scans would double the time (measured)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def reconcile(
     manifests: Sequence[Manifest | ManifestIn],
     transfers: Sequence[Transfer],
@@ -345,6 +361,27 @@ def reconcile(
     docstring). Raises InputError when there is no manifest or ``program`` is not in
     scope.
     """
+    with bulk():
+        return _reconcile(manifests, transfers, ledger_info, ceilings, confirmations, head,
+                          now=now, program=program, decimals=decimals, from_block=from_block,
+                          chain_id=chain_id, token=token)
+
+
+def _reconcile(
+    manifests: Sequence[Manifest | ManifestIn],
+    transfers: Sequence[Transfer],
+    ledger_info: LedgerInfo | None,
+    ceilings: Ceilings,
+    confirmations: int,
+    head: int,
+    *,
+    now: int | None,
+    program: str | None,
+    decimals: int,
+    from_block: int,
+    chain_id: int | None,
+    token: str | None,
+) -> Result:
     entries = dedupe(manifests)
     if not entries:
         raise InputError("no manifests to reconcile")
@@ -355,25 +392,25 @@ def reconcile(
     lp_map: Mapping[tuple[str, int], LedgerPayment] = (
         ledger_info.payments if ledger_info is not None else {})
 
-    # Flat, parallel lists of every payment of every manifest (matching needs them all).
-    pay_entry: list[ManifestIn] = []
-    pay_pos: list[int] = []
+    # Flat, parallel lists of every payment of every manifest (matching needs them all):
+    # position j -> (root, index) and amount; (payer, recipient) -> positions.
+    pay_ids: list[tuple[str, int]] = []
+    amounts: list[int] = []
     groups: dict[tuple[str, str], list[int]] = {}
     for e in entries:
         m = e.manifest
-        payer = m.payer.lower()
-        for pos, p in enumerate(m.payments):
-            j = len(pay_entry)
-            pay_entry.append(e)
-            pay_pos.append(pos)
+        root, payer = m.root, m.payer.lower()
+        for p in m.payments:
+            j = len(amounts)
+            pay_ids.append((root, p.index))
+            amounts.append(p.amount)
             key = (payer, p.to.lower())
             g = groups.get(key)
             if g is None:
                 groups[key] = [j]
             else:
                 g.append(j)
-    n_pay = len(pay_entry)
-    amounts = [pay_entry[j].manifest.payments[pay_pos[j]].amount for j in range(n_pay)]
+    n_pay = len(amounts)
     assigned: list[list[int] | None] = [None] * n_pay  # indices into ``logs``
 
     # Only the manifests' payers' transfers count (the fetch asks for no others).
@@ -396,51 +433,72 @@ def reconcile(
         if len(pjs) == 1 and len(lis) == 1:
             assigned[pjs[0]] = [lis[0]]
             continue
-        _match_group(pjs, lis, logs, amounts, assigned, pay_entry, pay_pos, lp_map)
+        _match_group(pjs, lis, logs, amounts, assigned, pay_ids, lp_map)
     unexplained = sorted(i for lis in by_key.values() for i in lis)
 
     # --- settle each payment --------------------------------------------------------
-    in_scope = (lambda prog: True) if program is None else (lambda prog: prog == program)
     results: list[PaymentResult] = []
     findings: list[dict[str, Any]] = []
     paid_by_program: dict[str, int] = {}
     paid_by_root: dict[str, int] = {}
     block_paid: dict[int, int] = {}
     tx_logs: dict[str, list[int]] = {}
-    for j in range(n_pay):
-        e = pay_entry[j]
+    paid_s, pending_s = Status.PAID.value, Status.PENDING.value
+    j = 0
+    for e in entries:
         m = e.manifest
-        p = m.payments[pay_pos[j]]
-        lis = assigned[j] or []
-        paid = 0
-        shallow = False
-        hashes: list[str] = []
-        for i in lis:
-            t = logs[i]
-            paid += t.amount
-            if not is_deep(t.block, head, confirmations):
-                shallow = True
-            if t.tx_hash not in hashes:
-                hashes.append(t.tx_hash)
-        paid_by_root[m.root] = paid_by_root.get(m.root, 0) + paid
-        if not in_scope(m.program):
-            continue
-        paid_by_program[m.program] = paid_by_program.get(m.program, 0) + paid
-        for i in lis:
-            t = logs[i]
-            block_paid[t.block] = block_paid.get(t.block, 0) + t.amount
-            tx_logs.setdefault(t.tx_hash, [t.block, 0])[1] += 1
-        lp = lp_map.get((m.root, p.index))
-        status, reason = _status(p.amount, paid, lis, logs, shallow, lp)
-        r = PaymentResult(m.root, m.program, p.index, p.id, p.to, p.amount, paid, status,
-                          tuple(hashes), reason)
-        results.append(r)
-        if status != Status.PAID:
-            findings.append(_payment_finding(r, status, lis, logs, head))
-        if lp is not None:
-            d = _ledger_disagreement(r, lp)
-            if d is not None:
-                findings.append(d)
+        root, prog = m.root, m.program
+        reported = program is None or prog == program
+        root_paid = 0
+        for p in m.payments:
+            lis = assigned[j]
+            j += 1
+            amount = p.amount
+            hashes: tuple[str, ...]
+            if lis is None:
+                paid, shallow, hashes = 0, False, ()
+            elif len(lis) == 1:
+                t = logs[lis[0]]
+                paid, shallow, hashes = t.amount, head - t.block + 1 < confirmations, (t.tx_hash,)
+            else:
+                paid, shallow, seen = 0, False, []
+                for i in lis:
+                    t = logs[i]
+                    paid += t.amount
+                    shallow = shallow or head - t.block + 1 < confirmations
+                    if t.tx_hash not in seen:
+                        seen.append(t.tx_hash)
+                hashes = tuple(seen)
+            root_paid += paid
+            if not reported:
+                continue
+            for i in lis or ():
+                t = logs[i]
+                block_paid[t.block] = block_paid.get(t.block, 0) + t.amount
+                tx = tx_logs.get(t.tx_hash)
+                if tx is None:
+                    tx_logs[t.tx_hash] = [t.block, 1]
+                else:
+                    tx[1] += 1
+            lp = lp_map.get((root, p.index)) if lp_map else None
+            if lis is not None and paid == amount and lp is None:
+                # the common case, kept lean for 100,000 payments
+                status, reason = (pending_s if shallow else paid_s), None
+            else:
+                st, reason = _status(amount, paid, lis or (), logs, shallow, lp)
+                status = st.value
+            r = PaymentResult(root, prog, p.index, p.id, p.to, amount, paid, status, hashes,
+                              reason)
+            results.append(r)
+            if status != paid_s:
+                findings.append(_payment_finding(r, Status(status), lis or (), logs, head))
+            if lp is not None:
+                d = _ledger_disagreement(r, lp)
+                if d is not None:
+                    findings.append(d)
+        paid_by_root[root] = paid_by_root.get(root, 0) + root_paid
+        if reported:
+            paid_by_program[prog] = paid_by_program.get(prog, 0) + root_paid
 
     from disburser.manifest import to_checksum
 
@@ -493,7 +551,7 @@ def reconcile(
             paid_total=paid_by_root.get(e.manifest.root, 0), not_after=e.manifest.not_after,
             signers=e.signers, sources=e.sources,
         )
-        for e in entries if in_scope(e.manifest.program)
+        for e in entries if program is None or e.manifest.program == program
     )
     starts = [s.started_at for s in summaries if s.started_at is not None]
     deadlines = [s.deadline for s in summaries if s.deadline is not None]
@@ -530,8 +588,8 @@ def reconcile(
 
 
 def _match_group(pjs: list[int], lis: list[int], logs: Sequence[Transfer], amounts: list[int],
-                 assigned: list[list[int] | None], pay_entry: list[ManifestIn],
-                 pay_pos: list[int], lp_map: Mapping[tuple[str, int], LedgerPayment]) -> None:
+                 assigned: list[list[int] | None], pay_ids: list[tuple[str, int]],
+                 lp_map: Mapping[tuple[str, int], LedgerPayment]) -> None:
     """Give one (payer, recipient) group's logs to its payments (see the module docstring)."""
     used: set[int] = set()
     # 1. Ledger attribution: a log of exactly the amount in a transaction signed for it.
@@ -541,8 +599,7 @@ def _match_group(pjs: list[int], lis: list[int], logs: Sequence[Transfer], amoun
             t = logs[i]
             by_tx_amount.setdefault((t.tx_hash, t.amount), deque()).append(i)
         for j in pjs:
-            m = pay_entry[j].manifest
-            lp = lp_map.get((m.root, m.payments[pay_pos[j]].index))
+            lp = lp_map.get(pay_ids[j])
             if lp is None or not lp.tx_hashes:
                 continue
             for h in lp.tx_hashes:
@@ -604,7 +661,7 @@ def _status(amount: int, paid: int, lis: Sequence[int], logs: Sequence[Transfer]
 def _payment_finding(r: PaymentResult, status: Status, lis: Sequence[int],
                      logs: Sequence[Transfer], head: int) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "kind": status.value, "program": r.program, "manifest": r.manifest, "index": r.index,
+        "kind": status.value, "program": r.program, "manifest": r.manifest, "index": r.idx,
         "id": r.id, "to": r.to, "expected": str(r.amount), "paid": str(r.paid),
         "tx_hashes": list(r.tx_hashes),
     }
@@ -634,7 +691,7 @@ def _ledger_disagreement(r: PaymentResult, lp: LedgerPayment) -> dict[str, Any] 
         return None
     return {
         "kind": Kind.LEDGER_DISAGREES.value, "program": r.program, "manifest": r.manifest,
-        "index": r.index, "id": r.id, "to": r.to, "ledger_status": lp.status,
+        "index": r.idx, "id": r.id, "to": r.to, "ledger_status": lp.status,
         "chain_status": r.status, "expected": str(r.amount), "paid": str(r.paid),
         "tx_hashes": list(r.tx_hashes),
         "ledger_tx_hashes": [lp.mined_hash] if lp.mined_hash else list(lp.tx_hashes),
@@ -724,9 +781,13 @@ def too_much(e: BaseException) -> bool:
 def decode_logs(raw: Iterable[Mapping[str, Any]], out: list[Transfer]) -> None:
     """Append the ERC-20 Transfer logs of an eth_getLogs answer to ``out``, by hand.
     Logs flagged ``removed`` (reorganised away) and ERC-721 shaped ones are skipped."""
+    with bulk():
+        _decode(raw, out.append)
+
+
+def _decode(raw: Iterable[Mapping[str, Any]], append: Callable[[Transfer], None]) -> None:
     from disburser.chain import TRANSFER_TOPIC
 
-    append = out.append
     for lg in raw:
         if lg.get("removed"):
             continue

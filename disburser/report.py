@@ -31,7 +31,7 @@ HTML_FINDINGS_MAX = 2000
 def render(result: Result, fmt: str) -> str:
     """The report text in ``fmt``: table, json, csv or html."""
     if fmt == "json":
-        return json.dumps(to_dict(result), indent=2) + "\n"
+        return to_json(result)
     if fmt == "csv":
         return to_csv(result)
     if fmt == "table":
@@ -78,7 +78,7 @@ def to_dict(r: Result) -> dict[str, Any]:
     payments: list[dict[str, Any]] = []
     for p in r.payments:
         d: dict[str, Any] = {
-            "manifest": p.manifest, "program": p.program, "index": p.index, "id": p.id,
+            "manifest": p.manifest, "program": p.program, "index": p.idx, "id": p.id,
             "to": p.to, "amount": str(p.amount), "paid": str(p.paid), "status": p.status,
             "tx_hashes": list(p.tx_hashes),
         }
@@ -122,6 +122,26 @@ def to_dict(r: Result) -> dict[str, Any]:
     }
 
 
+def to_json(r: Result) -> str:
+    """Indented JSON with one payment (and one finding) per line: readable, and fast for
+    100,000 payments (json's C encoder is used only without ``indent``)."""
+    from disburser.reconcile import bulk
+
+    with bulk():
+        doc = to_dict(r)
+        lists = {k: doc.pop(k) for k in ("discrepancies", "payments")}
+        head = json.dumps(doc, indent=2)
+        parts = [head[:-2]]  # without the closing "\n}"
+        for key, items in lists.items():
+            if items:
+                body = ",\n    ".join(json.dumps(x) for x in items)
+                parts.append(f',\n  "{key}": [\n    {body}\n  ]')
+            else:
+                parts.append(f',\n  "{key}": []')
+    parts.append("\n}\n")
+    return "".join(parts)
+
+
 # --- CSV -----------------------------------------------------------------------------------
 
 
@@ -131,7 +151,7 @@ def to_csv(r: Result) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for p in r.payments:
-        w.writerow((p.manifest, p.index, p.id, p.to, p.amount, p.paid, p.status,
+        w.writerow((p.manifest, p.idx, p.id, p.to, p.amount, p.paid, p.status,
                     p.reason or "", " ".join(p.tx_hashes)))
     return buf.getvalue()
 

@@ -113,6 +113,19 @@ CASES: tuple[Case, ...] = (
 )
 
 
+# (cumulative probability, value)
+PRODUCTS = ((0.55, "futures"), (0.90, "margin"), (0.96, "spot"), (1.0, "options"))
+ADDRESS_KINDS = (
+    (0.010, "none"), (0.011, "bad_checksum"), (0.012, "zero"), (0.013, "short"),
+    (0.100, "lower"), (1.0, "checksummed"),
+)  # fmt: skip
+
+
+def pick(rng: random.Random, table: Sequence[tuple[float, str]]) -> str:
+    r = rng.random()
+    return next(value for limit, value in table if r < limit)
+
+
 def user_ids(n: int) -> list[str]:
     width = max(6, len(str(n)))
     return [f"user-{i:0{width}d}" for i in range(1, n + 1)]
@@ -217,16 +230,7 @@ def generate(users: int, rows: int, seed: int, out: Path, address_seed: str | No
     for uid in liquidated:
         total = 0
         for _ in range(per_user[uid]):
-            r = rng.random()
-            product = (
-                "futures"
-                if r < 0.55
-                else "margin"
-                if r < 0.90
-                else "spot"
-                if r < 0.96
-                else "options"
-            )
+            product = pick(rng, PRODUCTS)
             inside = rng.random() < 0.93
             if inside:
                 epoch = WINDOW_START + rng.randrange(WINDOW_SECONDS)
@@ -254,16 +258,7 @@ def generate(users: int, rows: int, seed: int, out: Path, address_seed: str | No
             net[uid] = fmt_cents(int(rng.lognormvariate(11.0, 1.5)))
         if rng.random() < 0.02:
             comp.append(uid)
-        r = rng.random()
-        addr_kind[uid] = (
-            "none"
-            if r < 0.01
-            else ("bad_checksum", "zero", "short")[rng.randrange(3)]
-            if r < 0.013
-            else "lower"
-            if r < 0.10
-            else "checksummed"
-        )
+        addr_kind[uid] = pick(rng, ADDRESS_KINDS)
         if rng.random() < 0.05:
             factor[uid] = ("0.5", "0.75", "1.25", "1.5", "2", "0")[rng.randrange(6)]
 
