@@ -6,7 +6,8 @@ import re
 
 from disburser.errors import InputError
 
-_DECIMAL = re.compile(r"^(?P<int>\d+)(?:\.(?P<frac>\d+))?$")
+# [0-9], not \d: \d also matches other scripts' digits ("٣").
+_DECIMAL = re.compile(r"^(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?$")
 
 
 def parse_units(text: str, decimals: int, *, where: str) -> int:
@@ -25,7 +26,8 @@ def parse_units(text: str, decimals: int, *, where: str) -> int:
             f"{where}: amount {text!r} has more than {decimals} decimal places"
         )
     frac = frac[:decimals] if len(frac) > decimals else frac
-    return int(m.group("int")) * 10**decimals + int(frac.ljust(decimals, "0") or "0")
+    unit: int = 10**decimals
+    return int(m.group("int")) * unit + int(frac.ljust(decimals, "0") or "0")
 
 
 def format_units(value: int, decimals: int) -> str:

@@ -129,6 +129,65 @@ def _now() -> int:
     return int(time.time())
 
 
+# --- allocate ------------------------------------------------------------------------
+
+
+@app.command()
+def allocate(
+    liquidations: Annotated[Path, typer.Argument(help="CSV user_id,time,product,loss_usd.")],
+    snapshot: Annotated[Path, typer.Argument(help="CSV user_id,net_assets_usd at the "
+                                             "snapshot.")],
+    compensated: Annotated[Path, typer.Option(help="CSV user_id of users already "
+                                              "reimbursed.")],
+    addresses: Annotated[Path, typer.Option(help="CSV user_id,address (payout addresses).")],
+    program: Annotated[str, typer.Option(envvar=_env("PROGRAM"), help="Program name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Unsigned manifest to "
+                                         "write.")],
+    report: Annotated[Path, typer.Option(help="Eligibility report CSV to write (one row per "
+                                         "user).")] = Path("eligibility.csv"),
+    factors: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="CSV user_id,factor (default factor 1).")] = None,
+    policy: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        envvar=_env("POLICY"), help="TOML amount policy and fund size.")] = None,
+    payer: Annotated[Optional[str], typer.Option(envvar=_env("PAYER"),  # noqa: UP045
+                                                 help="Paying address.")] = None,
+    not_after: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        envvar=_env("NOT_AFTER"), help="Unix time after which nothing of it is sent "
+        "(default: 96 hours from now).")] = None,
+) -> None:
+    """Apply the eligibility rules and the amount policy to the exchange's records: write an
+    unsigned manifest and a report saying why each user got what they got."""
+    from disburser import allocate as al
+    from disburser import manifest as mf
+    from disburser.amounts import format_units
+    from disburser.errors import CeilingError
+
+    s = settings()
+    payer_addr = _payer_address(s, payer)
+    pol = al.load_policy(policy)
+    a = al.allocate(liquidations, snapshot, compensated, addresses, factors, pol, s.decimals)
+    if not a.payments:
+        raise InputError(f"{liquidations}: no eligible user with a valid address; no manifest")
+    ceiling = s.ceilings.for_program(program)
+    if a.total > ceiling:
+        raise CeilingError(f"allocation total {a.total} base units exceeds the ceiling "
+                           f"{ceiling} of program {program}")
+    m = mf.make_manifest(program=program, chain_id=s.chain_id, token=s.token, payer=payer_addr,
+                         not_after=not_after or _now() + 96 * 3600, payments=a.payments)
+    al.write_report(a, report, s.decimals)
+    mf.write(m, output)
+    eligible = sum(1 for d in a.decisions if d.eligible)
+    typer.echo(f"users seen      {len(a.decisions)}")
+    typer.echo(f"eligible        {eligible}")
+    typer.echo(f"in manifest     {m.count} (others eligible but without a valid address: "
+               f"{eligible - m.count})")
+    typer.echo(f"owed            {format_units(a.owed, s.decimals)} tokens"
+               + (" (scaled down to fit the fund)" if a.scaled else ""))
+    typer.echo(f"manifest total  {format_units(m.total, s.decimals)} tokens")
+    typer.echo(f"paymentsRoot    {m.root}")
+    typer.echo(f"wrote {output} and {report}")
+
+
 # --- manifest ------------------------------------------------------------------------
 
 
@@ -162,7 +221,7 @@ def _payer_address(s: Settings, explicit: str | None) -> str:
     if explicit:
         return check_address(explicit, "--payer / DISBURSER_PAYER")
     if s.private_key or s.keystore:
-        return _payer_signer(s).address
+        return str(_payer_signer(s).address)
     raise InputError("no payer: set --payer / DISBURSER_PAYER (or the payer's key)")
 
 
@@ -540,6 +599,7 @@ def devnet(
     With --fork-url the chain is a fork of another one: the real token's code is kept (the
     DISBURSER_TOKEN setting, default the profile's USDC) and the payer is funded with it."""
     from disburser import devnet as dn
+    from disburser.chain import RpcChain
     from disburser.profiles import PROFILES
 
     anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url,
@@ -551,14 +611,14 @@ def devnet(
 
             payer = check_address(payer, "DISBURSER_PAYER")
         if fork_url:
-            token = os.environ.get(_env("TOKEN")) or _fork_token(dn.ch.RpcChain(anvil.url))
+            token = os.environ.get(_env("TOKEN")) or _fork_token(RpcChain(anvil.url))
             d = dn.setup_fork(anvil.url, token=token, payer=payer)
         else:
             d = dn.setup(anvil.url, payer=payer)
         env = d.env()
         if fork_url:
             known = [p for p in PROFILES.values() if p.chain_id == d.chain_id and not p.local]
-            decimals = dn.ch.RpcChain(anvil.url).decimals(d.token)
+            decimals = RpcChain(anvil.url).decimals(d.token)
             env["DISBURSER_NETWORK"] = known[0].name if known else "anvil"
             env["DISBURSER_DECIMALS"] = str(decimals)
             # A rehearsal on a fork of a real network uses Anvil's dev payer key, and the

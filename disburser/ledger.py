@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Index, UniqueConstraint, event, func, insert, text, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from disburser.domain import Manifest, PaymentStatus, TxStatus
 from disburser.errors import CeilingError, DisburserError
@@ -179,8 +179,8 @@ class Ledger:
                     self._event(s, "manifest_resigned", root=m.root, not_after=m.not_after)
                 return False
             committed = sum(
-                int(t) for t in s.exec(select(ManifestRow.total).where(
-                    ManifestRow.program == m.program))
+                int(t) for t in s.exec(select(col(ManifestRow.total)).where(
+                    col(ManifestRow.program) == m.program))
             )
             if committed + m.total > ceiling:
                 raise CeilingError(
@@ -209,9 +209,9 @@ class Ledger:
 
     def manifests(self, program: str | None = None) -> list[ManifestRow]:
         with self.session() as s:
-            q = select(ManifestRow).order_by(ManifestRow.accepted_at, ManifestRow.root)
+            q = select(ManifestRow).order_by(col(ManifestRow.accepted_at), col(ManifestRow.root))
             if program is not None:
-                q = q.where(ManifestRow.program == program)
+                q = q.where(col(ManifestRow.program) == program)
             return list(s.exec(q))
 
     def manifest(self, root: str) -> ManifestRow | None:
@@ -220,12 +220,12 @@ class Ledger:
 
     def programs(self) -> list[ProgramRow]:
         with self.session() as s:
-            return list(s.exec(select(ProgramRow).order_by(ProgramRow.name)))
+            return list(s.exec(select(ProgramRow).order_by(col(ProgramRow.name))))
 
     def committed(self, program: str) -> int:
         with self.session() as s:
             return sum(int(t) for t in s.exec(
-                select(ManifestRow.total).where(ManifestRow.program == program)))
+                select(col(ManifestRow.total)).where(col(ManifestRow.program) == program)))
 
     def check_ceiling(self, program: str, ceiling: int) -> None:
         """Re-checked whenever a batch is signed: every payment we may send belongs to an
@@ -242,23 +242,23 @@ class Ledger:
     def payments(self, root: str, statuses: Iterable[PaymentStatus] | None = None,
                  limit: int | None = None) -> list[PaymentRow]:
         with self.session() as s:
-            q = select(PaymentRow).where(PaymentRow.root == root)
+            q = select(PaymentRow).where(col(PaymentRow.root) == root)
             if statuses is not None:
-                q = q.where(PaymentRow.status.in_([st.value for st in statuses]))  # type: ignore[attr-defined]
-            q = q.order_by(PaymentRow.idx)  # type: ignore[arg-type]
+                q = q.where(col(PaymentRow.status).in_([st.value for st in statuses]))
+            q = q.order_by(col(PaymentRow.idx))
             if limit is not None:
                 q = q.limit(limit)
             return list(s.exec(q))
 
     def all_payments(self) -> list[PaymentRow]:
         with self.session() as s:
-            return list(s.exec(select(PaymentRow).order_by(PaymentRow.root, PaymentRow.idx)))  # type: ignore[arg-type]
+            return list(s.exec(select(PaymentRow).order_by(col(PaymentRow.root), col(PaymentRow.idx))))
 
     def counts(self, roots: Sequence[str] | None = None) -> Counts:
         with self.session() as s:
-            q = select(PaymentRow.status, PaymentRow.amount)
+            q = select(col(PaymentRow.status), col(PaymentRow.amount))
             if roots is not None:
-                q = q.where(PaymentRow.root.in_(list(roots)))  # type: ignore[attr-defined]
+                q = q.where(col(PaymentRow.root).in_(list(roots)))
             by: dict[str, int] = {}
             amt: dict[str, int] = {}
             for st, a in s.exec(q):
@@ -269,18 +269,18 @@ class Ledger:
     def mark_failed(self, root: str, idx: int, reason: str) -> None:
         with self.session() as s:
             r = s.execute(update(PaymentRow).where(
-                PaymentRow.root == root, PaymentRow.idx == idx,
-                PaymentRow.status == PaymentStatus.QUEUED.value,
+                col(PaymentRow.root) == root, col(PaymentRow.idx) == idx,
+                col(PaymentRow.status) == PaymentStatus.QUEUED.value,
             ).values(status=PaymentStatus.FAILED.value, reason=reason, updated_at=_now()))
-            _expect(r.rowcount, 1, f"payment {root}[{idx}] queued -> failed")  # type: ignore[attr-defined]
+            _expect(r, 1, f"payment {root}[{idx}] queued -> failed")
             self._event(s, "payment_failed", root=root, idx=idx, reason=reason)
 
     def requeue_failed(self, root: str) -> int:
         with self.session() as s:
             r = s.execute(update(PaymentRow).where(
-                PaymentRow.root == root, PaymentRow.status == PaymentStatus.FAILED.value,
+                col(PaymentRow.root) == root, col(PaymentRow.status) == PaymentStatus.FAILED.value,
             ).values(status=PaymentStatus.QUEUED.value, reason=None, updated_at=_now()))
-            n: int = r.rowcount  # type: ignore[attr-defined]
+            n = _rowcount(r)
             if n:
                 self._event(s, "payments_requeued", root=root, count=n)
             return n
@@ -290,11 +290,11 @@ class Ledger:
             return
         with self.session() as s:
             r = s.execute(update(PaymentRow).where(
-                PaymentRow.root == root, PaymentRow.idx.in_(list(idxs)),  # type: ignore[attr-defined]
-                PaymentRow.status == PaymentStatus.QUEUED.value,
+                col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(idxs)),
+                col(PaymentRow.status) == PaymentStatus.QUEUED.value,
             ).values(status=PaymentStatus.PAID_ELSEWHERE.value,
                      reason="already paid on chain (batch contract bitmap)", updated_at=_now()))
-            _expect(r.rowcount, len(idxs), "payments queued -> paid_elsewhere")  # type: ignore[attr-defined]
+            _expect(r, len(idxs), "payments queued -> paid_elsewhere")
             self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs))
 
     # --- nonces and transactions -------------------------------------------------------
@@ -311,7 +311,7 @@ class Ledger:
 
     def next_nonce(self, payer: str) -> int | None:
         with self.session() as s:
-            n = s.exec(select(func.max(TxRow.nonce)).where(TxRow.payer == payer)).one()
+            n = s.exec(select(func.max(col(TxRow.nonce))).where(col(TxRow.payer) == payer)).one()
             return None if n is None else int(n) + 1
 
     def record_tx(
@@ -333,10 +333,10 @@ class Ledger:
                              tip=str(tip), created_at=now))
             if idxs:
                 r = s.execute(update(PaymentRow).where(
-                    PaymentRow.root == root, PaymentRow.idx.in_(list(idxs)),  # type: ignore[attr-defined]
-                    PaymentRow.status == PaymentStatus.QUEUED.value,
+                    col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(idxs)),
+                    col(PaymentRow.status) == PaymentStatus.QUEUED.value,
                 ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx.id, updated_at=now))
-                _expect(r.rowcount, len(idxs), f"claim of {len(idxs)} payments for nonce {nonce}")  # type: ignore[attr-defined]
+                _expect(r, len(idxs), f"claim of {len(idxs)} payments for nonce {nonce}")
             self._event(s, "tx_signed", tx_id=tx.id, nonce=nonce, kind=kind, hash=tx_hash,
                         count=len(idxs), amount=str(amount), max_fee=str(max_fee), tip=str(tip))
             return tx.id
@@ -350,37 +350,37 @@ class Ledger:
 
     def attempts(self, tx_id: int) -> list[AttemptRow]:
         with self.session() as s:
-            return list(s.exec(select(AttemptRow).where(AttemptRow.tx_id == tx_id)
-                               .order_by(AttemptRow.id)))  # type: ignore[arg-type]
+            return list(s.exec(select(AttemptRow).where(col(AttemptRow.tx_id) == tx_id)
+                               .order_by(col(AttemptRow.id))))
 
     def open_txs(self, payer: str) -> list[TxRow]:
         """Transactions not yet final (pending or mined-but-shallow), by nonce."""
         with self.session() as s:
             return list(s.exec(select(TxRow).where(
-                TxRow.payer == payer,
-                TxRow.status.in_([TxStatus.PENDING.value, TxStatus.MINED.value]),  # type: ignore[attr-defined]
-            ).order_by(TxRow.nonce)))  # type: ignore[arg-type]
+                col(TxRow.payer) == payer,
+                col(TxRow.status).in_([TxStatus.PENDING.value, TxStatus.MINED.value]),
+            ).order_by(col(TxRow.nonce))))
 
     def txs(self, payer: str | None = None) -> list[TxRow]:
         with self.session() as s:
-            q = select(TxRow).order_by(TxRow.nonce)  # type: ignore[arg-type]
+            q = select(TxRow).order_by(col(TxRow.nonce))
             if payer is not None:
-                q = q.where(TxRow.payer == payer)
+                q = q.where(col(TxRow.payer) == payer)
             return list(s.exec(q))
 
     def tx_at(self, payer: str, nonce: int) -> TxRow | None:
         with self.session() as s:
-            return s.exec(select(TxRow).where(TxRow.payer == payer, TxRow.nonce == nonce)).first()
+            return s.exec(select(TxRow).where(col(TxRow.payer) == payer, col(TxRow.nonce) == nonce)).first()
 
     def mark_mined(self, tx_id: int, *, tx_hash: str, block_number: int, block_hash: str,
                    receipt_status: int, gas_used: int) -> None:
         with self.session() as s:
             r = s.execute(update(TxRow).where(
-                TxRow.id == tx_id, TxRow.status == TxStatus.PENDING.value,
+                col(TxRow.id) == tx_id, col(TxRow.status) == TxStatus.PENDING.value,
             ).values(status=TxStatus.MINED.value, mined_hash=tx_hash, block_number=block_number,
                      block_hash=block_hash, receipt_status=receipt_status, gas_used=gas_used,
                      updated_at=_now()))
-            _expect(r.rowcount, 1, f"tx {tx_id} pending -> mined")  # type: ignore[attr-defined]
+            _expect(r, 1, f"tx {tx_id} pending -> mined")
             self._event(s, "tx_mined", tx_id=tx_id, hash=tx_hash, block=block_number,
                         status=receipt_status, gas_used=gas_used)
 
@@ -388,10 +388,10 @@ class Ledger:
         """Its block left the canonical chain: back to pending, to be re-broadcast."""
         with self.session() as s:
             r = s.execute(update(TxRow).where(
-                TxRow.id == tx_id, TxRow.status == TxStatus.MINED.value,
+                col(TxRow.id) == tx_id, col(TxRow.status) == TxStatus.MINED.value,
             ).values(status=TxStatus.PENDING.value, mined_hash=None, block_number=None,
                      block_hash=None, receipt_status=None, gas_used=None, updated_at=_now()))
-            _expect(r.rowcount, 1, f"tx {tx_id} mined -> pending (reorg)")  # type: ignore[attr-defined]
+            _expect(r, 1, f"tx {tx_id} mined -> pending (reorg)")
             self._event(s, "tx_reorged", tx_id=tx_id)
 
     def finalize(self, tx_id: int) -> TxStatus:
@@ -403,11 +403,11 @@ class Ledger:
             ok = tx.receipt_status == 1
             final = TxStatus.CONFIRMED if ok else TxStatus.REVERTED
             r = s.execute(update(TxRow).where(
-                TxRow.id == tx_id, TxRow.status == TxStatus.MINED.value,
+                col(TxRow.id) == tx_id, col(TxRow.status) == TxStatus.MINED.value,
             ).values(status=final.value, updated_at=_now()))
-            _expect(r.rowcount, 1, f"tx {tx_id} mined -> {final.value}")  # type: ignore[attr-defined]
+            _expect(r, 1, f"tx {tx_id} mined -> {final.value}")
             s.execute(update(PaymentRow).where(
-                PaymentRow.tx_id == tx_id, PaymentRow.status == PaymentStatus.IN_FLIGHT.value,
+                col(PaymentRow.tx_id) == tx_id, col(PaymentRow.status) == PaymentStatus.IN_FLIGHT.value,
             ).values(
                 status=(PaymentStatus.CONFIRMED if ok else PaymentStatus.QUEUED).value,
                 tx_id=tx_id if ok else None, updated_at=_now(),
@@ -422,23 +422,30 @@ class Ledger:
 
     def events(self, kind: str | None = None) -> list[EventRow]:
         with self.session() as s:
-            q = select(EventRow).order_by(EventRow.id)  # type: ignore[arg-type]
+            q = select(EventRow).order_by(col(EventRow.id))
             if kind:
-                q = q.where(EventRow.kind == kind)
+                q = q.where(col(EventRow.kind) == kind)
             return list(s.exec(q))
 
     def tx_hashes(self) -> dict[str, tuple[int, str | None]]:
         """Every attempt hash we ever signed -> (tx id, root)."""
         with self.session() as s:
-            rows = s.exec(select(AttemptRow.hash, TxRow.id, TxRow.root).where(
-                AttemptRow.tx_id == TxRow.id))
+            rows = s.exec(select(col(AttemptRow.hash), col(TxRow.id), col(TxRow.root)).where(
+                col(AttemptRow.tx_id) == col(TxRow.id)))
             return {h: (int(i), r) for h, i, r in rows if i is not None}
 
 
-def _expect(got: int, want: int, what: str) -> None:
+def _expect(result: Any, want: int, what: str) -> None:
+    """The compare-and-set guard: an UPDATE ... WHERE status = <expected> must change
+    exactly the rows we claimed, or another process moved them first."""
+    got = int(result.rowcount)
     if got != want:
         raise DisburserError(f"ledger: {what} changed {got} rows, expected {want}; "
                              "another process changed the ledger")
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import structlog
 _SECRET_KEYS = ("key", "password", "secret", "raw")
 
 
-def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]
+            ) -> MutableMapping[str, Any]:
     """Defence in depth: no field whose name suggests a secret is ever written."""
     for k in list(event):
         if any(s in k.lower() for s in _SECRET_KEYS):
@@ -39,7 +41,7 @@ class _TerminalAndFile:
     def __init__(self, path: Path) -> None:
         self.tee = _Tee(path)
 
-    def __call__(self, _logger: Any, name: str, event: dict[str, Any]) -> str:
+    def __call__(self, _logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         import json
 
         line = json.dumps(event, default=str, sort_keys=True)

@@ -170,6 +170,8 @@ def tokens(value: int, decimals: int) -> str:
 def _compact(value: int, decimals: int) -> str:
     """Axis label: whole tokens, shortened (300M, 1.5k)."""
     whole = value // 10**decimals
+    if whole < 1000:
+        return format_units(value - value % 10 ** max(decimals - 2, 0), decimals)
     for div, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k")):
         if whole >= div:
             tenths = whole * 10 // div
@@ -338,7 +340,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:150px}
 .card .k{font-size:12px;color:#666}.card .v{font-size:17px;font-weight:600}
-table{border-collapse:collapse;background:#fff;font-size:13px}
+table{border-collapse:collapse;background:#fff;font-size:13px;max-width:100%}
+td.mono,td.wrap{word-break:break-all}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .chart{background:#fff;border:1px solid #ddd;border-radius:6px;margin:6px 0}
@@ -352,7 +355,9 @@ def _svg_text(x: int, y: int, text: str, *, anchor: str = "start", size: int = 1
             f'text-anchor="{anchor}">{escape(text)}</text>')
 
 
-def _cumulative_chart(r: Result) -> str:
+def _cumulative_chart(r: Result, *, zoom: bool = False) -> str:
+    """Cumulative paid over time against the ceiling; ``zoom`` scales the y axis to what
+    the manifests commit (a 300M ceiling flattens a first day's curve to nothing)."""
     w, h, left, right, top, bottom = 900, 320, 80, 20, 20, 40
     pw, ph = w - left - right, h - top - bottom
     timeline = r.charts.timeline if r.charts else ()
@@ -364,7 +369,8 @@ def _cumulative_chart(r: Result) -> str:
                                anchor="middle", size=14, fill="#777"))
         parts.append("</svg>")
         return "".join(parts)
-    ymax = max(r.ceiling, r.committed, r.paid_total, 1)
+    ymax = max(r.committed, r.paid_total, 1) if zoom else max(r.ceiling, r.committed,
+                                                                 r.paid_total, 1)
     ymax += ymax // 20
     t0 = min(t for t, _ in timeline)
     t1 = max(t for t, _ in timeline)
@@ -387,20 +393,27 @@ def _cumulative_chart(r: Result) -> str:
         parts.append(f'<line x1="{left}" y1="{yy}" x2="{left + pw}" y2="{yy}" '
                      'stroke="#eee"/>')
         parts.append(_svg_text(left - 6, yy + 4, _compact(v, r.decimals), anchor="end"))
+    fmt = "%H:%M:%S" if span < 6 * 3600 else "%m-%d %H:%M"
     for k in range(5):
         t = t0 + span * k // 4
         parts.append(_svg_text(x(t), top + ph + 18,
-                               datetime.fromtimestamp(t, UTC).strftime("%m-%d %H:%M"),
+                               datetime.fromtimestamp(t, UTC).strftime(fmt),
                                anchor="middle"))
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>')
     parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" '
                  'stroke="#999"/>')
-    # ceiling and committed
-    yc = y(r.ceiling)
-    parts.append(f'<line x1="{left}" y1="{yc}" x2="{left + pw}" y2="{yc}" stroke="#c62828" '
-                 'stroke-width="2" stroke-dasharray="8 5"/>')
-    parts.append(_svg_text(left + pw - 4, yc - 5, f"ceiling {_compact(r.ceiling, r.decimals)}",
-                           anchor="end", fill="#c62828"))
+    # ceiling (when on the scale) and committed
+    if r.ceiling <= ymax:
+        yc = y(r.ceiling)
+        parts.append(f'<line x1="{left}" y1="{yc}" x2="{left + pw}" y2="{yc}" '
+                     'stroke="#c62828" stroke-width="2" stroke-dasharray="8 5"/>')
+        parts.append(_svg_text(left + pw - 4, yc - 5,
+                               f"ceiling {_compact(r.ceiling, r.decimals)}", anchor="end",
+                               fill="#c62828"))
+    else:
+        parts.append(_svg_text(left + pw - 4, top + 12,
+                               f"ceiling {_compact(r.ceiling, r.decimals)} above this scale",
+                               anchor="end", fill="#c62828"))
     if r.committed != r.ceiling:
         ym = y(r.committed)
         parts.append(f'<line x1="{left}" y1="{ym}" x2="{left + pw}" y2="{ym}" '
@@ -544,6 +557,9 @@ def to_html(r: Result) -> str:
 
     out.append("<h2>Cumulative amount paid against the ceiling</h2>")
     out.append(_cumulative_chart(r))
+    if r.charts and r.charts.timeline and max(r.committed, r.paid_total) * 10 < r.ceiling:
+        out.append("<h2>Cumulative amount paid against the manifests' commitment</h2>")
+        out.append(_cumulative_chart(r, zoom=True))
     out.append('<div class="note">Block timestamps of the blocks holding the transfers '
                "(sampled and interpolated on long runs). Red dashed: ceiling; dotted: "
                "committed by the manifests.</div>")

@@ -1,0 +1,318 @@
+"""reconcile on a real Anvil, through the real CLI: a clean run, then a messy one (a hand
+transfer from the payer, a repeat, a blacklisted recipient, a shallow transfer, a second
+program paid by hand, a lost ledger), checked to the base unit against balanceOf; and
+eth_getLogs through a loopback proxy that refuses wide ranges."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from disburser import chain as ch
+from disburser import devnet as dn
+from disburser import manifest as mf
+from disburser.reconcile import run_reconcile
+from disburser.settings import load as load_settings
+from tests.conftest import Env, fresh_address
+
+pytestmark = pytest.mark.chain
+
+U = 10**6
+RELIEF, LOANS = "relief", "loans"
+CEILINGS = f"{RELIEF}=300000000,{LOANS}=100000000"
+
+
+def reconcile(env: Env, *args: str, extra: dict[str, str] | None = None
+              ) -> tuple[int, dict[str, Any]]:
+    r = env.cli("reconcile", "--format", "json", *args,
+                extra={"DISBURSER_CEILING": CEILINGS, **(extra or {})})
+    assert r.code in (0, 1), (r.code, r.err)
+    return r.code, json.loads(r.out)
+
+
+def by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f"{p['program']}/{p['id']}": p for p in doc["payments"]}
+
+
+def findings(doc: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [d for d in doc["discrepancies"] if d["kind"] == kind]
+
+
+def hand_transfer(env: Env, to: str, amount: int) -> str:
+    """A transfer from the payer that disburser did not send (dev accounts are unlocked)."""
+    r = dn.send_as(env.chain, dn.PAYER, env.devnet.token, ch.enc_transfer(to, amount))
+    return str(r["transactionHash"]).lower()
+
+
+def set_blacklisted(env: Env, who: str, on: bool) -> None:
+    fn = "blacklist(address)" if on else "unBlacklist(address)"
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token, dn.abi_call(fn, ["address"], [who]))
+
+
+def test_clean_fully_paid_run_is_consistent(env: Env) -> None:
+    path = env.signed_manifest(12, program=RELIEF)
+    m = mf.load(path)
+    before = env.balance(dn.PAYER)
+    assert env.cli("send", str(path), "--yes").code == 0
+
+    code, doc = reconcile(env)
+    assert code == 0, doc["discrepancies"]
+    assert doc["consistent"] is True and doc["discrepancies"] == []
+    assert doc["program"] == RELIEF
+    assert doc["counts"] == {"paid": 12, "pending": 0, "unpaid": 0, "failed": 0,
+                             "underpaid": 0, "overpaid": 0, "paid_twice": 0}
+    assert doc["paid_total"] == doc["committed"] == str(m.total)
+    assert int(doc["paid_total"]) == before - env.balance(dn.PAYER)
+    assert doc["ceiling"] == str(300_000_000 * U)
+    assert doc["remaining"] == str(300_000_000 * U - m.total)
+    assert doc["payer"] == dn.PAYER and doc["token"] == env.devnet.token
+    for p in m.payments:
+        got = by_id(doc)[f"{RELIEF}/{p.id}"]
+        assert (got["to"], got["amount"], got["paid"], got["status"]) == (
+            p.to, str(p.amount), str(env.balance(p.to)), "paid")
+        assert len(got["tx_hashes"]) == 1
+    (man,) = doc["manifests"]
+    assert man["root"] == m.root and man["signers"] == list(env.devnet.approvers[:2])
+    # the ledger knows when the program started, its 96 h deadline and where to scan from
+    assert doc["deadline"] - doc["started_at"] == 96 * 3600
+    assert doc["progress"]["finished"] is True and doc["progress"]["on_track"] is True
+    assert doc["from_block"] > 0
+
+    # the chain alone says the same
+    code, alone = reconcile(env, "--no-ledger", str(path))
+    assert code == 0 and alone["paid_total"] == doc["paid_total"] and alone["from_block"] == 0
+    table = env.cli("reconcile", extra={"DISBURSER_CEILING": CEILINGS})
+    assert table.code == 0 and "result: consistent" in table.out, table.err
+
+
+def test_messy_run_every_finding_to_the_base_unit(env: Env) -> None:
+    payer_start = env.balance(dn.PAYER)
+    relief_path = env.signed_manifest(20, program=RELIEF, name="relief.json", seed="relief")
+    relief = mf.load(relief_path)
+    victim, twice, over = relief.payments[5], relief.payments[3], relief.payments[4]
+    set_blacklisted(env, victim.to, True)
+    r = env.cli("send", str(relief_path), "--yes")
+    assert r.code == 1 and "confirmed 19, failed 1, unpaid 0" in r.out, (r.out, r.err)
+
+    # A second program, signed but never sent by disburser: paid (badly) by hand.
+    loans_path = env.signed_manifest(3, program=LOANS, name="loans.json", seed="loans")
+    loans = mf.load(loans_path)
+    short, exact, never = loans.payments
+    hand_transfer(env, short.to, short.amount - 250_001)
+    hand_transfer(env, exact.to, exact.amount)
+    # Outside any manifest: a repeat, one base unit too many, and a stranger.
+    hand_transfer(env, twice.to, twice.amount)
+    hand_transfer(env, over.to, 1)
+    stranger = fresh_address("stranger")
+    stranger_tx = hand_transfer(env, stranger, 777_777)
+
+    code, doc = reconcile(env, str(loans_path))
+    assert code == 1
+    pay = by_id(doc)
+    assert pay[f"{RELIEF}/{victim.id}"]["status"] == "failed"
+    assert pay[f"{RELIEF}/{victim.id}"]["reason"] == "Blacklistable: account is blacklisted"
+    assert pay[f"{RELIEF}/{victim.id}"]["paid"] == "0"
+    assert pay[f"{RELIEF}/{twice.id}"]["status"] == "paid_twice"
+    assert pay[f"{RELIEF}/{twice.id}"]["paid"] == str(2 * twice.amount)
+    assert len(pay[f"{RELIEF}/{twice.id}"]["tx_hashes"]) == 2
+    assert pay[f"{RELIEF}/{over.id}"]["status"] == "overpaid"
+    assert pay[f"{RELIEF}/{over.id}"]["paid"] == str(over.amount + 1)
+    assert pay[f"{LOANS}/{short.id}"]["status"] == "underpaid"
+    assert pay[f"{LOANS}/{short.id}"]["paid"] == str(short.amount - 250_001)
+    assert pay[f"{LOANS}/{exact.id}"]["status"] == "paid"
+    assert pay[f"{LOANS}/{never.id}"]["status"] == "unpaid"
+    assert doc["counts"] == {"paid": 17 + 1, "pending": 0, "unpaid": 1, "failed": 1,
+                             "underpaid": 1, "overpaid": 1, "paid_twice": 1}
+
+    # every figure to the base unit, against balanceOf on chain
+    for p in doc["payments"]:
+        assert int(p["paid"]) == env.balance(p["to"]), p
+    (outflow,) = findings(doc, "unexplained_outflow")
+    assert (outflow["tx_hash"], outflow["to"], outflow["paid"]) == (
+        stranger_tx, stranger, "777777")
+    assert doc["unexplained_total"] == "777777" == str(env.balance(stranger))
+    assert int(doc["paid_total"]) + int(doc["unexplained_total"]) == (
+        payer_start - env.balance(dn.PAYER))
+    assert sorted(d["kind"] for d in doc["discrepancies"]) == [
+        "failed", "overpaid", "paid_twice", "underpaid", "unexplained_outflow", "unpaid"]
+    under = findings(doc, "underpaid")[0]
+    assert (under["expected"], under["paid"], under["difference"]) == (
+        str(short.amount), str(short.amount - 250_001), "-250001")
+
+    # two programs, each against its own ceiling; the top level adds them up
+    assert doc["program"] == "*"
+    progs = {p["program"]: p for p in doc["programs"]}
+    assert progs[RELIEF]["ceiling"] == str(300_000_000 * U)
+    assert progs[LOANS]["ceiling"] == str(100_000_000 * U)
+    assert doc["ceiling"] == str(400_000_000 * U)
+    relief_paid = relief.total - victim.amount + twice.amount + 1
+    loans_paid = short.amount - 250_001 + exact.amount
+    assert progs[RELIEF]["paid_total"] == str(relief_paid)
+    assert progs[LOANS]["paid_total"] == str(loans_paid)
+    assert progs[LOANS]["remaining"] == str(100_000_000 * U - loans_paid)
+    assert progs[LOANS]["started_at"] is None  # never accepted by the ledger
+    assert doc["paid_total"] == str(relief_paid + loans_paid)
+
+    # --program: only that program, yet the other's transfers are not "unexplained"
+    code, only = reconcile(env, str(loans_path), "--program", LOANS)
+    assert code == 1 and {p["program"] for p in only["payments"]} == {LOANS}
+    assert sorted(d["kind"] for d in only["discrepancies"]) == [
+        "underpaid", "unexplained_outflow", "unpaid"]
+    assert only["ceiling"] == str(100_000_000 * U)
+
+    # a program over its ceiling (lowered for the check)
+    code, over_doc = reconcile(env, str(loans_path), "--program", LOANS,
+                               extra={"DISBURSER_CEILING": f"{LOANS}=3"})
+    assert loans_paid > 3 * U
+    (oc,) = findings(over_doc, "over_ceiling")
+    assert (oc["ceiling"], oc["paid"], oc["excess"]) == (
+        str(3 * U), str(loans_paid), str(loans_paid - 3 * U))
+    assert over_doc["remaining"] == str(3 * U - loans_paid)
+    assert findings(over_doc, "committed_over_ceiling")[0]["committed"] == str(loans.total)
+
+    # the ledger deleted: the chain and the files tell the same story, minus attribution
+    code, bare = reconcile(env, "--no-ledger", str(relief_path), str(loans_path),
+                           extra={"DISBURSER_DB": str(env.tmp / "absent.sqlite")})
+    assert not (env.tmp / "absent.sqlite").exists()  # --no-ledger never opens one
+    bpay = by_id(bare)
+    assert bpay[f"{RELIEF}/{victim.id}"]["status"] == "unpaid"  # no ledger, no reason
+    assert bare["paid_total"] == doc["paid_total"]
+    assert bare["unexplained_total"] == "777777"
+    assert bare["from_block"] == 0
+
+    # The victim is cleared and paid by hand: shallow at first, then deep. The ledger
+    # still says failed: it disagrees with the chain, which wins.
+    set_blacklisted(env, victim.to, False)
+    victim_tx = hand_transfer(env, victim.to, victim.amount)
+    code, shallow = reconcile(env, str(loans_path), extra={"DISBURSER_CONFIRMATIONS": "3"})
+    vp = by_id(shallow)[f"{RELIEF}/{victim.id}"]
+    assert (vp["status"], vp["paid"], vp["tx_hashes"]) == (
+        "pending", str(victim.amount), [victim_tx])
+    (pend,) = findings(shallow, "pending")
+    assert pend["depth"] == 1 and pend["index"] == victim.index
+    (dis,) = findings(shallow, "ledger_disagrees")
+    assert (dis["ledger_status"], dis["index"]) == ("failed", victim.index)
+    env.chain.rpc("evm_mine")
+    env.chain.rpc("evm_mine")
+    code, deep = reconcile(env, str(loans_path), extra={"DISBURSER_CONFIRMATIONS": "3"})
+    assert by_id(deep)[f"{RELIEF}/{victim.id}"]["status"] == "paid"
+    assert not findings(deep, "pending") and findings(deep, "ledger_disagrees")
+
+    # CSV: one row per payment; the exit code is the same in every format
+    r = env.cli("reconcile", str(loans_path), "--format", "csv",
+                extra={"DISBURSER_CEILING": CEILINGS})
+    assert r.code == 1
+    assert len(r.out.strip().splitlines()) == 1 + 20 + 3
+
+    # Ledger file deleted, no manifest file: nothing to reconcile is bad input (exit 2)
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    r = env.cli("reconcile")
+    assert r.code == 2 and "no manifests to reconcile" in r.err
+    code, files_only = reconcile(env, str(relief_path), str(loans_path))
+    assert files_only["paid_total"] == str(int(doc["paid_total"]) + victim.amount)
+
+
+def test_bad_input_is_refused(env: Env) -> None:
+    path = env.signed_manifest(2, program=RELIEF)
+    bad = env.tmp / "bad.json"
+    bad.write_text('{"format": "disburser.manifest/1"')
+    r = env.cli("reconcile", "--no-ledger", str(bad))
+    assert r.code == 2 and str(bad) in r.err and "not valid JSON" in r.err
+    r = env.cli("reconcile", "--no-ledger")
+    assert r.code == 2 and "needs at least one MANIFEST" in r.err
+    r = env.cli("reconcile", "--no-ledger", str(path), "--program", "grants")
+    assert r.code == 2 and "--program grants" in r.err and RELIEF in r.err
+    # a manifest for another token is refused, not reported as all unpaid
+    r = env.cli("reconcile", "--no-ledger", str(path),
+                extra={"DISBURSER_TOKEN": "0x" + "11" * 20})
+    assert r.code == 2 and "token" in r.err
+
+
+def test_a_real_process_prints_the_report(env: Env) -> None:
+    path = env.signed_manifest(3, program=RELIEF)
+    r = env.proc("reconcile", "--no-ledger", str(path))
+    assert r.code == 1, r.err
+    assert "unpaid" in r.out and "NOT consistent" in r.out
+
+
+# --- eth_getLogs through a proxy that refuses wide ranges --------------------------------
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    url = ""
+    upstream = ""
+    max_range = 0
+    refused: list[tuple[int, int]] = []
+    served: list[tuple[int, int]] = []
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        req = json.loads(body)
+        if isinstance(req, dict) and req.get("method") == "eth_getLogs":
+            f = req["params"][0]
+            lo, hi = int(f["fromBlock"], 16), int(f["toBlock"], 16)
+            if hi - lo + 1 > self.max_range:
+                type(self).refused.append((lo, hi))
+                self._send({"jsonrpc": "2.0", "id": req["id"], "error": {
+                    "code": -32005, "message": "query returned more than 10000 results"}})
+                return
+            type(self).served.append((lo, hi))
+        up = urllib.request.Request(self.upstream, data=body,
+                                    headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(up, timeout=30) as resp:
+            self._send(json.loads(resp.read()))
+
+    def _send(self, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def proxy(env: Env) -> Iterator[type[_Proxy]]:
+    handler: type[_Proxy] = type("Proxy", (_Proxy,), {"upstream": env.devnet.url, "max_range": 3,
+                                        "refused": [], "served": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}"
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_log_ranges_adapt_to_a_node_that_refuses_wide_ones(env: Env,
+                                                           proxy: type[_Proxy]) -> None:
+    path = env.signed_manifest(6, program=RELIEF)
+    m = mf.load(path)
+    for p in m.payments:  # one block each: a chain long enough to need many chunks
+        hand_transfer(env, p.to, p.amount)
+    head = env.chain.head().number
+    direct = load_settings({**env.vars})
+    via_proxy = load_settings({**env.vars, "DISBURSER_RPC_URL": proxy.url})
+    want, want_code = run_reconcile(direct, [path], program=None, use_ledger=False,
+                                    fmt="json", from_block=None)
+    got, code = run_reconcile(via_proxy, [path], program=None, use_ledger=False, fmt="json",
+                              from_block=None)
+    assert code == want_code == 0
+    assert json.loads(got)["payments"] == json.loads(want)["payments"]
+    assert proxy.refused, "the proxy never refused: the test proves nothing"
+    served = sorted(proxy.served)
+    assert served[0][0] == 0 and served[-1][1] == head
+    assert all(b[0] == a[1] + 1 for a, b in zip(served, served[1:], strict=False))
+    assert all(hi - lo + 1 <= 3 for lo, hi in served)
