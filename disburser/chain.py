@@ -130,7 +130,12 @@ class Transport:
                     return r.json()
                 except ValueError:
                     raise _Retryable("invalid JSON from node") from None
-            except (requests.ConnectionError, requests.Timeout, _Retryable) as e:
+            # A connection cut while the body is read surfaces as ChunkedEncodingError (or
+            # ContentDecodingError), which is not a ConnectionError: without them a truncated
+            # answer escaped the retries and killed the run as an "internal error".
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError, _Retryable) as e:
                 if attempt == self.retries:
                     raise RpcError(
                         f"node at {self.url} unreachable after {self.retries + 1} tries: "
@@ -406,6 +411,27 @@ class RpcChain:
         for tx in (b or {}).get("transactions", []):
             if str(tx.get("from", "")).lower() == sender.lower() and int(tx["nonce"], 16) == nonce:
                 return str(tx["hash"])
+        return None
+
+    def find_pending_tx(self, sender: str, nonce: int) -> str | None:
+        """The hash of ``sender``'s transaction with ``nonce`` in the node's pool, to name it
+        in a fail-closed message. Best effort: ``txpool_contentFrom`` (geth) keeps the
+        answer small on a busy node; ``txpool_content`` (Anvil, Erigon) otherwise."""
+        for method, params in (("txpool_contentFrom", [sender]), ("txpool_content", [])):
+            try:
+                content = self.t.call(method, params)
+            except (NodeError, RpcError):
+                continue
+            if not isinstance(content, dict):
+                continue
+            for part in ("pending", "queued"):
+                section = content.get(part) or {}
+                # contentFrom answers {nonce: tx}; content answers {sender: {nonce: tx}}.
+                by_nonce = section if method == "txpool_contentFrom" else next(
+                    (v for k, v in section.items() if str(k).lower() == sender.lower()), {})
+                tx = (by_nonce or {}).get(str(nonce))
+                if isinstance(tx, dict) and tx.get("hash"):
+                    return str(tx["hash"])
         return None
 
     def nonce_at(self, address: str, block: int) -> int:

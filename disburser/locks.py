@@ -15,7 +15,8 @@ from disburser.errors import LockedError
 
 
 def _lock_dir() -> Path:
-    d = Path(os.environ.get("DISBURSER_LOCK_DIR") or Path(tempfile.gettempdir()) / "disburser-locks")
+    default = Path(tempfile.gettempdir()) / "disburser-locks"
+    d = Path(os.environ.get("DISBURSER_LOCK_DIR") or default)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -49,6 +49,13 @@ def bump_fees(old: Fees, base_fee: int, cap: int) -> Fees | None:
     return Fees(max_fee=max_fee, tip=tip)
 
 
+def priced_out(max_fee: int, base_fee: int) -> bool:
+    """A fee cap under the base fee cannot be included now: Anvil refuses such a transaction
+    (and silently drops one already in its pool), geth parks it. Waiting, not re-sending,
+    is the only useful move until the base fee falls back or a bump raises the cap."""
+    return max_fee < base_fee
+
+
 def should_bump(sent_at_block: int, head: int, bump_after_blocks: int) -> bool:
     """A transaction still unmined ``bump_after_blocks`` blocks after its last attempt."""
     return head - sent_at_block >= bump_after_blocks

@@ -20,7 +20,7 @@ import structlog
 from disburser import chain as ch
 from disburser import policy
 from disburser.domain import Manifest, Mode, PaymentStatus, TxStatus
-from disburser.errors import ChainMismatchError, FailClosed, Interrupted
+from disburser.errors import ChainMismatchError, FailClosed, Interrupted, RpcError
 from disburser.keys import Signer
 from disburser.ledger import Ledger, PaymentRow, TxRow
 
@@ -97,6 +97,8 @@ class Sender:
         self.on_progress = on_progress
         self._sent_at_block: dict[int, int] = {}
         self._at_cap_logged: set[int] = set()
+        self._priced_out_logged: set[str] = set()  # attempt hashes
+        self._base_fee_over_cap = False
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
@@ -123,7 +125,8 @@ class Sender:
         """Fail closed unless the chain, token and contract are what the settings say."""
         cid = self.preflight_chain_only()
         if not self.chain.code(self.cfg.token):
-            raise ChainMismatchError(f"DISBURSER_TOKEN {self.cfg.token}: no contract on chain {cid}")
+            raise ChainMismatchError(
+                f"DISBURSER_TOKEN {self.cfg.token}: no contract on chain {cid}")
         dec = self.chain.decimals(self.cfg.token)
         if dec != self.cfg.decimals:
             raise ChainMismatchError(
@@ -153,10 +156,15 @@ class Sender:
                 f"{h or '(hash not found in recent blocks)'} that this ledger did not send; "
                 "stopping rather than guessing (another wallet or process uses this key)")
         if pending > max(latest, ours_next):
+            # Name the transaction, not just the nonce: the operator has to find who else
+            # signs with this key before anything more is sent from it.
+            foreign = max(latest, ours_next)
+            h = self.chain.find_pending_tx(self.payer, foreign)
             raise FailClosed(
-                f"payer {self.payer}: the node holds pending transactions up to nonce "
-                f"{pending - 1} that this ledger did not send (ledger's next nonce is "
-                f"{ours_next}); stopping rather than guessing")
+                f"payer {self.payer}: nonce {foreign} is taken by pending transaction "
+                f"{h or '(hash not found in the node pool)'}, which this ledger did not send "
+                f"(the node holds pending transactions up to nonce {pending - 1}); stopping "
+                "rather than guessing")
 
     # --- the run --------------------------------------------------------------------------
 
@@ -200,6 +208,10 @@ class Sender:
         if self.cfg.mode is Mode.BATCH and not self.ledger.payments(
                 m.root, [PaymentStatus.QUEUED], limit=1):
             self._set_allowance(0)
+            # _set_allowance only waits until the approval is mined; the run is done when it
+            # is at depth like every other transaction (a reorg could still undo it, and the
+            # ledger would show it in flight after a run that said "done").
+            self._drain()
         counts = self.ledger.counts([m.root])
         by = counts.by_status
         result = SendResult(
@@ -309,14 +321,30 @@ class Sender:
         while len(self.ledger.open_txs(self.payer)) < self.cfg.max_in_flight:
             if self.should_stop():
                 return changed
-            if self.cfg.mode is Mode.BATCH:
-                sent = self._send_batch(m)
-            else:
-                sent = self._send_direct(m)
+            if self._base_fee_above_cap():
+                return changed
+            sent = self._send_batch(m) if self.cfg.mode is Mode.BATCH else self._send_direct(m)
             if not sent:
                 break
             changed = True
         return changed
+
+    def _base_fee_above_cap(self) -> bool:
+        """While the base fee is above DISBURSER_MAX_FEE_GWEI a new transaction could only be
+        signed at the cap, which no block accepts: it would bind payments and a nonce for
+        nothing (and Anvil refuses it outright). Sign nothing new until the base fee is back
+        under the cap; say so once per episode."""
+        base_fee = self.chain.head().base_fee
+        if policy.priced_out(self.cfg.max_fee_wei, base_fee):
+            if not self._base_fee_over_cap:
+                self._base_fee_over_cap = True
+                log.warning("fee_cap_below_base_fee_waiting", base_fee=base_fee,
+                            cap=self.cfg.max_fee_wei)
+            return True
+        if self._base_fee_over_cap:
+            self._base_fee_over_cap = False
+            log.info("base_fee_back_under_cap", base_fee=base_fee, cap=self.cfg.max_fee_wei)
+        return False
 
     def _send_batch(self, m: Manifest) -> bool:
         head = self.chain.head()
@@ -376,8 +404,11 @@ class Sender:
 
     def _fail_closed_if_global(self, reason: str) -> None:
         if self.chain.paused(self.cfg.token):
-            raise FailClosed(f"token {self.cfg.token} is paused; stopped before sending. Run "
-                             "`send` again once it is unpaused")
+            # Also reached mid-run (a batch reverted because the token was paused after it
+            # was signed): what is already in flight stays in the ledger and is settled by
+            # the next run, so the message must not claim that nothing was sent.
+            raise FailClosed(f"token {self.cfg.token} is paused; stopped before sending any "
+                             "more. Run `send` again once it is unpaused")
         low = reason.lower()
         if "exceeds balance" in low or "exceeds allowance" in low:
             raise FailClosed(f"token {self.cfg.token} refused the batch: {reason}; "
@@ -395,7 +426,7 @@ class Sender:
             self.chain.call(to, data, self.payer)
             return None
         except ch.Reverted as e:
-            return e.data
+            return bytes(e.data)
 
     def _bisect(self, root: str, rows: Sequence[PaymentRow]) -> int | None:
         """Split a failing batch until one payment is left that fails alone."""
@@ -462,7 +493,7 @@ class Sender:
         except ch.InsufficientFunds:
             raise FailClosed(f"payer {self.payer} cannot pay gas for nonce {nonce}; fund it "
                              "with ETH and run `send` again") from None
-        except ch.RpcError as e:
+        except RpcError as e:
             # Ambiguous: the node may or may not have it. Looked up at the next poll.
             log.warning("transfer_broadcast_unknown", nonce=nonce, tx_hash=tx_hash, error=str(e))
         except ch.NodeError as e:
@@ -477,9 +508,19 @@ class Sender:
             return False
         head = self.chain.head()
         attempts = {t.id: self.ledger.attempts(t.id) for t in open_txs if t.id is not None}
-        hashes = [a.hash for t in open_txs if t.status == TxStatus.PENDING.value
+        hashes = [a.hash for t in open_txs
+                  if t.status == TxStatus.PENDING.value and t.id is not None
                   for a in attempts[t.id]]
         receipts = self.chain.receipts(hashes) if hashes else {}
+        # One batched pool lookup for every attempt of every unmined transaction, rather
+        # than a round trip per transaction in the loop below. Every attempt, not only the
+        # latest: a replacement the node refused leaves the older attempt pending, and that
+        # one still counts as "in the pool".
+        unmined = [a.hash for t in open_txs
+                   if t.status == TxStatus.PENDING.value and t.id is not None
+                   and not any(receipts.get(a.hash) for a in attempts[t.id])
+                   for a in attempts[t.id]]
+        known = self.chain.known(unmined) if unmined else {}
         changed = False
         latest_nonce: int | None = None
         lowest_pending = min((t.nonce for t in open_txs if t.status == TxStatus.PENDING.value),
@@ -523,13 +564,25 @@ class Sender:
                 changed = True
                 continue
             last = attempts[t.id][-1]
-            if not self.chain.known([last.hash]).get(last.hash):
-                # Dropped from the pool (or never arrived): the same bytes again.
-                log.warning("transfer_dropped_rebroadcast", nonce=t.nonce, tx_hash=last.hash)
-                self._broadcast(t.id, t.nonce, last.raw, last.hash)
-                changed = True
+            priced_out = policy.priced_out(int(last.max_fee), head.base_fee)
+            if not any(known.get(a.hash) for a in attempts[t.id]):
+                if priced_out:
+                    # Neither mined nor pending because the base fee rose over its cap
+                    # (Anvil drops such transactions silently). Sending it now is refused:
+                    # wait, and send these same bytes once the base fee is back under the
+                    # cap - one warning, not one per poll.
+                    if last.hash not in self._priced_out_logged:
+                        self._priced_out_logged.add(last.hash)
+                        log.warning("transfer_priced_out_waiting", nonce=t.nonce,
+                                    tx_hash=last.hash, max_fee=int(last.max_fee),
+                                    base_fee=head.base_fee)
+                else:
+                    # Dropped from the pool (or never arrived): the same bytes again.
+                    log.warning("transfer_dropped_rebroadcast", nonce=t.nonce,
+                                tx_hash=last.hash)
+                    self._broadcast(t.id, t.nonce, last.raw, last.hash)
+                    changed = True
             sent_at = self._sent_at_block.setdefault(t.id, head.number)
-            priced_out = int(last.max_fee) < head.base_fee
             if (t.nonce == lowest_pending or priced_out) and policy.should_bump(
                     sent_at, head.number, self.cfg.bump_after_blocks):
                 changed |= self._bump(t, last, head)

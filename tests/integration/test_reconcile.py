@@ -219,6 +219,21 @@ def test_messy_run_every_finding_to_the_base_unit(env: Env) -> None:
     assert files_only["paid_total"] == str(int(doc["paid_total"]) + victim.amount)
 
 
+def test_a_recreated_ledger_scans_from_the_start(env: Env) -> None:
+    """A lost ledger re-created by `send` starts at a later block; the payments it found
+    already made (paid_elsewhere) are earlier, and must still be seen as paid."""
+    path = env.signed_manifest(10, program=RELIEF)
+    assert env.cli("send", str(path), "--yes").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    for _ in range(3):
+        env.chain.rpc("evm_mine")
+    assert env.cli("send", str(path), "--yes").code == 0
+    code, doc = reconcile(env)
+    assert code == 0, doc["discrepancies"]
+    assert doc["from_block"] == 0 and doc["counts"]["paid"] == 10
+    assert doc["paid_total"] == str(mf.load(path).total)
+
+
 def test_bad_input_is_refused(env: Env) -> None:
     path = env.signed_manifest(2, program=RELIEF)
     bad = env.tmp / "bad.json"

@@ -82,3 +82,23 @@ def test_batch_size_fits_tx_cap_and_block_limit() -> None:
 def test_split_halves_cover_the_batch(n: int) -> None:
     a, b = policy.split(n)
     assert a + b == n and a >= 1 and b >= 1 and abs(a - b) <= 1
+
+
+@pytest.mark.parametrize("max_fee, base, out", [
+    (10 * GWEI, 10 * GWEI, False),  # exactly at the base fee: includable (tip 0)
+    (10 * GWEI, 10 * GWEI + 1, True),
+    (2 * GWEI, 40 * GWEI, True),  # a spike: Anvil drops it, geth parks it
+    (100 * GWEI, 1 * GWEI, False),
+    (0, 0, False),
+])
+def test_priced_out(max_fee: int, base: int, out: bool) -> None:
+    assert policy.priced_out(max_fee, base) is out
+
+
+@given(st.integers(0, 10**12), st.integers(0, 10**12), st.integers(1, 10**13))
+def test_initial_fees_are_never_priced_out_while_the_base_fee_is_under_the_cap(
+        base: int, tip: int, cap: int) -> None:
+    """The engine signs new transactions only while base fee <= cap; then the first attempt
+    is always includable, so a fresh transaction is never born priced out."""
+    if base <= cap:
+        assert not policy.priced_out(policy.initial_fees(base, tip, cap).max_fee, base)

@@ -351,6 +351,9 @@ def test_default_from_block_is_safe() -> None:
     assert default_from_block(e, None) == 0
     # a program the ledger does not know (a file): scan from the start
     assert default_from_block(e, LedgerInfo({}, {"relief": progs["relief"]})) == 0
+    # a re-created ledger found payments made before it: its first block is too late
+    lost = LedgerInfo({(m1.root, 0): lpay("paid_elsewhere")}, progs)
+    assert default_from_block(e, lost) == 0
 
 
 def test_progress_against_the_deadline() -> None:
