@@ -252,7 +252,8 @@ class Ledger:
 
     def all_payments(self) -> list[PaymentRow]:
         with self.session() as s:
-            return list(s.exec(select(PaymentRow).order_by(col(PaymentRow.root), col(PaymentRow.idx))))
+            q = select(PaymentRow).order_by(col(PaymentRow.root), col(PaymentRow.idx))
+            return list(s.exec(q))
 
     def counts(self, roots: Sequence[str] | None = None) -> Counts:
         with self.session() as s:
@@ -370,7 +371,8 @@ class Ledger:
 
     def tx_at(self, payer: str, nonce: int) -> TxRow | None:
         with self.session() as s:
-            return s.exec(select(TxRow).where(col(TxRow.payer) == payer, col(TxRow.nonce) == nonce)).first()
+            q = select(TxRow).where(col(TxRow.payer) == payer, col(TxRow.nonce) == nonce)
+            return s.exec(q).first()
 
     def mark_mined(self, tx_id: int, *, tx_hash: str, block_number: int, block_hash: str,
                    receipt_status: int, gas_used: int) -> None:
@@ -407,7 +409,8 @@ class Ledger:
             ).values(status=final.value, updated_at=_now()))
             _expect(r, 1, f"tx {tx_id} mined -> {final.value}")
             s.execute(update(PaymentRow).where(
-                col(PaymentRow.tx_id) == tx_id, col(PaymentRow.status) == PaymentStatus.IN_FLIGHT.value,
+                col(PaymentRow.tx_id) == tx_id,
+                col(PaymentRow.status) == PaymentStatus.IN_FLIGHT.value,
             ).values(
                 status=(PaymentStatus.CONFIRMED if ok else PaymentStatus.QUEUED).value,
                 tx_id=tx_id if ok else None, updated_at=_now(),

@@ -13,6 +13,7 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
+from disburser.addresses import to_checksum
 from disburser.amounts import parse_units
 from disburser.domain import MANIFEST_FORMAT, ZERO_ADDRESS, Manifest, Payment
 from disburser.errors import InputError, ManifestError
@@ -29,13 +30,6 @@ MANIFEST_TYPE = (
     "Manifest(string program,address token,address payer,uint256 count,uint256 total,"
     "bytes32 paymentsRoot,uint256 notAfter)"
 )
-
-
-def to_checksum(address: str) -> str:
-    from eth_utils import to_checksum_address
-
-    result: str = to_checksum_address(address)
-    return result
 
 
 def check_address(value: object, where: str, *, strict_checksum: bool = True) -> str:
@@ -400,7 +394,8 @@ def verify(
     if m.token != token:
         raise ManifestError(f"{source}: manifest pays token {m.token}, configured is {token}")
     if payer is not None and m.payer != payer:
-        raise ManifestError(f"{source}: manifest payer is {m.payer}, the configured payer is {payer}")
+        raise ManifestError(
+            f"{source}: manifest payer is {m.payer}, the configured payer is {payer}")
     if now > m.not_after:
         raise ManifestError(f"{source}: manifest expired at not_after={m.not_after} (now {now})")
     allowed = set(approvers)

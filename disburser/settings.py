@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from disburser.addresses import to_checksum
 from disburser.amounts import parse_units
 from disburser.errors import SettingsError
 from disburser.profiles import PROFILES, Profile
@@ -39,11 +40,9 @@ def load_dotenv(path: Path = Path(".env")) -> None:
 
 def checksum(address: str, *, where: str) -> str:
     """Validate an address strictly (EIP-55 when mixed case) and return its checksum form."""
-    from eth_utils import to_checksum_address
-
     if not _ADDRESS.match(address):
         raise SettingsError(f"{where}: {address!r} is not a 0x-prefixed 20-byte address")
-    cs: str = to_checksum_address(address)
+    cs = to_checksum(address)
     body = address[2:]
     if body != body.lower() and body != body.upper() and address != cs:
         raise SettingsError(f"{where}: {address} fails its EIP-55 checksum (expected {cs})")
