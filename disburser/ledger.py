@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Index, UniqueConstraint, event, func, insert, text, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -254,6 +255,15 @@ class Ledger:
         with self.session() as s:
             q = select(PaymentRow).order_by(col(PaymentRow.root), col(PaymentRow.idx))
             return list(s.exec(q))
+
+    def payment_states(self) -> list[tuple[str, int, str, str | None, int | None]]:
+        """(root, idx, status, reason, tx_id) of every payment as plain tuples: reconcile
+        reads 100,000s of them and needs no ORM objects."""
+        with self.session() as s:
+            # sqlalchemy's select: sqlmodel's has no overload for five columns.
+            q = sa_select(col(PaymentRow.root), col(PaymentRow.idx), col(PaymentRow.status),
+                          col(PaymentRow.reason), col(PaymentRow.tx_id))
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in s.execute(q)]
 
     def counts(self, roots: Sequence[str] | None = None) -> Counts:
         with self.session() as s:

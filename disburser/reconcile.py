@@ -496,7 +496,7 @@ def _reconcile(
         if reported:
             paid_by_program[prog] = paid_by_program.get(prog, 0) + root_paid
 
-    from disburser.manifest import to_checksum
+    from disburser.addresses import to_checksum
 
     outflows: list[dict[str, Any]] = []
     unexplained_total = 0
@@ -902,11 +902,10 @@ def _ledger_info(ledger: Ledger) -> LedgerInfo:
             gas.append(GasPoint(t.mined_hash.lower(), t.block_number or 0, t.gas_used,
                                 t.count, t.root))
     payments: dict[tuple[str, int], LedgerPayment] = {}
-    for r in ledger.all_payments():
-        tid = r.tx_id
+    for root, idx, status, reason, tid in ledger.payment_states():
         hashes = tuple(attempt_hashes.get(tid, ())) if tid is not None else ()
-        payments[(r.root, r.idx)] = LedgerPayment(
-            r.status, r.reason, hashes, mined.get(tid) if tid is not None else None)
+        payments[(root, idx)] = LedgerPayment(
+            status, reason, hashes, mined.get(tid) if tid is not None else None)
     programs = {p.name: ProgramInfo(p.started_at, p.deadline, p.first_block)
                 for p in ledger.programs()}
     gas.sort(key=lambda g: g.block)
