@@ -173,7 +173,7 @@ def test_build_from_csv_converts_exactly_and_refuses_bad_rows(tmp_path: Path) ->
             mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER,
                               not_after=5, decimals=6)
         assert str(e.value) == msg
-    p.write_text(f"id,amount\nu1,1\n")
+    p.write_text("id,amount\nu1,1\n")
     with pytest.raises(InputError, match=r"missing column 'to' \(header: id,amount\)"):
         mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=5,
                           decimals=6)
