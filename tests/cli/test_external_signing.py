@@ -1,0 +1,74 @@
+"""Approvers need not use disburser: `manifest typed-data` prints EIP-712 JSON that Foundry's
+real `cast wallet sign --data` signs, and `manifest add-signature` attaches the result."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from disburser import devnet as dn
+from disburser import manifest as mf
+from disburser.cli import app
+from tests.conftest import ROOT, fresh_address
+
+CAST = ROOT / "node_modules/@foundry-rs/cast-linux-amd64/bin/cast"
+ENV = {"DISBURSER_ENV_FILE": "/dev/null", "DISBURSER_PAYER": dn.PAYER,
+       "DISBURSER_APPROVERS": ",".join(dn.DEV_ADDRESSES[2:5]), "DISBURSER_QUORUM": "2"}
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, list(args), env=ENV, catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_cast_signatures_verify_and_match_ours(tmp_path: Path) -> None:
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("id,to,amount\n" + "\n".join(
+        f"u{i},{fresh_address(f'x{i}')},{i + 1}.000001" for i in range(7)) + "\n")
+    m = tmp_path / "m.json"
+    assert _cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(m))[0] == 0
+    code, typed, _ = _cli("manifest", "typed-data", str(m))
+    assert code == 0
+    (tmp_path / "typed.json").write_text(typed)
+    sigs = []
+    for key in dn.DEV_KEYS[2:4]:
+        out = subprocess.run([str(CAST), "wallet", "sign", "--data", "--from-file",
+                              str(tmp_path / "typed.json"), "--private-key", key],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        sigs.append(out)
+        code, out_text, err = _cli("manifest", "add-signature", str(m), out)
+        assert code == 0, err
+    # cast's bytes equal ours, byte for byte
+    manifest = mf.load(m)
+    assert sigs[0] == mf.sign(manifest, bytes.fromhex(dn.DEV_KEYS[2][2:]))
+    assert list(manifest.signatures) == sigs
+    code, out_text, err = _cli("manifest", "verify", str(m))
+    assert code == 0, err
+    assert "quorum        2 of 2 required: met" in out_text
+    # the same cast signature again is refused
+    code, _, err = _cli("manifest", "add-signature", str(m), sigs[1])
+    assert code == 2
+    assert err.strip() == (f"disburser: error: {dn.DEV_ADDRESSES[3]} has already signed this "
+                           "manifest")
+
+
+def test_proof_checks_with_the_reference_library(tmp_path: Path) -> None:
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("id,to,amount\n" + "\n".join(
+        f"u{i},{fresh_address(f'y{i}')},{i + 2}" for i in range(9)) + "\n")
+    m = tmp_path / "m.json"
+    assert _cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(m))[0] == 0
+    code, proof_json, _ = _cli("manifest", "proof", str(m), "--index", "4")
+    assert code == 0
+    script = (
+        "const {StandardMerkleTree}=require('@openzeppelin/merkle-tree');"
+        "const p=JSON.parse(require('fs').readFileSync(0,'utf8'));"
+        "const ok=StandardMerkleTree.verify(p.root,p.leafEncoding,p.leaf,p.proof);"
+        "process.stdout.write(String(ok));")
+    r = subprocess.run(["node", "-e", script], input=proof_json, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.stdout == "true", r.stderr
+    code, _, err = _cli("manifest", "proof", str(m), "--index", "9")
+    assert code == 2 and "--index 9: manifest has payments 0..8" in err
