@@ -179,6 +179,7 @@ def silence_logs() -> None:
 def payer_signer(d: dn.Devnet) -> Any:
     from disburser.keys import Signer
 
+    assert d.payer_key is not None, "the devnet's payer is a development key"
     return Signer(bytes.fromhex(d.payer_key[2:]))
 
 

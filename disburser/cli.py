@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from enum import Enum
@@ -436,8 +437,10 @@ def send(
         typer.confirm(f"Pay {m.count} payments, {format_units(m.total, s.decimals)} tokens, "
                       f"from {m.payer} on chain {s.chain_id}?", abort=True)
     _configure_logging(s)
-    with RunnerLock(s.db, signer.address, s.chain_id):
-        ledger = _ledger(s)
+    ledger = _ledger(s)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    with RunnerLock(s.db, signer.address, s.chain_id), \
+            ledger.runner_lock(signer.address, s.chain_id, holder):
         first_block = c.head().number
         ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
                                first_block=first_block)
@@ -549,7 +552,7 @@ def status(
 
     s = settings()
     if not lg.exists(s.db):
-        raise InputError(f"DISBURSER_DB {s.db}: no ledger yet (nothing was sent)")
+        raise InputError(f"DISBURSER_DB {s.db}: no ledger yet (nothing was sent)")  # a path
     data = status_data(_ledger(s), s)
     typer.echo(json.dumps(data, indent=2) if as_json else render_status(data))
 

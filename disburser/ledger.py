@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from disburser.domain import Manifest, PaymentStatus, TxStatus
-from disburser.errors import CeilingError, DisburserError
+from disburser.errors import CeilingError, DisburserError, LockedError
 from disburser.manifest import to_json
 
 
@@ -112,6 +112,15 @@ class EventRow(SQLModel, table=True):
     data: str
 
 
+class RunnerRow(SQLModel, table=True):
+    """Who holds the runner lock of a payer (PostgreSQL ledgers; for the error message)."""
+
+    __tablename__ = "runner"
+    key: str = Field(primary_key=True)
+    holder: str
+    since: int
+
+
 class PayerRow(SQLModel, table=True):
     __tablename__ = "payer"
     address: str = Field(primary_key=True)
@@ -133,14 +142,15 @@ class Ledger:
 
     def __init__(self, path: Path | str) -> None:
         self.url = str(path)
-        is_url = "://" in self.url
-        if not is_url:
+        self.is_postgres = self.url.startswith(("postgresql://", "postgres://",
+                                                "postgresql+psycopg://"))
+        if self.is_postgres:
+            # Optional shared backend: several operators' machines, one ledger.
+            url = "postgresql+psycopg://" + self.url.split("://", 1)[1]
+            self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        else:
             Path(self.url).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(
-            self.url if is_url else f"sqlite:///{self.url}",
-            connect_args={"timeout": 30} if not is_url else {},
-        )
-        if not is_url:
+            self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         SQLModel.metadata.create_all(self.engine)
 
@@ -446,6 +456,36 @@ class Ledger:
             rows = s.exec(select(col(AttemptRow.hash), col(TxRow.id), col(TxRow.root)).where(
                 col(AttemptRow.tx_id) == col(TxRow.id)))
             return {h: (int(i), r) for h, i, r in rows if i is not None}
+
+
+    @contextmanager
+    def runner_lock(self, payer: str, chain_id: int, holder: str) -> Iterator[None]:
+        """One runner per payer across every machine sharing a PostgreSQL ledger: a session
+        advisory lock held for the whole run (released if the process dies, as its
+        connection closes). A SQLite ledger is local: the file locks of locks.py suffice."""
+        if not self.is_postgres:
+            yield
+            return
+        key = f"disburser-runner-{chain_id}-{payer.lower()}"
+        with self.engine.connect() as conn:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"),
+                               {"k": key}).scalar()
+            if not got:
+                row = conn.execute(text("SELECT holder FROM runner WHERE key = :k"),
+                                   {"k": key}).first()
+                who = row[0] if row else "another process"
+                raise LockedError(f"another disburser is running for payer {payer} "
+                                  f"({who}); shared ledger {self.engine.url.host}")
+            conn.execute(text("INSERT INTO runner (key, holder, since) VALUES (:k, :h, :t) "
+                              "ON CONFLICT (key) DO UPDATE SET holder = :h, since = :t"),
+                         {"k": key, "h": holder, "t": _now()})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("DELETE FROM runner WHERE key = :k"), {"k": key})
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
+                conn.commit()
 
 
 def _expect(result: Any, want: int, what: str) -> None:

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from disburser.domain import Manifest
 from disburser.errors import ChainMismatchError, DisburserError, InputError, RpcError
+from disburser.settings import redact_url
 
 if TYPE_CHECKING:
     from disburser.chain import RpcChain
@@ -1052,13 +1053,14 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     if use_ledger and lg.exists(s.db):
         ledger = lg.Ledger(s.db)
         known = {e.manifest.root: e.manifest for e in files}
-        entries.extend(ledger_manifests(ledger, f"DISBURSER_DB {s.db}", known))
+        entries.extend(ledger_manifests(ledger, f"DISBURSER_DB {redact_url(s.db)}", known))
         info = ledger_info(ledger)
     entries.extend(files)
     if not entries:
         if not use_ledger:
             raise InputError("reconcile --no-ledger needs at least one MANIFEST file")
-        raise InputError(f"no manifests to reconcile: the ledger DISBURSER_DB {s.db} has "
+        raise InputError(f"no manifests to reconcile: the ledger DISBURSER_DB "
+                         f"{redact_url(s.db)} has "
                          "none and no MANIFEST file was given")
     entries = dedupe(entries)
     for e in entries:

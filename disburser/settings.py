@@ -82,7 +82,7 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
 class Settings:
     network: Profile
     rpc_url: str
-    db: Path
+    db: str  # a SQLite path, or a postgresql:// URL (may carry a password: see db_display)
     chain_id: int
     token: str
     decimals: int
@@ -158,7 +158,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     return Settings(
         network=prof,
         rpc_url=_get(env, "RPC_URL", prof.default_rpc) or "",
-        db=Path(_get(env, "DB", "disburser.sqlite") or ""),
+        db=_get(env, "DB", "disburser.sqlite") or "",
         chain_id=_int(env, "CHAIN_ID", prof.chain_id, minimum=1),
         token=token,
         decimals=decimals,
@@ -183,6 +183,11 @@ def load(env: dict[str, str] | None = None) -> Settings:
         private_key=_get(env, "PRIVATE_KEY"),
         allow_plain_key=(_get(env, "ALLOW_PLAIN_KEY", "0") or "0") in ("1", "true", "yes"),
     )
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for messages and logs: any password replaced."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def require_approvers(s: Settings) -> None:

@@ -682,7 +682,8 @@ def test_token_paused_mid_run_stops_with_exit_2_then_a_rerun_finishes(
     r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CONFIRMATIONS": "2"})
     assert r.code == 2 and "is paused; nothing was sent" in r.err
     assert env.payer_nonce() == nonce
-    tx_from(env, dn.OWNER, env.devnet.token, _token_call("unpause()"))
+    h = tx_from(env, dn.OWNER, env.devnet.token, _token_call("unpause()"))
+    wait_for(lambda: env.chain.receipts([h])[h], "the unpause mined")
     r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CONFIRMATIONS": "2"})
     assert r.code == 0, r.err
     assert "confirmed 30, failed 0, unpaid 0" in r.out
