@@ -59,7 +59,8 @@ def _raw(ctx: Ctx, n: int, how: str) -> dict[str, float]:
       under automine a batch of sends leaves all but the first transaction waiting for the
       next arrival (one 16M-gas batch per 30M block), so the tail is mined by hand. Anvil
       has been seen to lose one of them silently: any transaction without a receipt once
-      the pool is empty is sent again (counted in ``resent``).
+      the pool is empty is sent again (counted in ``resent``; "nonce too low" means it was
+      being mined meanwhile).
     """
     from disburser.sender import BATCH_FIXED_GAS, PER_RECIPIENT_GAS
 
@@ -101,8 +102,11 @@ def _raw(ctx: Ctx, n: int, how: str) -> dict[str, float]:
                 got = c.receipts([s.hash for s in signed])
                 for s in signed:
                     if got[s.hash] is None:
-                        c.send_raw(s.raw)
-                        resent += 1
+                        try:
+                            c.send_raw(s.raw)
+                            resent += 1
+                        except (ch.NonceTooLow, ch.AlreadyKnown):
+                            pass  # mined (or being mined) meanwhile: automine is on
             c.rpc("evm_mine")
         elapsed = time.perf_counter() - t0
         ok = all(r is not None and r.status == 1 for r in c.receipts([s.hash for s in signed])

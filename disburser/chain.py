@@ -146,7 +146,7 @@ class Transport:
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
-    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+    def _call_once(self, method: str, params: Sequence[Any] = ()) -> Any:
         resp = self._post({"jsonrpc": "2.0", "id": next(self._ids), "method": method,
                            "params": list(params)})
         if not isinstance(resp, dict):
@@ -155,6 +155,20 @@ class Transport:
             err = resp["error"]
             raise classify(err.get("code"), str(err.get("message", "")), err.get("data"))
         return resp.get("result")
+
+    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        """One request; a rate limit reported inside a 200 answer (providers' -32005
+        "rate limit" / "too many requests") is retried with the same backoff as HTTP 429."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return self._call_once(method, params)
+            except NodeError as e:
+                if not _rate_limited(e) or attempt == self.retries:
+                    raise
+                self._sleep(delay * (0.5 + self._rand()))
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
 
     def batch(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         """Several requests in one HTTP round trip; each result is a value or a NodeError."""
@@ -186,6 +200,11 @@ class Transport:
             else:
                 out.append(r.get("result"))
         return out
+
+
+def _rate_limited(e: NodeError) -> bool:
+    low = str(e).lower()
+    return "rate limit" in low or "too many requests" in low or "exceeded the quota" in low
 
 
 class _Retryable(Exception):

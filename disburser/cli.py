@@ -385,19 +385,26 @@ def _payer_signer(s: Settings) -> Any:
 
 
 def _chain(s: Settings) -> Any:
-    from disburser.chain import RpcChain
+    from disburser.chain import RpcChain, Transport
 
-    return RpcChain(s.rpc_url)
+    return RpcChain(s.rpc_url, Transport(s.rpc_url, timeout=s.rpc_timeout))
 
 
 @app.command()
 def deploy() -> None:
     """Deploy the batch payout contract from the payer's key and print its address."""
+    from disburser.locks import RunnerLock
     from disburser.sender import deploy_batch_contract
 
     s = settings()
     _configure_logging(s)
-    addr = deploy_batch_contract(_ledger(s), _chain(s), _payer_signer(s), s)
+    signer = _payer_signer(s)
+    ledger = _ledger(s)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    # deploy uses a payer nonce: it must not race a running `send`.
+    with RunnerLock(s.db, signer.address, s.chain_id), \
+            ledger.runner_lock(signer.address, s.chain_id, holder):
+        addr = deploy_batch_contract(ledger, _chain(s), signer, s)
     typer.echo(addr)
 
 

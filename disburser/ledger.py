@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -153,6 +154,11 @@ class Ledger:
             self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         SQLModel.metadata.create_all(self.engine)
+
+    @property
+    def url_display(self) -> str:
+        """The ledger's path or URL without any password."""
+        return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", self.url)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -29,6 +29,7 @@ log = structlog.get_logger("disburser.send")
 # Gas model used to size batches before the first estimate (FIELD-NOTES: ~29.9k per fresh
 # recipient, ~41k fixed); the estimate of each batch is what sets its gas limit.
 PER_RECIPIENT_GAS = 31_000
+STALL_SECONDS = 60.0
 BATCH_FIXED_GAS = 60_000
 
 
@@ -101,6 +102,7 @@ class Sender:
         self._base_fee_over_cap = False
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
+        self._head_seen, self._head_since, self._stall_logged = -1, clock(), False
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
         # n-th time the loop passes `point`. Never set in production.
         self._crash_at = _parse_crash_point(os.environ.get("DISBURSER_TEST_CRASH_AT", ""))
@@ -148,6 +150,16 @@ class Sender:
         first = self.ledger.first_nonce(self.payer, latest)
         nxt = self.ledger.next_nonce(self.payer)
         ours_next = first if nxt is None else nxt
+        deepest = max((t.nonce for t in self.ledger.txs(self.payer)
+                       if t.status in (TxStatus.CONFIRMED.value, TxStatus.REVERTED.value)),
+                      default=None)
+        if deepest is not None and deepest >= latest:
+            # Confirmed at depth in this ledger, absent from this chain: the ledger belongs to
+            # another chain (or the chain was reset). Sending would open a nonce gap.
+            raise FailClosed(
+                f"payer {self.payer}: the ledger has nonce {deepest} confirmed but the chain's "
+                f"nonce is {latest}: this ledger ({self.ledger.url_display}) is not for this "
+                "chain; use the ledger of this chain")
         if latest > ours_next:
             foreign = ours_next
             h = self.chain.find_tx_by_nonce(self.payer, foreign)
@@ -189,6 +201,7 @@ class Sender:
         expired = False
         while True:
             if self.should_stop():
+                self._withdraw_allowance_on_stop()
                 raise Interrupted("stopped by operator; state is saved, run `send` again "
                                   "to resume")
             changed = self._poll()
@@ -205,8 +218,9 @@ class Sender:
                 break
             if not changed:
                 self.sleep(self.cfg.poll_interval)
-        if self.cfg.mode is Mode.BATCH and not self.ledger.payments(
-                m.root, [PaymentStatus.QUEUED], limit=1):
+        if self.cfg.mode is Mode.BATCH:
+            # The run ends (all paid, or the manifest expired): nothing is owed through the
+            # batch contract until the next run approves again.
             self._set_allowance(0)
             # _set_allowance only waits until the approval is mined; the run is done when it
             # is at depth like every other transaction (a reorg could still undo it, and the
@@ -313,6 +327,27 @@ class Sender:
                 raise Interrupted("stopped by operator while the approval was pending")
             if not self._poll():
                 self.sleep(self.cfg.poll_interval)
+
+    def _withdraw_allowance_on_stop(self) -> None:
+        """On Ctrl-C/SIGTERM in batch mode: sign and broadcast approve(0) without waiting.
+        Its nonce is after every batch in flight, so they still execute; the next run
+        settles it like any open transaction before approving again."""
+        if self.cfg.mode is not Mode.BATCH or self.cfg.batch_contract is None:
+            return
+        try:
+            if self.chain.allowance(self.cfg.token, self.payer, self.cfg.batch_contract) == 0:
+                return
+            if any(t.kind == "approve" for t in self.ledger.open_txs(self.payer)):
+                return
+            data = ch.enc_approve(self.cfg.batch_contract, 0)
+            gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer, self.cfg.token,
+                                                                 data))
+            self._sign_and_send(kind="approve", root=None, to=self.cfg.token, data=data,
+                                gas=gas, rows=(), amount=0)
+            log.info("allowance_withdrawn_on_stop", spender=self.cfg.batch_contract)
+        except ch.NodeError as e:
+            # A paused token refuses approve; the allowance stays at what is still owed.
+            log.warning("allowance_not_withdrawn", error=str(e))
 
     # --- filling the pipeline ------------------------------------------------------------
 
@@ -507,6 +542,7 @@ class Sender:
         if not open_txs:
             return False
         head = self.chain.head()
+        self._watch_head(head.number, open_txs)
         attempts = {t.id: self.ledger.attempts(t.id) for t in open_txs if t.id is not None}
         hashes = [a.hash for t in open_txs
                   if t.status == TxStatus.PENDING.value and t.id is not None
@@ -587,6 +623,17 @@ class Sender:
                     sent_at, head.number, self.cfg.bump_after_blocks):
                 changed |= self._bump(t, last, head)
         return changed
+
+    def _watch_head(self, number: int, open_txs: Sequence[TxRow]) -> None:
+        """Say so when the chain stops producing blocks while we wait for depth (a devnet
+        that mines only on demand, a stalled node): silence would look like a hang."""
+        now = self.clock()
+        if number != self._head_seen:
+            self._head_seen, self._head_since, self._stall_logged = number, now, False
+        elif not self._stall_logged and now - self._head_since > STALL_SECONDS:
+            self._stall_logged = True
+            log.warning("no_new_blocks_waiting", head=number, seconds=int(now - self._head_since),
+                        in_flight=len(open_txs), confirmations=self.cfg.confirmations)
 
     def _resolve_used_nonce(self, t: TxRow, attempts: Sequence[Any]) -> None:
         """The chain's nonce passed this transaction but no receipt was seen: look again

@@ -97,6 +97,7 @@ class Settings:
     batch_size: int
     bump_after_blocks: int
     poll_interval: float
+    rpc_timeout: float
     log_file: Path
     keystore: Path | None = field(default=None)
     keystore_password: str | None = field(default=None, repr=False)
@@ -119,6 +120,17 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
         raise SettingsError(f"{PREFIX}{name}: {raw!r} is not an integer") from None
     if value < minimum:
         raise SettingsError(f"{PREFIX}{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _seconds(env: dict[str, str], name: str, default: str) -> float:
+    raw = _get(env, name, default) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}: {raw!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise SettingsError(f"{PREFIX}{name}: must be between 0 and 3600 seconds, got {raw}")
     return value
 
 
@@ -176,7 +188,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         max_in_flight=_int(env, "MAX_IN_FLIGHT", 16, minimum=1),
         batch_size=_int(env, "BATCH_SIZE", 500, minimum=1),
         bump_after_blocks=_int(env, "BUMP_AFTER_BLOCKS", 3, minimum=1),
-        poll_interval=float(_get(env, "POLL_INTERVAL", str(prof.poll_interval)) or "1"),
+        poll_interval=_seconds(env, "POLL_INTERVAL", str(prof.poll_interval)),
+        rpc_timeout=_seconds(env, "RPC_TIMEOUT", "30"),
         log_file=Path(_get(env, "LOG_FILE", "disburser.log.jsonl") or ""),
         keystore=Path(keystore) if keystore else None,
         keystore_password=_get(env, "KEYSTORE_PASSWORD"),

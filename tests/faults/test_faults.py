@@ -888,11 +888,15 @@ def test_signal_stops_cleanly_status_shows_in_flight_and_a_rerun_resumes(
         assert (f"  nonce {t.nonce} batch pending 10 payments max_fee {a.max_fee} tip {a.tip} "
                 f"attempts 1 {a.hash}") in r.out
     d = json.loads(env.cli("status", "--json").out)
-    assert [(x["nonce"], x["status"]) for x in d["in_flight"]] == [
-        (t.nonce, "pending") for t in batches]
+    # Stopping also withdrew the batch contract's allowance: approve(0) at the next nonce,
+    # after the batches in flight (so they still execute), broadcast without waiting.
+    last = max(t.nonce for t in batches)
+    assert [(x["nonce"], x["kind"], x["status"]) for x in d["in_flight"]] == [
+        (t.nonce, "batch", "pending") for t in batches] + [(last + 1, "approve", "pending")]
     miner.auto()
     r = env.cli("send", str(m), "--yes")
     assert r.code == 0, r.err
     assert "confirmed 30, failed 0, unpaid 0" in r.out and "in 0 new transaction(s)" in r.out
     assert_exactly_once(env, m)
     assert_never_resigned(env)
+    assert env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0

@@ -168,3 +168,19 @@ def test_deploy_command_deploys_a_verified_contract(env: Env) -> None:
     r = env.cli("send", str(m), "--yes", extra={"DISBURSER_BATCH_CONTRACT": addr})
     assert r.code == 0, r.err
     _assert_all_paid_once(env, m)
+
+
+def test_ledger_of_another_chain_is_refused(env: Env) -> None:
+    """A ledger whose confirmed nonces the chain does not have (a reset chain, a ledger
+    from another network) must not be used: signing would open a nonce gap."""
+    snap = env.chain.rpc("evm_snapshot")
+    m = env.signed_manifest(5)
+    assert env.cli("send", str(m), "--yes").code == 0
+    env.chain.rpc("evm_revert", [snap])
+    assert env.payer_nonce() == 0
+    second = env.signed_manifest(5, name="b.json", seed="b")
+    r = env.cli("send", str(second), "--yes")
+    assert r.code == 2
+    assert (f"payer {dn.PAYER}: the ledger has nonce 1 confirmed but the chain's nonce is 0: "
+            "this ledger") in r.err
+    assert env.payer_nonce() == 0

@@ -1,0 +1,64 @@
+"""The JSON-RPC transport's retry decisions, driven without a network: the HTTP layer is
+replaced, sleep and randomness are parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from disburser import chain as ch
+from disburser.errors import RpcError
+
+
+class Scripted(ch.Transport):
+    def __init__(self, answers: list[Any]) -> None:
+        self.sleeps: list[float] = []
+        super().__init__("http://127.0.0.1:1", retries=3, sleep=self.sleeps.append,
+                         rand=lambda: 0.5)
+        self.answers = answers
+        self.posts = 0
+
+    def _post(self, payload: Any) -> Any:
+        self.posts += 1
+        a = self.answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return {"jsonrpc": "2.0", "id": payload["id"], **a}
+
+
+def test_rate_limit_inside_a_200_answer_is_retried_with_backoff() -> None:
+    limited = {"error": {"code": -32005, "message": "daily request rate limit exceeded"}}
+    t = Scripted([limited, limited, {"result": "0x1"}])
+    assert t.call("eth_chainId") == "0x1"
+    assert t.posts == 3 and t.sleeps == [0.5, 1.0]
+
+
+def test_rate_limit_gives_up_after_the_retries() -> None:
+    limited = {"error": {"code": 429, "message": "Too Many Requests"}}
+    t = Scripted([limited] * 4)
+    with pytest.raises(ch.NodeError, match="Too Many Requests"):
+        t.call("eth_chainId")
+    assert t.posts == 4
+
+
+@pytest.mark.parametrize("message, cls", [
+    ("already known", ch.AlreadyKnown),
+    ("nonce too low: next nonce 7, tx nonce 5", ch.NonceTooLow),
+    ("replacement transaction underpriced", ch.Underpriced),
+    ("insufficient funds for gas * price + value", ch.InsufficientFunds),
+    ("intrinsic gas too high -- tx.gas_limit > env.cfg.tx_gas_limit_cap", ch.GasCapExceeded),
+    ("execution reverted: Blacklistable: account is blacklisted", ch.Reverted),
+    ("query returned more than 10000 results", ch.NodeError),
+])
+def test_node_errors_are_typed_and_not_retried(message: str, cls: type) -> None:
+    t = Scripted([{"error": {"code": -32000, "message": message}}])
+    with pytest.raises(cls):
+        t.call("eth_sendRawTransaction", ["0x"])
+    assert t.posts == 1
+
+
+def test_transport_failure_names_the_node() -> None:
+    t = ch.Transport("http://127.0.0.1:9", retries=1, sleep=lambda _: None, timeout=0.5)
+    with pytest.raises(RpcError, match=r"node at http://127.0.0.1:9 unreachable after 2 tries"):
+        t.call("eth_chainId")
