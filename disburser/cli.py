@@ -70,6 +70,14 @@ def _env(name: str) -> str:
     return "DISBURSER_" + name
 
 
+# Options shared by the commands that write a manifest header.
+PayerOption = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    envvar=_env("PAYER"), help="Paying address (default: the payer key's).")]
+NotAfterOption = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    envvar=_env("NOT_AFTER"), help="Unix time after which nothing of it is sent "
+    "(default: 96 hours from now).")]
+
+
 class Fmt(str, Enum):
     table = "table"
     json = "json"
@@ -150,11 +158,8 @@ def allocate(
         help="CSV user_id,factor (default factor 1).")] = None,
     policy: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         envvar=_env("POLICY"), help="TOML amount policy and fund size.")] = None,
-    payer: Annotated[Optional[str], typer.Option(envvar=_env("PAYER"),  # noqa: UP045
-                                                 help="Paying address.")] = None,
-    not_after: Annotated[Optional[int], typer.Option(  # noqa: UP045
-        envvar=_env("NOT_AFTER"), help="Unix time after which nothing of it is sent "
-        "(default: 96 hours from now).")] = None,
+    payer: PayerOption = None,
+    not_after: NotAfterOption = None,
 ) -> None:
     """Apply the eligibility rules and the amount policy to the exchange's records: write an
     unsigned manifest and a report saying why each user got what they got."""
@@ -198,11 +203,8 @@ def manifest_build(
                                              "tokens, up to the token's decimals).")],
     program: Annotated[str, typer.Option(envvar=_env("PROGRAM"), help="Program name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Manifest JSON to write.")],
-    payer: Annotated[Optional[str], typer.Option(envvar=_env("PAYER"),  # noqa: UP045
-                                                 help="Paying address.")] = None,
-    not_after: Annotated[Optional[int], typer.Option(  # noqa: UP045
-        envvar=_env("NOT_AFTER"), help="Unix time after which nothing of it is sent "
-        "(default: 96 hours from now).")] = None,
+    payer: PayerOption = None,
+    not_after: NotAfterOption = None,
 ) -> None:
     """Build an unsigned manifest from a CSV of payments."""
     from disburser import manifest as mf

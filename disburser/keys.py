@@ -7,7 +7,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from disburser.addresses import is_hex_address, to_checksum
 from disburser.errors import InputError, SettingsError
 
 
@@ -67,15 +69,19 @@ def from_env_var(var: str) -> Signer:
     return Signer(_parse_hex_key(value, var))
 
 
-def from_keystore(path: Path, password: str | None, *, password_source: str) -> Signer:
-    from eth_account import Account
-
+def _read_keystore(path: Path) -> Any:
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise SettingsError(f"keystore {path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
+
+
+def from_keystore(path: Path, password: str | None, *, password_source: str) -> Signer:
+    from eth_account import Account
+
+    doc = _read_keystore(path)
     if password is None:
         raise SettingsError(f"keystore {path}: no password ({password_source} is not set)")
     try:
@@ -116,15 +122,11 @@ def new_keystore(path: Path, password: str) -> str:
 
 
 def keystore_address(path: Path, password_file: str | None) -> str:
-    from eth_utils import to_checksum_address
-
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SettingsError(f"keystore {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
-    if isinstance(doc, dict) and isinstance(doc.get("address"), str):
-        return str(to_checksum_address("0x" + doc["address"].removeprefix("0x")))
+    """The keystore's address: recorded in the file by geth and eth-account; Foundry's
+    keystores omit it, and then the key must be decrypted."""
+    doc = _read_keystore(path)
+    recorded = doc.get("address") if isinstance(doc, dict) else None
+    if isinstance(recorded, str) and is_hex_address("0x" + recorded.removeprefix("0x")):
+        return to_checksum("0x" + recorded.removeprefix("0x"))
     pw = read_password(os.environ.get("DISBURSER_KEYSTORE_PASSWORD"), password_file)
     return from_keystore(path, pw, password_source="--password-file").address
