@@ -125,7 +125,8 @@ class Transport:
                 if r.status_code == 429 or r.status_code >= 500:
                     raise _Retryable(f"HTTP {r.status_code}")
                 if r.status_code != 200:
-                    raise RpcError(f"node at {self.url} answered HTTP {r.status_code}")
+                    raise RpcError(f"node at {display_url(self.url)} answered HTTP "
+                                   f"{r.status_code}")
                 try:
                     return r.json()
                 except ValueError:
@@ -138,7 +139,8 @@ class Transport:
                     requests.exceptions.ContentDecodingError, _Retryable) as e:
                 if attempt == self.retries:
                     raise RpcError(
-                        f"node at {self.url} unreachable after {self.retries + 1} tries: "
+                        f"node at {display_url(self.url)} unreachable after "
+                        f"{self.retries + 1} tries: "
                         f"{_short(e)}"
                     ) from None
                 # Full jitter: spreads retries of many clients (and of our batches).
@@ -205,6 +207,15 @@ class Transport:
 def _rate_limited(e: NodeError) -> bool:
     low = str(e).lower()
     return "rate limit" in low or "too many requests" in low or "exceeded the quota" in low
+
+
+def display_url(url: str) -> str:
+    """Scheme, host and port only: providers put API keys in the path or the user part."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 class _Retryable(Exception):
@@ -473,6 +484,14 @@ class RpcChain:
         except NodeError:
             return None
         return bool(int.from_bytes(out[:32], "big")) if len(out) >= 32 else None
+
+    def blacklisted(self, token: str, who: str) -> bool:
+        """USDC-style ``isBlacklisted(address)``; False when the token has no such view."""
+        try:
+            out = self.call(token, "0x" + SEL_IS_BLACKLISTED + w_addr(who))
+        except NodeError:
+            return False
+        return len(out) >= 32 and int.from_bytes(out[:32], "big") != 0
 
     def code(self, address: str) -> bytes:
         return bytes.fromhex(str(self.t.call("eth_getCode", [address, "latest"]))[2:])

@@ -427,7 +427,6 @@ def send(
     from disburser import manifest as mf
     from disburser.amounts import format_units
     from disburser.domain import Mode, PaymentStatus
-    from disburser.errors import Interrupted
     from disburser.locks import RunnerLock
     from disburser.sender import Sender, config_from_settings
 
@@ -450,6 +449,8 @@ def send(
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
     with RunnerLock(s.db, signer.address, s.chain_id), \
             ledger.runner_lock(signer.address, s.chain_id, holder):
+        # The chain is checked before the manifest is recorded against the ceiling.
+        Sender(ledger, c, signer, cfg).preflight()
         first_block = c.head().number
         ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
                                first_block=first_block)
@@ -460,8 +461,10 @@ def send(
         sender = Sender(ledger, c, signer, cfg, should_stop=stop, on_progress=progress)
         try:
             result = sender.run(m)
-        except Interrupted:
+        except DisburserError as e:
             progress.done()
+            if sender.broadcast_any and e.exit_code == 2:
+                e.exit_code = 1  # something was sent: not a refusal
             raise
         progress.done()
     typer.echo(f"confirmed {result.confirmed}, failed {result.failed}, unpaid {result.unpaid}; "

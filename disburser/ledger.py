@@ -180,12 +180,20 @@ class Ledger:
         accepted manifests plus this one would exceed ``ceiling``. A manifest already known by
         its paymentsRoot is the same payments: only its document and not_after are updated."""
         with self.session() as s:
+            if self.is_postgres:
+                # Operators with different payers may share one PostgreSQL ledger: the
+                # read-then-insert of the ceiling check is serialised per program.
+                s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                          {"k": f"disburser-program-{m.program}"})
             existing = s.get(ManifestRow, m.root)
             if existing is not None:
-                if existing.program != m.program:
+                header = (existing.program, existing.chain_id, existing.token, existing.payer)
+                if header != (m.program, m.chain_id, m.token, m.payer):
                     raise CeilingError(
-                        f"manifest {m.root} is already recorded for program {existing.program}"
-                    )
+                        f"manifest {m.root} is already recorded for program "
+                        f"{existing.program}, chain {existing.chain_id}, token "
+                        f"{existing.token}, payer {existing.payer}; the same payments cannot "
+                        "be re-signed for another")
                 if m.not_after != existing.not_after or json.loads(existing.signers) != list(
                     signers
                 ):
@@ -195,6 +203,21 @@ class Ledger:
                     s.add(existing)
                     self._event(s, "manifest_resigned", root=m.root, not_after=m.not_after)
                 return False
+            # The same user in two manifests of one program would be paid twice (a
+            # re-sorted or corrected allocation gets a new paymentsRoot). A later manifest
+            # may only add users, as for those left out for want of an address.
+            other_roots = list(s.exec(select(col(ManifestRow.root)).where(
+                col(ManifestRow.program) == m.program)))
+            if other_roots:
+                seen = {pid: root for root, pid in s.execute(sa_select(
+                    col(PaymentRow.root), col(PaymentRow.pid)).where(
+                    col(PaymentRow.root).in_(other_roots)))}
+                for p in m.payments:
+                    if p.id in seen:
+                        raise CeilingError(
+                            f"payments[{p.index}]: id {p.id!r} is already in manifest "
+                            f"{seen[p.id]} of program {m.program}; a user is paid once per "
+                            "program")
             committed = sum(
                 int(t) for t in s.exec(select(col(ManifestRow.total)).where(
                     col(ManifestRow.program) == m.program))

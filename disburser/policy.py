@@ -32,6 +32,12 @@ def initial_fees(base_fee: int, tip: int, cap: int) -> Fees:
     return Fees(max_fee=min(cap, 2 * base_fee + tip), tip=tip)
 
 
+def fee_cap(max_fee: int, max_tx_fee: int, gas: int) -> int:
+    """Max fee per gas for a transaction of ``gas``: the operator's cap, and no more than
+    the node accepts for the whole transaction (gas x max fee <= max_tx_fee)."""
+    return min(max_fee, max_tx_fee // max(gas, 1))
+
+
 def _bumped(value: int) -> int:
     return value + (value * PRICE_BUMP_PERCENT + 99) // 100 + 1
 

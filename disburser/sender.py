@@ -45,6 +45,7 @@ class SendConfig:
     batch_size: int
     bump_after_blocks: int
     max_fee_wei: int
+    max_tx_fee_wei: int
     priority_fee_wei: int
     poll_interval: float
     ceiling: int
@@ -102,6 +103,9 @@ class Sender:
         self._base_fee_over_cap = False
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
+        # Whether this run put anything on the wire: an error after that is not "refused,
+        # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
+        self.broadcast_any = False
         self._head_seen, self._head_since, self._stall_logged = -1, clock(), False
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
         # n-th time the loop passes `point`. Never set in production.
@@ -119,7 +123,8 @@ class Sender:
         cid = self.chain.chain_id()
         if cid != self.cfg.chain_id:
             raise ChainMismatchError(
-                f"node at {self.chain.url} is chain {cid}, settings say {self.cfg.chain_id} "
+                f"node at {ch.display_url(self.chain.url)} is chain {cid}, settings say "
+                f"{self.cfg.chain_id} "
                 "(DISBURSER_CHAIN_ID / DISBURSER_NETWORK)")
         return cid
 
@@ -287,6 +292,11 @@ class Sender:
         if self.chain.paused(self.cfg.token):
             raise FailClosed(f"token {self.cfg.token} is paused; nothing was sent. Run `send` "
                              "again once it is unpaused")
+        for who, what in ((self.payer, "payer"), (self.cfg.batch_contract, "batch contract")):
+            # Otherwise every recipient would be marked failed, one by one.
+            if who and self.chain.blacklisted(self.cfg.token, who):
+                raise FailClosed(f"the token {self.cfg.token} blacklists the {what} {who}; "
+                                 "nothing was sent")
         bal = self.chain.token_balance(self.cfg.token, self.payer)
         if bal < owed:
             raise FailClosed(
@@ -416,8 +426,15 @@ class Sender:
         data = ch.enc_transfer(r.to, int(r.amount))
         try:
             estimate = self.chain.estimate_gas(self.payer, self.cfg.token, data)
+            # A token may refuse by returning false instead of reverting: a mined
+            # transaction would then look paid while nothing moved.
+            returned = self.chain.call(self.cfg.token, data, self.payer)
         except ch.Reverted as e:
             self._isolate_failure(m.root, rows, e.data)
+            return True
+        if len(returned) >= 32 and not any(returned[:32]):
+            log.warning("payment_failed", root=m.root, idx=r.idx, reason="token returned false")
+            self.ledger.mark_failed(m.root, r.idx, "token returned false")
             return True
         self._sign_and_send(kind="direct", root=m.root, to=self.cfg.token, data=data,
                             gas=policy.batch_gas_limit(estimate), rows=rows,
@@ -431,6 +448,12 @@ class Sender:
         self._fail_closed_if_global(reason)
         if index is None and len(rows) > 1:
             index = self._bisect(root, rows)
+            if index is None:
+                # The batch fails but no payment fails alone (an allowance or balance short
+                # for the sum, a lagging node): blaming one recipient would be a guess.
+                raise FailClosed(
+                    f"a batch of {len(rows)} payments of {root} fails in simulation "
+                    f"({reason}) but no single payment does; stopped before sending it")
             reason = self._reason_of(rows, index)
         if index is None:
             index = rows[0].idx
@@ -493,7 +516,8 @@ class Sender:
             # Invariant 2, checked again at signing time.
             self.ledger.check_ceiling(program, self.cfg.ceiling)
         head = self.chain.head()
-        fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei, self.cfg.max_fee_wei)
+        fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei,
+                                   self._fee_cap(gas))
         if fees.max_fee < head.base_fee:
             log.warning("fee_cap_below_base_fee", base_fee=head.base_fee, max_fee=fees.max_fee)
         nonce = self._next_nonce()
@@ -511,7 +535,11 @@ class Sender:
         self._broadcast(tx_id, nonce, signed.raw, signed.hash)
         self._crash_point("after_broadcast")
 
-    def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str) -> None:
+    def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str,
+                   *, others_pending: bool = False) -> None:
+        """Send stored bytes. ``others_pending``: another attempt at this nonce is in the
+        node's pool, so a refusal of this one (a bump) leaves the nonce covered."""
+        self.broadcast_any = True
         try:
             self.chain.send_raw(raw)
             log.info("transfer_broadcast", nonce=nonce, tx_hash=tx_hash)
@@ -533,6 +561,15 @@ class Sender:
             log.warning("transfer_broadcast_unknown", nonce=nonce, tx_hash=tx_hash, error=str(e))
         except ch.NodeError as e:
             log.warning("transfer_broadcast_refused", nonce=nonce, tx_hash=tx_hash, error=str(e))
+            if others_pending:
+                return
+            # A definite refusal (geth's tx fee cap, "txpool is full", "oversized data"...):
+            # nothing at this nonce can be mined, and every later transaction would wait
+            # behind the gap. Stop and say why instead of waiting forever.
+            raise FailClosed(
+                f"node refused transaction {tx_hash} at nonce {nonce}: {e}; nothing more is "
+                "sent. Fix the cause and run `send` again (the same signed bytes are sent "
+                "again)") from None
 
     # --- polling ----------------------------------------------------------------------
 
@@ -653,14 +690,22 @@ class Sender:
             f"{h or '(not found in recent blocks)'}, which this ledger did not send; its "
             f"payments stay in flight. Stopping rather than guessing")
 
+    def _fee_cap(self, gas: int) -> int:
+        """The operator's fee cap, lowered so that gas x max fee stays under the node's
+        per-transaction fee cap (geth's rpc.txfeecap, 1 ETH by default): a 16M-gas batch
+        at 100 gwei would be refused outright."""
+        return policy.fee_cap(self.cfg.max_fee_wei, self.cfg.max_tx_fee_wei, gas)
+
     def _rebroadcast_all(self, t: TxRow, attempts: Sequence[Any]) -> None:
+        # Not fatal here: if every attempt is refused, the next poll sees the nonce neither
+        # mined nor pending and re-sends the latest, where a refusal stops the run.
         for a in reversed(attempts):
-            self._broadcast(t.id or 0, t.nonce, a.raw, a.hash)
+            self._broadcast(t.id or 0, t.nonce, a.raw, a.hash, others_pending=True)
 
     def _bump(self, t: TxRow, last: Any, head: ch.Head) -> bool:
         assert t.id is not None
         old = policy.Fees(max_fee=int(last.max_fee), tip=int(last.tip))
-        new = policy.bump_fees(old, head.base_fee, self.cfg.max_fee_wei)
+        new = policy.bump_fees(old, head.base_fee, self._fee_cap(t.gas_limit))
         if new is None:
             if t.id not in self._at_cap_logged:
                 self._at_cap_logged.add(t.id)
@@ -675,7 +720,7 @@ class Sender:
         self._sent_at_block[t.id] = head.number
         log.info("transfer_bumped", nonce=t.nonce, tx_hash=signed.hash, max_fee=new.max_fee,
                  tip=new.tip)
-        self._broadcast(t.id, t.nonce, signed.raw, signed.hash)
+        self._broadcast(t.id, t.nonce, signed.raw, signed.hash, others_pending=True)
         return True
 
 
@@ -705,6 +750,7 @@ def config_from_settings(s: Any, mode: Mode, program: str) -> SendConfig:
         batch_contract=s.batch_contract, confirmations=s.confirmations,
         max_in_flight=s.max_in_flight, batch_size=s.batch_size,
         bump_after_blocks=s.bump_after_blocks, max_fee_wei=s.max_fee_wei,
+        max_tx_fee_wei=s.max_tx_fee_wei,
         priority_fee_wei=s.priority_fee_wei, poll_interval=s.poll_interval,
         ceiling=s.ceilings.for_program(program),
     )

@@ -92,6 +92,7 @@ class Settings:
     batch_contract: str | None
     confirmations: int
     max_fee_wei: int
+    max_tx_fee_wei: int
     priority_fee_wei: int
     max_in_flight: int
     batch_size: int
@@ -185,6 +186,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         confirmations=_int(env, "CONFIRMATIONS", prof.confirmations, minimum=1),
         max_fee_wei=_gwei(env, "MAX_FEE_GWEI", prof.max_fee_gwei),
         priority_fee_wei=_gwei(env, "PRIORITY_FEE_GWEI", prof.priority_fee_gwei),
+        max_tx_fee_wei=parse_units(_get(env, "MAX_TX_FEE_ETH", "1") or "1", 18,
+                                   where=f"{PREFIX}MAX_TX_FEE_ETH"),
         max_in_flight=_int(env, "MAX_IN_FLIGHT", 16, minimum=1),
         batch_size=_int(env, "BATCH_SIZE", 500, minimum=1),
         bump_after_blocks=_int(env, "BUMP_AFTER_BLOCKS", 3, minimum=1),

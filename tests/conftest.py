@@ -68,7 +68,8 @@ class Env:
             w = csv.writer(f)
             w.writerow(["id", "to", "amount"])
             for i in range(n):
-                w.writerow([f"user-{i:06d}", fresh_address(f"{seed}{i}"),
+                pid = f"user-{i:06d}" if seed == "r" else f"{seed}-user-{i:06d}"
+                w.writerow([pid, fresh_address(f"{seed}{i}"),
                             amount or f"{i % 7 + 1}.25"])
         return path
 

@@ -208,3 +208,32 @@ def test_bad_setting_names_it(env: Env) -> None:
     _assert_refused(env, ["send", str(m), "--yes"],
                     "DISBURSER_CONFIRMATIONS: 'many' is not an integer",
                     extra={"DISBURSER_CONFIRMATIONS": "many"})
+
+
+def test_same_user_in_a_second_manifest_of_the_program(env: Env) -> None:
+    """A re-sorted or corrected allocation has a new paymentsRoot: its users must not be
+    paid a second time."""
+    first = env.signed_manifest(4, name="a.json")
+    assert env.cli("send", str(first), "--yes").code == 0
+    resorted = env.tmp / "resorted.csv"
+    rows = (env.tmp / "a.json.csv").read_text().splitlines()
+    resorted.write_text("\n".join([rows[0], *reversed(rows[1:])]) + "\n")
+    out = env.tmp / "resorted.json"
+    assert env.cli("manifest", "build", str(resorted), "--program",
+                   "together-initiative-2025-10", "-o", str(out)).code == 0
+    for i in (0, 1):
+        env.cli("manifest", "sign", str(out), "--private-key-env", f"APPROVER_{i}")
+    from disburser import manifest as mf
+
+    _assert_refused_after_first(env, ["send", str(out), "--yes"],
+                                f"payments[0]: id 'user-000003' is already in manifest "
+                                f"{mf.load(first).root} of program together-initiative-2025-10; "
+                                "a user is paid once per program")
+
+
+def _assert_refused_after_first(env: Env, args: list[str], expected: str) -> None:
+    nonce, bal = env.payer_nonce(), env.balance(env.devnet.payer)
+    r = env.cli(*args)
+    assert r.code == 2, (r.out, r.err)
+    assert r.err.strip() == f"disburser: error: {expected}"
+    assert env.payer_nonce() == nonce and env.balance(env.devnet.payer) == bal

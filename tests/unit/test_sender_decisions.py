@@ -1,0 +1,123 @@
+"""Decisions of the send loop driven by a fake chain (pure logic; the integration and fault
+suites run the same loop against a real Anvil)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from disburser import chain as ch
+from disburser import policy
+from disburser.devnet import PAYER_KEY
+from disburser.domain import Mode, Payment
+from disburser.errors import FailClosed
+from disburser.keys import Signer
+from disburser.ledger import Ledger
+from disburser.manifest import make_manifest
+from disburser.sender import SendConfig, Sender
+
+TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
+BATCH = "0x9fE46736679d2D9a65F0992F2272dE9f3c7fa6e0"
+TO = ["0x" + f"{i + 1:040x}" for i in range(4)]
+
+
+class FakeChain:
+    url = "http://127.0.0.1:1/secret-key"
+
+    def __init__(self) -> None:
+        self.refuse: ch.NodeError | None = None
+        self.allowance_left = 25
+        self.sent: list[str] = []
+
+    def send_raw(self, raw: str) -> str:
+        if self.refuse:
+            raise self.refuse
+        self.sent.append(raw)
+        return "0x"
+
+    def paused(self, token: str) -> bool:
+        return False
+
+    def call(self, to: str, data: str, sender: str | None = None) -> bytes:
+        # A batch moving more than the allowance fails as a whole, with no culprit.
+        amounts = _amounts(data)
+        if sum(amounts) > self.allowance_left:
+            raise ch.Reverted("execution reverted", 3, b"")
+        return b""
+
+
+def _amounts(data: str) -> list[int]:
+    words = [int(data[10 + 64 * i:10 + 64 * (i + 1)], 16) for i in range((len(data) - 10) // 64)]
+    n = words[5]
+    return words[-n:]
+
+
+def _sender(tmp_path: Path, chain: FakeChain) -> Sender:
+    cfg = SendConfig(mode=Mode.BATCH, chain_id=31337, token=TOKEN, decimals=6,
+                     batch_contract=BATCH, confirmations=1, max_in_flight=4, batch_size=10,
+                     bump_after_blocks=3, max_fee_wei=100 * 10**9, max_tx_fee_wei=10**18,
+                     priority_fee_wei=10**9, poll_interval=0.01, ceiling=10**12)
+    return Sender(Ledger(tmp_path / "l.sqlite"), chain, Signer(bytes.fromhex(PAYER_KEY[2:])),  # type: ignore[arg-type]
+                  cfg)
+
+
+@pytest.mark.parametrize("error", [
+    ch.NodeError("tx fee (1.61 ether) exceeds the configured cap (1.00 ether)"),
+    ch.NodeError("txpool is full"),
+    ch.GasCapExceeded("intrinsic gas too high -- tx.gas_limit > env.cfg.tx_gas_limit_cap"),
+])
+def test_a_refused_broadcast_stops_the_run_instead_of_waiting_forever(
+        tmp_path: Path, error: ch.NodeError) -> None:
+    chain = FakeChain()
+    chain.refuse = error
+    s = _sender(tmp_path, chain)
+    with pytest.raises(FailClosed) as e:
+        s._broadcast(1, 7, "0xab", "0xhash")
+    assert str(e.value) == (f"node refused transaction 0xhash at nonce 7: {error}; nothing more "
+                            "is sent. Fix the cause and run `send` again (the same signed bytes "
+                            "are sent again)")
+    assert s.broadcast_any
+    # A refused bump leaves the earlier attempt covering the nonce: not fatal.
+    s._broadcast(1, 7, "0xab", "0xhash2", others_pending=True)
+
+
+@pytest.mark.parametrize("error", [ch.AlreadyKnown("already known"),
+                                   ch.NonceTooLow("nonce too low"),
+                                   ch.Underpriced("replacement transaction underpriced")])
+def test_ambiguous_answers_are_left_to_the_lookup(tmp_path: Path, error: ch.NodeError) -> None:
+    chain = FakeChain()
+    chain.refuse = error
+    _sender(tmp_path, chain)._broadcast(1, 7, "0xab", "0xhash")  # no exception, no re-sign
+
+
+def test_no_culprit_means_no_payment_is_blamed(tmp_path: Path) -> None:
+    chain = FakeChain()
+    s = _sender(tmp_path, chain)
+    pays = [Payment(i, f"u{i}", TO[i], 10) for i in range(4)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                      not_after=2**40, payments=pays)
+    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    rows = s.ledger.payments(m.root)
+    with pytest.raises(FailClosed, match=r"a batch of 4 payments of 0x[0-9a-f]{64} fails in "
+                       r"simulation \(reverted without a reason\) but no single payment does"):
+        s._isolate_failure(m.root, rows, b"")
+    assert {r.status for r in s.ledger.payments(m.root)} == {"queued"}
+
+
+@pytest.mark.parametrize("cap, tx_cap, gas, want", [
+    (100 * 10**9, 10**18, 16_000_000, 62_500_000_000),  # geth's 1 ETH txfeecap binds
+    (100 * 10**9, 10**18, 1_000_000, 100 * 10**9),  # the operator's cap binds
+    (10 * 10**9, 10**18, 0, 10 * 10**9),
+])
+def test_fee_cap_respects_the_node_tx_fee_cap(cap: int, tx_cap: int, gas: int, want: int) -> None:
+    assert policy.fee_cap(cap, tx_cap, gas) == want
+    assert policy.fee_cap(cap, tx_cap, gas) * gas <= tx_cap
+
+
+def test_rpc_url_secrets_are_not_shown() -> None:
+    assert ch.display_url("https://mainnet.infura.io/v3/0123456789abcdef") == \
+        "https://mainnet.infura.io"
+    assert ch.display_url("http://user:pw@127.0.0.1:8545/key") == "http://127.0.0.1:8545"
+
+
