@@ -27,7 +27,10 @@ class Signer:
 
         if len(private_key) != 32:
             raise InputError("private key must be 32 bytes")
-        self._account = Account.from_key(private_key)
+        try:
+            self._account = Account.from_key(private_key)
+        except Exception:  # noqa: BLE001 - the library's message may quote the key
+            raise InputError("private key is not a valid secp256k1 key") from None
         self.address: str = self._account.address
 
     def __repr__(self) -> str:
