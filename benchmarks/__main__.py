@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -48,9 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--only: unknown step(s) {', '.join(unknown)} (known: {', '.join(STEPS)})")
 
+    from benchmarks import machine
     from disburser.devnet import anvil_binary
 
     anvil_binary()  # fail early, with the bootstrap hint, if Anvil is missing
+    # SIGTERM (a CI timeout, `timeout`) unwinds like Ctrl-C, so that every Anvil started
+    # in a `with` is stopped: they run in their own session and would outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    info = machine.describe()  # before the run: the commit measured, not the one after it
     tmp = Path(tempfile.mkdtemp(prefix="disburser-bench-"))
     ctx = Ctx(tmp=tmp, quick=args.quick, runs=args.runs or (1 if args.quick else 3),
               log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -69,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.log(f"bench: work files kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    from benchmarks import machine
-
-    doc = {"machine": machine.describe(), "quick": args.quick, "finished": time.time(),
+    doc = {"machine": info, "quick": args.quick, "finished": time.time(),
            "elapsed": time.perf_counter() - t0, "results": results}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2, default=str))

@@ -16,7 +16,7 @@ def _n(x: float) -> str:
 
 
 def _mb(b: float) -> str:
-    return f"{b / 1e6:,.1f} MB"
+    return f"{b / 1e6:,.1f} MB" if b >= 1e6 else f"{b / 1e3:,.0f} kB"
 
 
 def _met(ok: bool | None, quick: bool) -> str:
@@ -61,8 +61,8 @@ def summary_rows(r: dict[str, Any], quick: bool) -> list[list[str]]:
             f"{_n(b['rate'])}/s vs {ty['rate']:,.1f}/s = {t['batch_vs_typical']:,.0f}×",
             "≥ 200×", t["batch_vs_typical"] >= 200)
         add(f"2. Direct mode, {_n(t['n_direct'])} recipients, vs the typical script",
-            f"{d['rate']:,.1f}/s = {t['direct_vs_typical']:,.1f}×", "≥ 20×",
-            t["direct_vs_typical"] >= 20)
+            f"{d['rate']:,.1f}/s = {t['direct_vs_typical']:,.1f}× (pre-signed transfers reach "
+            f"{_n(t['raw_direct'])}/s)", "≥ 20×", t["direct_vs_typical"] >= 20)
     if m := r.get("mainnet"):
         x = m["mainnet"]
         add(f"3. 300,000 recipients, mainnet-like ({x['gas_limit'] / 1e6:.0f}M gas blocks every "
@@ -115,6 +115,10 @@ def _details(r: dict[str, Any]) -> list[str]:
             ("raw_rpc_batch", "raw ceiling: pre-signed, JSON-RPC batches + evm_mine",
              t["n_batch"]),
             ("direct", "engine, direct mode", t["n_direct"]),
+            ("raw_direct_sequential", "direct ceiling: pre-signed transfers, one request "
+             "per tx", t["n_direct"]),
+            ("raw_direct_rpc_batch", "direct ceiling: pre-signed transfers, JSON-RPC batches "
+             "of 500 + evm_mine", t["n_direct"]),
             ("typical", "typical web3.py script", t["n_typical"]),
         ):
             v = t[key]
@@ -135,6 +139,8 @@ def _details(r: dict[str, Any]) -> list[str]:
         rows2 = []
         for key, label in (("mainnet", "as the ethereum profile"),
                            ("conf1", "confirmations 1 (pipeline not held by confirmations)"),
+                           ("conf1_b450", "confirmations 1 and DISBURSER_BATCH_SIZE=450 (three "
+                            "batches fit a block)"),
                            ("gas36", "36M gas blocks")):
             if key not in m:
                 continue

@@ -55,7 +55,8 @@ def _reconcile(env: dict[str, str], n: int, runs: int) -> dict[str, Any]:
     return {"seconds": median(times), "samples": [round(t, 3) for t in times]}
 
 
-def _one_size(ctx: Ctx, n: int) -> dict[str, Any]:
+def one_size(ctx: Ctx, n: int) -> dict[str, Any]:
+    """Send n payments on a fresh Anvil in a child process, then reconcile them."""
     work = ctx.dir(f"scaling-{n}")
     with fresh_devnet() as d:
         path = signed_manifest(d, n, work / "manifest.json", seed=f"scale-{n}")
@@ -118,7 +119,7 @@ def _allocation(ctx: Ctx) -> dict[str, Any]:
 
 def run(ctx: Ctx) -> dict[str, Any]:
     sizes = (200, 1_000) if ctx.quick else (1_000, 10_000, 100_000)
-    out: dict[str, Any] = {"sizes": [_one_size(ctx, n) for n in sizes]}
+    out: dict[str, Any] = {"sizes": [one_size(ctx, n) for n in sizes]}
     out["allocation"] = _allocation(ctx)
     ctx.shared["ledgers"] = {s["n"]: s["ledger_path"] for s in out["sizes"]}
     return out

@@ -33,9 +33,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
     exe = str(Path(sys.executable).parent / "disburser")
     ledgers: dict[int, str] = ctx.shared.get("ledgers", {})
     if not ledgers:  # run alone (--only startup): make a small ledger
-        from benchmarks.scaling import _one_size
+        from benchmarks.scaling import one_size
 
-        ledgers = {1_000: _one_size(ctx, 1_000)["ledger_path"]}
+        ledgers = {1_000: one_size(ctx, 1_000)["ledger_path"]}
     n = max(ledgers)
     # No node behind the URL: status shows the ledger without the allowance (it tries the
     # node once, without retries), as on an operator's laptop.

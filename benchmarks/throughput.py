@@ -6,7 +6,8 @@
 - raw ceiling: the same batches (same size rule, same calldata, gas limits from the same
   estimate rule) signed beforehand with ``keys.Signer`` and pushed with no ledger, no log,
   no simulation; the clock runs from the first push to the last receipt. Two ways of
-  pushing, the faster one is the ceiling (see ``_raw``).
+  pushing, the faster one is the ceiling (see ``_raw``). The same for direct mode's
+  transfers, as context for its figure.
 - typical script: web3.py ``build_transaction`` + ``sign_transaction`` +
   ``send_raw_transaction`` + ``wait_for_transaction_receipt``, one recipient at a time.
 """
@@ -50,17 +51,17 @@ def _engine(ctx: Ctx, n: int, mode: str, run: int) -> dict[str, float]:
             "load": r.load, "accept": r.accept, "txs": r.txs}
 
 
-def _raw(ctx: Ctx, n: int, how: str) -> dict[str, float]:
-    """Pre-signed batches, no ledger. ``how``:
+def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch") -> dict[str, float]:
+    """Pre-signed transactions, no ledger: ``kind`` "batch" (the engine's BatchPayout
+    batches) or "direct" (one `transfer` each, gas limit from one estimate). ``how``:
 
     - ``sequential``: one eth_sendRawTransaction request per transaction, back to back;
       automine mines each as it arrives (what the engine meets).
     - ``rpc-batch``: JSON-RPC batches of sends, then evm_mine until the last receipt:
-      under automine a batch of sends leaves all but the first transaction waiting for the
-      next arrival (one 16M-gas batch per 30M block), so the tail is mined by hand. Anvil
-      has been seen to lose one of them silently: any transaction without a receipt once
-      the pool is empty is sent again (counted in ``resent``; "nonce too low" means it was
-      being mined meanwhile).
+      under automine a batch of sends leaves all but the first block's transactions waiting
+      for the next arrival, so the tail is mined by hand. Anvil has been seen to lose one
+      of them silently: any transaction without a receipt once the pool is empty is sent
+      again (counted in ``resent``; "nonce too low" means it was being mined meanwhile).
     """
     from disburser.sender import BATCH_FIXED_GAS, PER_RECIPIENT_GAS
 
@@ -68,19 +69,27 @@ def _raw(ctx: Ctx, n: int, how: str) -> dict[str, float]:
         c = ch.RpcChain(d.url)
         signer = payer_signer(d)
         head = c.head()
-        size = min(500, policy.max_batch_size(head.gas_limit, PER_RECIPIENT_GAS,
-                                              BATCH_FIXED_GAS))
-        tos, ams = fresh_addresses(n, f"raw-{how}"), amounts(n)
-        approve(d, d.batch_contract, sum(ams))
-        root = "0x" + "ab" * 32
-        datas = [ch.enc_disburse(d.token, root, list(range(i, min(n, i + size))),
-                                 tos[i:i + size], ams[i:i + size]) for i in range(0, n, size)]
-        gases = [policy.batch_gas_limit(c.estimate_gas(d.payer, d.batch_contract, x))
-                 for x in datas]
+        tos, ams = fresh_addresses(n, f"raw-{kind}-{how}"), amounts(n)
+        if kind == "batch":
+            size = min(500, policy.max_batch_size(head.gas_limit, PER_RECIPIENT_GAS,
+                                                  BATCH_FIXED_GAS))
+            approve(d, d.batch_contract, sum(ams))
+            root = "0x" + "ab" * 32
+            to = d.batch_contract
+            datas = [ch.enc_disburse(d.token, root, list(range(i, min(n, i + size))),
+                                     tos[i:i + size], ams[i:i + size])
+                     for i in range(0, n, size)]
+            gases = [policy.batch_gas_limit(c.estimate_gas(d.payer, to, x)) for x in datas]
+            per_request = RAW_PER_REQUEST
+        else:
+            size, to = 1, d.token
+            datas = [ch.enc_transfer(t, a) for t, a in zip(tos, ams, strict=True)]
+            gases = [policy.batch_gas_limit(c.estimate_gas(d.payer, to, datas[0]))] * n
+            per_request = 500
         nonce = c.nonce(d.payer)
         t = time.perf_counter()
-        signed = [signer.sign_tx(chain_id=d.chain_id, nonce=nonce + k, to=d.batch_contract,
-                                 data=x, gas=g, max_fee=MAX_FEE, tip=TIP)
+        signed = [signer.sign_tx(chain_id=d.chain_id, nonce=nonce + k, to=to, data=x, gas=g,
+                                 max_fee=MAX_FEE, tip=TIP)
                   for k, (x, g) in enumerate(zip(datas, gases, strict=True))]
         sign_s = time.perf_counter() - t
         resent = 0
@@ -89,8 +98,8 @@ def _raw(ctx: Ctx, n: int, how: str) -> dict[str, float]:
             for s in signed:
                 c.send_raw(s.raw)
         else:
-            for i in range(0, len(signed), RAW_PER_REQUEST):
-                for res in c.send_raw_many([s.raw for s in signed[i:i + RAW_PER_REQUEST]]):
+            for i in range(0, len(signed), per_request):
+                for res in c.send_raw_many([s.raw for s in signed[i:i + per_request]]):
                     if isinstance(res, Exception):
                         raise res
         last = signed[-1].hash
@@ -111,8 +120,8 @@ def _raw(ctx: Ctx, n: int, how: str) -> dict[str, float]:
         elapsed = time.perf_counter() - t0
         ok = all(r is not None and r.status == 1 for r in c.receipts([s.hash for s in signed])
                  .values())
-        assert ok, "raw ceiling: a batch failed"
-    ctx.log(f"  raw ceiling ({how}) n={n}: {n / elapsed:,.0f}/s")
+        assert ok, "raw ceiling: a transaction failed"
+    ctx.log(f"  raw ceiling ({kind}, {how}) n={n}: {n / elapsed:,.0f}/s")
     return {"rate": n / elapsed, "elapsed": elapsed, "sign": sign_s, "txs": len(signed),
             "batch_size": size, "resent": resent}
 
@@ -153,6 +162,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         ("raw_sequential", lambda _i: _raw(ctx, n_batch, "sequential")),
         ("raw_rpc_batch", lambda _i: _raw(ctx, n_batch, "rpc-batch")),
         ("direct", lambda i: _engine(ctx, n_direct, "direct", i)),
+        ("raw_direct_sequential", lambda _i: _raw(ctx, n_direct, "sequential", "direct")),
+        ("raw_direct_rpc_batch", lambda _i: _raw(ctx, n_direct, "rpc-batch", "direct")),
         ("typical", lambda _i: _typical(ctx, n_typical)),
     ]
     for key, fn in steps:
@@ -166,4 +177,6 @@ def run(ctx: Ctx) -> dict[str, Any]:
     out["batch_run_vs_raw"] = out["batch"]["run_rate"] / out["raw"]
     out["batch_vs_typical"] = out["batch"]["rate"] / out["typical"]["rate"]
     out["direct_vs_typical"] = out["direct"]["rate"] / out["typical"]["rate"]
+    out["raw_direct"] = max(out["raw_direct_sequential"]["rate"],
+                            out["raw_direct_rpc_batch"]["rate"])
     return out
