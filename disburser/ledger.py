@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Index, UniqueConstraint, event, func, insert, text, update
 from sqlalchemy import select as sa_select
@@ -128,6 +128,15 @@ class PayerRow(SQLModel, table=True):
     first_nonce: int  # the chain's nonce when this ledger first used the payer
 
 
+class Queued(NamedTuple):
+    """A payment waiting to be sent: just the columns the send loop needs."""
+
+    root: str
+    idx: int
+    to: str
+    amount: str
+
+
 @dataclass(frozen=True)
 class Counts:
     by_status: dict[str, int]
@@ -237,12 +246,13 @@ class Ledger:
                 document=to_json(m), signers=json.dumps(list(signers)), accepted_at=now,
             ))
             s.flush()
-            s.execute(insert(PaymentRow), [
-                {"root": m.root, "idx": p.index, "pid": p.id, "to": p.to,
-                 "amount": str(p.amount), "status": PaymentStatus.QUEUED.value,
-                 "updated_at": now}
-                for p in m.payments
-            ])
+            for i in range(0, m.count, 20_000):  # chunks: bounded memory at 300,000 rows
+                s.execute(insert(PaymentRow), [
+                    {"root": m.root, "idx": p.index, "pid": p.id, "to": p.to,
+                     "amount": str(p.amount), "status": PaymentStatus.QUEUED.value,
+                     "updated_at": now}
+                    for p in m.payments[i:i + 20_000]
+                ])
             self._event(s, "manifest_accepted", root=m.root, program=m.program, count=m.count,
                         total=str(m.total), signers=list(signers))
             return True
@@ -289,6 +299,22 @@ class Ledger:
             if limit is not None:
                 q = q.limit(limit)
             return list(s.exec(q))
+
+    def queued(self, root: str, limit: int | None = None) -> list[Queued]:
+        """Queued payments of ``root`` by index, as plain tuples (no ORM objects: a manifest
+        may hold 300,000 of them)."""
+        with self.session() as s:
+            q = sa_select(col(PaymentRow.root), col(PaymentRow.idx), col(PaymentRow.to),
+                          col(PaymentRow.amount)).where(
+                col(PaymentRow.root) == root,
+                col(PaymentRow.status) == PaymentStatus.QUEUED.value,
+            ).order_by(col(PaymentRow.idx))
+            if limit is not None:
+                q = q.limit(limit)
+            return [Queued(r[0], r[1], r[2], r[3]) for r in s.execute(q)]
+
+    def has_queued(self, root: str) -> bool:
+        return bool(self.queued(root, limit=1))
 
     def all_payments(self) -> list[PaymentRow]:
         with self.session() as s:
@@ -402,6 +428,17 @@ class Ledger:
         with self.session() as s:
             return list(s.exec(select(AttemptRow).where(col(AttemptRow.tx_id) == tx_id)
                                .order_by(col(AttemptRow.id))))
+
+    def attempts_of(self, tx_ids: Sequence[int]) -> dict[int, list[AttemptRow]]:
+        """Every attempt of several transactions in one query, oldest first."""
+        out: dict[int, list[AttemptRow]] = {i: [] for i in tx_ids}
+        if not tx_ids:
+            return out
+        with self.session() as s:
+            for a in s.exec(select(AttemptRow).where(col(AttemptRow.tx_id).in_(list(tx_ids)))
+                            .order_by(col(AttemptRow.id))):
+                out[a.tx_id].append(a)
+        return out
 
     def open_txs(self, payer: str) -> list[TxRow]:
         """Transactions not yet final (pending or mined-but-shallow), by nonce."""
