@@ -394,12 +394,21 @@ class RpcChain:
     def simulate(self, sender: str, to: str, data: str) -> tuple[bool, int, bytes]:
         """One run of a call against the latest state (eth_simulateV1): (succeeded, gas
         used, return or revert data). NodeError when the node lacks the method."""
+        return self.simulate_many(sender, to, [data])[0]
+
+    def simulate_many(self, sender: str, to: str, datas: Sequence[str]
+                      ) -> list[tuple[bool, int, bytes]]:
+        """Calls run one after the other in one simulated block (each sees the state the
+        previous left, as the transactions will), in one request."""
         res = self.t.call("eth_simulateV1", [
-            {"blockStateCalls": [{"calls": [{"from": sender, "to": to, "data": data}]}]},
+            {"blockStateCalls": [{"calls": [{"from": sender, "to": to, "data": d}
+                                            for d in datas]}]},
             "latest"])
-        call = res[0]["calls"][0]
-        ret = bytes.fromhex(str(call.get("returnData") or "0x")[2:])
-        return int(call["status"], 16) == 1, int(call["gasUsed"], 16), ret
+        out = []
+        for call in res[0]["calls"]:
+            ret = bytes.fromhex(str(call.get("returnData") or "0x")[2:])
+            out.append((int(call["status"], 16) == 1, int(call["gasUsed"], 16), ret))
+        return out
 
     def estimate_gas_create(self, sender: str, code: str) -> int:
         return int(self.t.call("eth_estimateGas", [{"from": sender, "data": code}]), 16)

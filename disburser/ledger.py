@@ -128,6 +128,25 @@ class PayerRow(SQLModel, table=True):
     first_nonce: int  # the chain's nonce when this ledger first used the payer
 
 
+@dataclass(frozen=True)
+class NewTx:
+    """A signed transaction about to be written ahead."""
+
+    payer: str
+    nonce: int
+    kind: str  # batch | direct | approve | deploy
+    root: str | None
+    to: str
+    data: str
+    gas_limit: int
+    raw: str
+    tx_hash: str
+    max_fee: int
+    tip: int
+    idxs: tuple[int, ...] = ()
+    amount: int = 0
+
+
 class Queued(NamedTuple):
     """A payment waiting to be sent: just the columns the send loop needs."""
 
@@ -397,25 +416,37 @@ class Ledger:
     ) -> int:
         """Write-ahead: the transaction, its first signed attempt and the claim of its
         payments (queued -> in_flight) commit together, before anything is broadcast."""
+        return self.record_txs([NewTx(
+            payer=payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
+            gas_limit=gas_limit, raw=raw, tx_hash=tx_hash, max_fee=max_fee, tip=tip,
+            idxs=tuple(idxs), amount=amount)])[0]
+
+    def record_txs(self, txs: Sequence[NewTx]) -> list[int]:
+        """Several transactions written ahead in one database transaction (one fsync)."""
         now = _now()
+        ids: list[int] = []
         with self.session() as s:
-            tx = TxRow(payer=payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
-                       gas_limit=gas_limit, count=len(idxs), amount=str(amount),
-                       created_at=now, updated_at=now)
-            s.add(tx)
-            s.flush()
-            assert tx.id is not None
-            s.add(AttemptRow(tx_id=tx.id, hash=tx_hash, raw=raw, max_fee=str(max_fee),
-                             tip=str(tip), created_at=now))
-            if idxs:
-                r = s.execute(update(PaymentRow).where(
-                    col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(idxs)),
-                    col(PaymentRow.status) == PaymentStatus.QUEUED.value,
-                ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx.id, updated_at=now))
-                _expect(r, len(idxs), f"claim of {len(idxs)} payments for nonce {nonce}")
-            self._event(s, "tx_signed", tx_id=tx.id, nonce=nonce, kind=kind, hash=tx_hash,
-                        count=len(idxs), amount=str(amount), max_fee=str(max_fee), tip=str(tip))
-            return tx.id
+            for n in txs:
+                tx = TxRow(payer=n.payer, nonce=n.nonce, kind=n.kind, root=n.root, to=n.to,
+                           data=n.data, gas_limit=n.gas_limit, count=len(n.idxs),
+                           amount=str(n.amount), created_at=now, updated_at=now)
+                s.add(tx)
+                s.flush()
+                assert tx.id is not None
+                s.add(AttemptRow(tx_id=tx.id, hash=n.tx_hash, raw=n.raw, max_fee=str(n.max_fee),
+                                 tip=str(n.tip), created_at=now))
+                if n.idxs:
+                    r = s.execute(update(PaymentRow).where(
+                        col(PaymentRow.root) == n.root, col(PaymentRow.idx).in_(list(n.idxs)),
+                        col(PaymentRow.status) == PaymentStatus.QUEUED.value,
+                    ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx.id, updated_at=now))
+                    _expect(r, len(n.idxs),
+                            f"claim of {len(n.idxs)} payments for nonce {n.nonce}")
+                self._event(s, "tx_signed", tx_id=tx.id, nonce=n.nonce, kind=n.kind,
+                            hash=n.tx_hash, count=len(n.idxs), amount=str(n.amount),
+                            max_fee=str(n.max_fee), tip=str(n.tip))
+                ids.append(tx.id)
+        return ids
 
     def add_attempt(self, tx_id: int, *, raw: str, tx_hash: str, max_fee: int, tip: int) -> None:
         with self.session() as s:

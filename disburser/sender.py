@@ -20,9 +20,9 @@ import structlog
 from disburser import chain as ch
 from disburser import policy
 from disburser.domain import Manifest, Mode, PaymentStatus, TxStatus
-from disburser.errors import ChainMismatchError, FailClosed, Interrupted, RpcError
+from disburser.errors import ChainMismatchError, DisburserError, FailClosed, Interrupted, RpcError
 from disburser.keys import Signer
-from disburser.ledger import Ledger, Queued, TxRow
+from disburser.ledger import Ledger, NewTx, Queued, TxRow
 
 log = structlog.get_logger("disburser.send")
 
@@ -379,13 +379,15 @@ class Sender:
             return changed
         # Only unmined transactions count: the node's per-sender limit (geth: 16) is on its
         # pool, and mined-but-shallow ones wait for depth without holding a slot.
-        while sum(t.status == TxStatus.PENDING.value
-                  for t in self.ledger.open_txs(self.payer)) < self.cfg.max_in_flight:
+        while (pending := sum(t.status == TxStatus.PENDING.value
+                              for t in self.ledger.open_txs(self.payer))) \
+                < self.cfg.max_in_flight:
             if self.should_stop():
                 return changed
             if self._base_fee_above_cap():
                 return changed
-            sent = self._send_batch(m) if self.cfg.mode is Mode.BATCH else self._send_direct(m)
+            sent = (self._send_batch(m) if self.cfg.mode is Mode.BATCH
+                    else self._send_direct(m, self.cfg.max_in_flight - pending))
             if not sent:
                 break
             changed = True
@@ -460,27 +462,56 @@ class Sender:
         estimate = self.chain.estimate_gas(self.payer, to, data)
         return policy.batch_gas_limit(estimate), None, self.chain.call(to, data, self.payer)
 
-    def _send_direct(self, m: Manifest) -> bool:
-        rows = self.ledger.queued(m.root, limit=1)
+    def _send_direct(self, m: Manifest, slots: int) -> bool:
+        """Up to ``slots`` transfers: simulated together in one request (one after the other,
+        as they will run), signed, written ahead together, broadcast in one batch."""
+        rows = self.ledger.queued(m.root, limit=max(1, slots))
         if not rows:
             return False
-        r = rows[0]
-        data = ch.enc_transfer(r.to, int(r.amount))
-        try:
-            gas, _, returned = self._gas_for(self.cfg.token, data)
-        except ch.Reverted as e:
-            self._isolate_failure(m.root, rows, e.data)
-            return True
-        # A token may refuse by returning false instead of reverting: a mined transaction
-        # would then look paid while nothing moved.
-        if len(returned) >= 32 and not any(returned[:32]):
-            log.warning("payment_failed", root=m.root, idx=r.idx, reason="token returned false")
-            self.ledger.mark_failed(m.root, r.idx, "token returned false")
-            return True
-        self._sign_and_send(kind="direct", root=m.root, to=self.cfg.token, data=data,
-                            gas=gas, rows=rows,
-                            amount=int(r.amount), program=m.program)
+        datas = [ch.enc_transfer(r.to, int(r.amount)) for r in rows]
+        sims = self._simulate_transfers(datas)
+        if sims is None:  # no eth_simulateV1: one payment at a time
+            rows, datas = rows[:1], datas[:1]
+            try:
+                gas, _, returned = self._gas_for(self.cfg.token, datas[0])
+            except ch.Reverted as e:
+                self._isolate_failure(m.root, rows, e.data)
+                return True
+            sims = [(True, gas, returned)]
+        items: list[tuple[str, int, Sequence[Queued], int]] = []
+        for r, data, (ok, gas, returned) in zip(rows, datas, sims, strict=True):
+            if not ok:
+                # Each transfer is simulated on its own state: the culprit is this one.
+                self._isolate_failure(m.root, [r], returned)
+                break  # later simulations saw a state without this transfer: redo them
+            if len(returned) >= 32 and not any(returned[:32]):
+                # A token may refuse by returning false instead of reverting: a mined
+                # transaction would then look paid while nothing moved.
+                log.warning("payment_failed", root=m.root, idx=r.idx,
+                            reason="token returned false")
+                self.ledger.mark_failed(m.root, r.idx, "token returned false")
+                break
+            items.append((data, gas, [r], int(r.amount)))
+        if items:
+            self._sign_and_send_many(kind="direct", root=m.root, to=self.cfg.token,
+                                     items=items, program=m.program)
         return True
+
+    def _simulate_transfers(self, datas: Sequence[str]) -> list[tuple[bool, int, bytes]] | None:
+        """Gas limits and outcomes of transfers run in sequence, or None without
+        eth_simulateV1."""
+        if self._simulate_v1 is False:
+            return None
+        try:
+            sims = self.chain.simulate_many(self.payer, self.cfg.token, datas)
+            self._simulate_v1 = True
+        except ch.NodeError as e:
+            if self._simulate_v1:
+                raise
+            log.info("simulate_v1_unavailable", error=str(e)[:120])
+            self._simulate_v1 = False
+            return None
+        return [(ok, policy.gas_limit_from_used(used), ret) for ok, used, ret in sims]
 
     def _isolate_failure(self, root: str, rows: Sequence[Queued], data: bytes) -> None:
         """A simulation failed. A paused token or a short balance stops the run; otherwise
@@ -553,27 +584,51 @@ class Sender:
     def _sign_and_send(self, *, kind: str, root: str | None, to: str, data: str, gas: int,
                        rows: Sequence[Queued], amount: int, program: str | None = None
                        ) -> None:
+        self._sign_and_send_many(kind=kind, root=root, to=to,
+                                 items=[(data, gas, rows, amount)], program=program)
+
+    def _sign_and_send_many(self, *, kind: str, root: str | None, to: str,
+                            items: Sequence[tuple[str, int, Sequence[Queued], int]],
+                            program: str | None = None) -> None:
+        """Sign transactions at consecutive nonces, write them all ahead in one database
+        transaction, then broadcast them (several in one JSON-RPC batch)."""
         if program is not None:
             # Invariant 2, checked again at signing time.
             self.ledger.check_ceiling(program, self.cfg.ceiling)
         head = self._head_now()
-        fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei,
-                                   self._fee_cap(gas))
-        if fees.max_fee < head.base_fee:
-            log.warning("fee_cap_below_base_fee", base_fee=head.base_fee, max_fee=fees.max_fee)
         nonce = self._next_nonce()
-        signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=nonce, to=to, data=data,
-                                     gas=gas, max_fee=fees.max_fee, tip=fees.tip)
-        tx_id = self.ledger.record_tx(
-            payer=self.payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
-            gas_limit=gas, raw=signed.raw, tx_hash=signed.hash, max_fee=fees.max_fee,
-            tip=fees.tip, idxs=[r.idx for r in rows], amount=amount)
+        new: list[NewTx] = []
+        for k, (data, gas, rows, amount) in enumerate(items):
+            fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei,
+                                       self._fee_cap(gas))
+            if fees.max_fee < head.base_fee:
+                log.warning("fee_cap_below_base_fee", base_fee=head.base_fee,
+                            max_fee=fees.max_fee)
+            signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=nonce + k, to=to,
+                                         data=data, gas=gas, max_fee=fees.max_fee,
+                                         tip=fees.tip)
+            new.append(NewTx(payer=self.payer, nonce=nonce + k, kind=kind, root=root, to=to,
+                             data=data, gas_limit=gas, raw=signed.raw, tx_hash=signed.hash,
+                             max_fee=fees.max_fee, tip=fees.tip,
+                             idxs=tuple(r.idx for r in rows), amount=amount))
+        ids = self.ledger.record_txs(new)
         self._crash_point("after_record")
-        self._sent_at_block[tx_id] = head.number
-        self._txs_sent += 1
-        log.info("transfer_signed", kind=kind, nonce=nonce, tx_hash=signed.hash, count=len(rows),
-                 amount=str(amount), gas=gas, max_fee=fees.max_fee, tip=fees.tip)
-        self._broadcast(tx_id, nonce, signed.raw, signed.hash)
+        for tx_id, n in zip(ids, new, strict=True):
+            self._sent_at_block[tx_id] = head.number
+            self._txs_sent += 1
+            log.info("transfer_signed", kind=kind, nonce=n.nonce, tx_hash=n.tx_hash,
+                     count=len(n.idxs), amount=str(n.amount), gas=n.gas_limit,
+                     max_fee=n.max_fee, tip=n.tip)
+        if len(new) == 1:
+            self._broadcast(ids[0], new[0].nonce, new[0].raw, new[0].tx_hash)
+        else:
+            self.broadcast_any = True
+            results = self.chain.send_raw_many([n.raw for n in new])
+            for n, res in zip(new, results, strict=True):
+                if isinstance(res, Exception):
+                    self._broadcast_failed(res, n.nonce, n.tx_hash, others_pending=False)
+                else:
+                    log.info("transfer_broadcast", nonce=n.nonce, tx_hash=n.tx_hash)
         self._crash_point("after_broadcast")
 
     def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str,
@@ -584,23 +639,30 @@ class Sender:
         try:
             self.chain.send_raw(raw)
             log.info("transfer_broadcast", nonce=nonce, tx_hash=tx_hash)
-        except ch.AlreadyKnown:
+        except DisburserError as e:
+            self._broadcast_failed(e, nonce, tx_hash, others_pending=others_pending)
+
+    def _broadcast_failed(self, e: Exception, nonce: int, tx_hash: str, *,
+                          others_pending: bool) -> None:
+        """What a failed broadcast means: most answers are ambiguous and are resolved by the
+        poll's lookups, never by re-signing; a definite refusal stops the run."""
+        if isinstance(e, ch.AlreadyKnown):
             log.info("transfer_already_known", nonce=nonce, tx_hash=tx_hash)
-        except ch.Underpriced as e:
+        elif isinstance(e, ch.Underpriced):
             # A newer attempt at this nonce is in the pool, or the fee is below the node's
             # floor: the poll loop decides whether to bump.
             log.info("transfer_underpriced", nonce=nonce, tx_hash=tx_hash, error=str(e))
-        except ch.NonceTooLow:
+        elif isinstance(e, ch.NonceTooLow):
             # Mined already (by this attempt or another of ours) or taken by a foreign tx:
             # the poll resolves it by looking the hashes up, never by re-signing.
             log.info("transfer_nonce_used", nonce=nonce, tx_hash=tx_hash)
-        except ch.InsufficientFunds:
+        elif isinstance(e, ch.InsufficientFunds):
             raise FailClosed(f"payer {self.payer} cannot pay gas for nonce {nonce}; fund it "
                              "with ETH and run `send` again") from None
-        except RpcError as e:
+        elif isinstance(e, RpcError):
             # Ambiguous: the node may or may not have it. Looked up at the next poll.
             log.warning("transfer_broadcast_unknown", nonce=nonce, tx_hash=tx_hash, error=str(e))
-        except ch.NodeError as e:
+        elif isinstance(e, ch.NodeError):
             log.warning("transfer_broadcast_refused", nonce=nonce, tx_hash=tx_hash, error=str(e))
             if others_pending:
                 return
@@ -611,6 +673,8 @@ class Sender:
                 f"node refused transaction {tx_hash} at nonce {nonce}: {e}; nothing more is "
                 "sent. Fix the cause and run `send` again (the same signed bytes are sent "
                 "again)") from None
+        else:
+            raise e
 
     # --- polling ----------------------------------------------------------------------
 

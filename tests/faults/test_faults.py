@@ -778,8 +778,11 @@ def test_send_through_a_faulty_rpc_pays_everyone_exactly_once(env: Env, mode: st
     m = env.signed_manifest(n)
     with FaultProxy(env.devnet.url, seed=7, rates=NOISY, only=SEND,
                     first={"drop_response": 3}) as proxy:
+        # Direct mode sends a pipeline's worth of transfers per round trip: a small pipeline
+        # makes enough requests for the faults to land.
         r = env.cli("send", str(m), "--yes", "--mode", mode,
-                    extra={"DISBURSER_RPC_URL": proxy.url, "DISBURSER_BATCH_SIZE": "5"})
+                    extra={"DISBURSER_RPC_URL": proxy.url, "DISBURSER_BATCH_SIZE": "5",
+                           "DISBURSER_MAX_IN_FLIGHT": "2" if mode == "direct" else "16"})
     assert r.code == 0, r.err
     assert f"confirmed {n}, failed 0, unpaid 0" in r.out
     assert_exactly_once(env, m)
