@@ -171,6 +171,7 @@ class Ledger:
 
     def __init__(self, path: Path | str) -> None:
         self.url = str(path)
+        self._shared: Session | None = None
         self.is_postgres = self.url.startswith(("postgresql://", "postgres://",
                                                 "postgresql+psycopg://"))
         if self.is_postgres:
@@ -190,10 +191,29 @@ class Ledger:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        if self._shared is not None:  # inside atomic(): its transaction commits
+            yield self._shared
+            return
         # Rows outlive their session (callers read them after commit).
         with Session(self.engine, expire_on_commit=False) as s:
             yield s
             s.commit()
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Several state changes in one database transaction (one fsync instead of one per
+        change): all or none. Only for changes that are re-derived from the chain if lost
+        (mined, confirmed, reorged); never around a write that must precede a broadcast."""
+        if self._shared is not None:
+            yield
+            return
+        with Session(self.engine, expire_on_commit=False) as s:
+            self._shared = s
+            try:
+                yield
+                s.commit()
+            finally:
+                self._shared = None
 
     def _event(self, s: Session, kind: str, /, **data: Any) -> None:
         s.add(EventRow(ts=time.time(), kind=kind, data=json.dumps(data, sort_keys=True)))

@@ -707,75 +707,96 @@ class Sender:
                    for a in attempts[t.id]]
         known = self.chain.known(unmined) if unmined else {}
         changed = False
-        latest_nonce: int | None = None
+        self._latest_nonce: int | None = None
         lowest_pending = min((t.nonce for t in open_txs if t.status == TxStatus.PENDING.value),
                              default=None)
         mined = [t for t in open_txs if t.status == TxStatus.MINED.value]
         canonical = self.chain.block_hashes([t.block_number for t in mined
                                              if t.block_number is not None]) if mined else {}
-        for t in open_txs:
-            assert t.id is not None
-            if t.status == TxStatus.MINED.value:
-                assert t.block_number is not None
-                if canonical.get(t.block_number) != t.block_hash:
-                    log.warning("transfer_reorged", nonce=t.nonce, tx_hash=t.mined_hash,
-                                block=t.block_number)
-                    self.ledger.mark_reorged(t.id)
-                    self._rebroadcast_all(t, attempts[t.id])
-                    self._sent_at_block[t.id] = head.number
-                    changed = True
-                elif policy.is_deep(t.block_number, head.number, self.cfg.confirmations):
-                    final = self.ledger.finalize(t.id)
-                    self._crash_point("after_confirm")
-                    log.info("transfer_confirmed" if final is TxStatus.CONFIRMED
-                             else "transfer_reverted", nonce=t.nonce, tx_hash=t.mined_hash,
-                             count=t.count, amount=t.amount)
-                    changed = True
-                continue
-            got = next((receipts[a.hash] for a in attempts[t.id] if receipts.get(a.hash)), None)
-            if got is not None:
-                self.ledger.mark_mined(t.id, tx_hash=got.tx_hash, block_number=got.block_number,
-                                       block_hash=got.block_hash, receipt_status=got.status,
-                                       gas_used=got.gas_used)
-                log.info("transfer_mined", nonce=t.nonce, tx_hash=got.tx_hash,
-                         block=got.block_number, status=got.status, gas_used=got.gas_used)
-                self._crash_point("after_mined")
-                changed = True
-                continue
-            if latest_nonce is None:
-                latest_nonce = self.chain.nonce(self.payer, "latest")
-            if t.nonce < latest_nonce:
-                self._resolve_used_nonce(t, attempts[t.id])
-                changed = True
-                continue
-            last = attempts[t.id][-1]
-            priced_out = policy.priced_out(int(last.max_fee), head.base_fee)
-            if not any(known.get(a.hash) for a in attempts[t.id]):
-                if priced_out:
-                    # Neither mined nor pending because the base fee rose over its cap
-                    # (Anvil drops such transactions silently). Sending it now is refused:
-                    # wait, and send these same bytes once the base fee is back under the
-                    # cap - one warning, not one per poll.
-                    if last.hash not in self._priced_out_logged:
-                        self._priced_out_logged.add(last.hash)
-                        log.warning("transfer_priced_out_waiting", nonce=t.nonce,
-                                    tx_hash=last.hash, max_fee=int(last.max_fee),
-                                    base_fee=head.base_fee)
-                else:
-                    # Dropped from the pool (or never arrived): the same bytes again.
-                    log.warning("transfer_dropped_rebroadcast", nonce=t.nonce,
-                                tx_hash=last.hash)
-                    self._broadcast(t.id, t.nonce, last.raw, last.hash)
-                    changed = True
-            sent_at = self._sent_at_block.setdefault(t.id, head.number)
-            if t.nonce == lowest_pending:
-                since = max(sent_at, self._lowest_since.setdefault(t.id, head.number))
-            else:
-                since = sent_at
-            if (t.nonce == lowest_pending or priced_out) and policy.should_bump(
-                    since, head.number, self.cfg.bump_after_blocks):
-                changed |= self._bump(t, last, head)
+        to_bump: list[tuple[TxRow, Any]] = []
+        # Mined/confirmed/reorged marks of this poll commit together (one fsync, not two per
+        # transaction); a lost poll is re-derived from the chain. Bumps are written ahead
+        # of their broadcast, so they run after this block, each in its own transaction.
+        with self.ledger.atomic():
+            for t in open_txs:
+                changed |= self._advance(t, attempts[t.id or 0], receipts, known, canonical,
+                                         head, lowest_pending, to_bump)
+        for t, last in to_bump:
+            changed |= self._bump(t, last, head)
         return changed
+
+    def _advance(self, t: TxRow, atts: Sequence[Any], receipts: dict[str, ch.Receipt | None],
+                 known: dict[str, bool], canonical: dict[int, str | None], head: ch.Head,
+                 lowest_pending: int | None, to_bump: list[tuple[TxRow, Any]]) -> bool:
+        """One open transaction, one step. True when anything changed."""
+        assert t.id is not None
+        if t.status == TxStatus.MINED.value:
+            assert t.block_number is not None
+            if canonical.get(t.block_number) != t.block_hash:
+                log.warning("transfer_reorged", nonce=t.nonce, tx_hash=t.mined_hash,
+                            block=t.block_number)
+                self.ledger.mark_reorged(t.id)
+                self._rebroadcast_all(t, atts)
+                self._sent_at_block[t.id] = head.number
+                return True
+            if policy.is_deep(t.block_number, head.number, self.cfg.confirmations):
+                self._finalize(t)
+                return True
+            return False
+        got = next((receipts[a.hash] for a in atts if receipts.get(a.hash)), None)
+        if got is not None:
+            self.ledger.mark_mined(t.id, tx_hash=got.tx_hash, block_number=got.block_number,
+                                   block_hash=got.block_hash, receipt_status=got.status,
+                                   gas_used=got.gas_used)
+            log.info("transfer_mined", nonce=t.nonce, tx_hash=got.tx_hash,
+                     block=got.block_number, status=got.status, gas_used=got.gas_used)
+            self._crash_point("after_mined")
+            if policy.is_deep(got.block_number, head.number, self.cfg.confirmations):
+                # Deep already (confirmations 1): no need to wait for the next poll. The
+                # receipt came from the canonical chain a moment ago.
+                t.mined_hash = got.tx_hash
+                self._finalize(t)
+            return True
+        if self._latest_nonce is None:
+            self._latest_nonce = self.chain.nonce(self.payer, "latest")
+        if t.nonce < self._latest_nonce:
+            self._resolve_used_nonce(t, atts)
+            return True
+        changed = False
+        last = atts[-1]
+        priced_out = policy.priced_out(int(last.max_fee), head.base_fee)
+        if not any(known.get(a.hash) for a in atts):
+            if priced_out:
+                # Neither mined nor pending because the base fee rose over its cap (Anvil
+                # drops such transactions silently). Sending it now is refused: wait, and
+                # send these same bytes once the base fee is back under the cap - one
+                # warning, not one per poll.
+                if last.hash not in self._priced_out_logged:
+                    self._priced_out_logged.add(last.hash)
+                    log.warning("transfer_priced_out_waiting", nonce=t.nonce,
+                                tx_hash=last.hash, max_fee=int(last.max_fee),
+                                base_fee=head.base_fee)
+            else:
+                # Dropped from the pool (or never arrived): the same bytes again.
+                log.warning("transfer_dropped_rebroadcast", nonce=t.nonce, tx_hash=last.hash)
+                self._broadcast(t.id, t.nonce, last.raw, last.hash)
+                changed = True
+        sent_at = self._sent_at_block.setdefault(t.id, head.number)
+        if t.nonce == lowest_pending:
+            since = max(sent_at, self._lowest_since.setdefault(t.id, head.number))
+        else:
+            since = sent_at
+        if (t.nonce == lowest_pending or priced_out) and policy.should_bump(
+                since, head.number, self.cfg.bump_after_blocks):
+            to_bump.append((t, last))
+        return changed
+
+    def _finalize(self, t: TxRow) -> None:
+        assert t.id is not None
+        final = self.ledger.finalize(t.id)
+        self._crash_point("after_confirm")
+        log.info("transfer_confirmed" if final is TxStatus.CONFIRMED else "transfer_reverted",
+                 nonce=t.nonce, tx_hash=t.mined_hash, count=t.count, amount=t.amount)
 
     def _watch_head(self, number: int, open_txs: Sequence[TxRow]) -> None:
         """Say so when the chain stops producing blocks while we wait for depth (a devnet
