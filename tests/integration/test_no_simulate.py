@@ -1,0 +1,81 @@
+"""Nodes without eth_simulateV1 (older geth, many providers): the engine falls back to
+eth_estimateGas + eth_call and still pays everyone once, isolating a refused recipient."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from disburser import devnet as dn
+from disburser import manifest as mf
+from tests.conftest import Env
+
+
+class NoSimulate:
+    """A loopback JSON-RPC proxy that answers eth_simulateV1 with "method not found"."""
+
+    def __init__(self, upstream: str) -> None:
+        self.refused = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                req = json.loads(body)
+                items = req if isinstance(req, list) else [req]
+                if any(i.get("method") == "eth_simulateV1" for i in items):
+                    proxy.refused += 1
+                    out = json.dumps({"jsonrpc": "2.0", "id": items[0].get("id"), "error": {
+                        "code": -32601, "message": "the method eth_simulateV1 does not exist/"
+                        "is not available"}}).encode()
+                else:
+                    r = urllib.request.Request(upstream, data=body,
+                                               headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(r) as resp:
+                        out = resp.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(env: Env) -> Iterator[NoSimulate]:
+    p = NoSimulate(env.devnet.url)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("mode", ["batch", "direct"])
+def test_send_without_eth_simulate(env: Env, proxy: NoSimulate, mode: str) -> None:
+    m = env.signed_manifest(25)
+    manifest = mf.load(m)
+    victim = manifest.payments[7]
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token,
+               dn.abi_call("blacklist(address)", ["address"], [victim.to]))
+    r = env.cli("send", str(m), "--yes", "--mode", mode,
+                extra={"DISBURSER_RPC_URL": proxy.url, "DISBURSER_BATCH_SIZE": "10"})
+    assert r.code == 1, r.err
+    assert "confirmed 24, failed 1, unpaid 0" in r.out
+    assert f"failed: payments[7] {victim.id} {victim.to}: Blacklistable: account is " \
+           "blacklisted" in r.err
+    assert proxy.refused == 1  # tried once, then never again
+    for p in manifest.payments:
+        assert env.balance(p.to) == (0 if p.index == 7 else p.amount)
