@@ -430,7 +430,8 @@ def test_judged_base_fee_spike_above_the_cap_and_back_with_1s_blocks(tmp_path: P
     batches in the pool (the mined approval holds no pool slot) the base fee jumps from
     ~1 gwei to 40 gwei, over the operator's 10 gwei cap: Anvil silently drops all four. The
     engine bumps them at their own nonces up to the cap, then waits at the cap and says so,
-    signs nothing new; when the base fee is back down the same stored bytes go out again and everything is paid exactly once."""
+    signs nothing new; when the base fee is back down the same stored bytes go out again
+    and everything is paid exactly once."""
     with dn.Anvil(block_time=1, tx_gas_cap=True) as anvil:
         d = dn.setup(anvil.url)
         env = make_env(tmp_path, anvil, d)
