@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eth_hash.auto import keccak
-
+from disburser.addresses import keccak
 from disburser.domain import Payment
 
 LEAF_ENCODING = ("uint256", "address", "uint256", "bytes32")
