@@ -333,6 +333,7 @@ def bulk() -> Iterator[None]:
             gc.enable()
 
 
+@bulk()
 def reconcile(
     manifests: Sequence[Manifest | ManifestIn],
     transfers: Sequence[Transfer],
@@ -356,27 +357,6 @@ def reconcile(
     docstring). Raises InputError when there is no manifest or ``program`` is not in
     scope.
     """
-    with bulk():
-        return _reconcile(manifests, transfers, ledger_info, ceilings, confirmations, head,
-                          now=now, program=program, decimals=decimals, from_block=from_block,
-                          chain_id=chain_id, token=token)
-
-
-def _reconcile(
-    manifests: Sequence[Manifest | ManifestIn],
-    transfers: Sequence[Transfer],
-    ledger_info: LedgerInfo | None,
-    ceilings: Ceilings,
-    confirmations: int,
-    head: int,
-    *,
-    now: int | None,
-    program: str | None,
-    decimals: int,
-    from_block: int,
-    chain_id: int | None,
-    token: str | None,
-) -> Result:
     entries = dedupe(manifests)
     if not entries:
         raise InputError("no manifests to reconcile")
@@ -880,15 +860,11 @@ def ledger_manifests(ledger: Ledger, where: str,
     return out
 
 
+@bulk()
 def ledger_info(ledger: Ledger) -> LedgerInfo:
     """Attribution from the ledger: each payment's status, reason and the hashes of every
     signed attempt of its transaction; each program's start, deadline and first block; the
     gas of each mined payout transaction."""
-    with bulk():
-        return _ledger_info(ledger)
-
-
-def _ledger_info(ledger: Ledger) -> LedgerInfo:
     txs = ledger.txs()
     attempt_hashes: dict[int, list[str]] = {}
     for h, (tx_id, _root) in ledger.tx_hashes().items():
