@@ -168,7 +168,7 @@ class Transport:
             try:
                 return self._call_once(method, params)
             except NodeError as e:
-                if not _rate_limited(e) or attempt == self.retries:
+                if not rate_limited(e) or attempt == self.retries:
                     raise
                 self._sleep(delay * (0.5 + self._rand()))
                 delay = min(delay * 2, 10.0)
@@ -206,7 +206,7 @@ class Transport:
         return out
 
 
-def _rate_limited(e: NodeError) -> bool:
+def rate_limited(e: NodeError) -> bool:
     low = str(e).lower()
     return "rate limit" in low or "too many requests" in low or "exceeded the quota" in low
 
@@ -406,8 +406,13 @@ class RpcChain:
             "latest"])
         out = []
         for call in res[0]["calls"]:
+            ok = int(call["status"], 16) == 1
             ret = bytes.fromhex(str(call.get("returnData") or "0x")[2:])
-            out.append((int(call["status"], 16) == 1, int(call["gasUsed"], 16), ret))
+            if not ok and not ret:
+                # geth leaves returnData empty for a failed call and puts the revert data in
+                # error.data (Anvil uses returnData).
+                ret = _revert_bytes(call.get("error"))
+            out.append((ok, int(call["gasUsed"], 16), ret))
         return out
 
     def estimate_gas_create(self, sender: str, code: str) -> int:

@@ -443,6 +443,9 @@ class Ledger:
 
     def record_txs(self, txs: Sequence[NewTx]) -> list[int]:
         """Several transactions written ahead in one database transaction (one fsync)."""
+        # Write-ahead: this commit must happen now, before the broadcast, never deferred
+        # into an enclosing atomic() block.
+        assert self._shared is None, "record_txs inside atomic()"
         now = _now()
         ids: list[int] = []
         with self.session() as s:
@@ -469,6 +472,7 @@ class Ledger:
         return ids
 
     def add_attempt(self, tx_id: int, *, raw: str, tx_hash: str, max_fee: int, tip: int) -> None:
+        assert self._shared is None, "add_attempt inside atomic()"  # write-ahead, as above
         with self.session() as s:
             s.add(AttemptRow(tx_id=tx_id, hash=tx_hash, raw=raw, max_fee=str(max_fee),
                              tip=str(tip), created_at=_now()))

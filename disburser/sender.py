@@ -31,6 +31,7 @@ log = structlog.get_logger("disburser.send")
 PER_RECIPIENT_GAS = 31_000
 STALL_SECONDS = 60.0
 PROGRESS_EVERY = 1.0
+DIRECT_GAS = 100_000  # an upper bound of one ERC-20 transfer, for the fee-cap check
 BATCH_FIXED_GAS = 60_000
 
 
@@ -399,11 +400,18 @@ class Sender:
         nothing (and Anvil refuses it outright). Sign nothing new until the base fee is back
         under the cap; say so once per episode."""
         base_fee = self._head_now().base_fee
-        if policy.priced_out(self.cfg.max_fee_wei, base_fee):
+        # The cap of the next transaction: the operator's, or lower where gas x fee would
+        # pass the node's per-transaction fee cap (a full batch).
+        if self.cfg.mode is Mode.BATCH:
+            gas = policy.gas_limit_from_used(BATCH_FIXED_GAS + self._per_recipient
+                                             * max(1, self._batch_size))
+        else:
+            gas = DIRECT_GAS
+        cap = self._fee_cap(min(gas, policy.TX_GAS_CAP))
+        if policy.priced_out(cap, base_fee):
             if not self._base_fee_over_cap:
                 self._base_fee_over_cap = True
-                log.warning("fee_cap_below_base_fee_waiting", base_fee=base_fee,
-                            cap=self.cfg.max_fee_wei)
+                log.warning("fee_cap_below_base_fee_waiting", base_fee=base_fee, cap=cap)
             return True
         if self._base_fee_over_cap:
             self._base_fee_over_cap = False
@@ -527,6 +535,7 @@ class Sender:
                     f"a batch of {len(rows)} payments of {root} fails in simulation "
                     f"({reason}) but no single payment does; stopped before sending it")
             reason = self._reason_of(rows, index)
+            self._fail_closed_if_global(reason)  # a short balance shows only now
         if index is None:
             index = rows[0].idx
         log.warning("payment_failed", root=root, idx=index, reason=reason)
@@ -623,7 +632,14 @@ class Sender:
             self._broadcast(ids[0], new[0].nonce, new[0].raw, new[0].tx_hash)
         else:
             self.broadcast_any = True
-            results = self.chain.send_raw_many([n.raw for n in new])
+            try:
+                results: list[Any] = self.chain.send_raw_many([n.raw for n in new])
+            except DisburserError as e:
+                # The whole batch request failed (unreachable, rate limited, too large):
+                # ambiguous for every transaction in it. The poll looks each one up and
+                # re-sends its stored bytes alone.
+                log.warning("transfer_batch_broadcast_unknown", count=len(new), error=str(e))
+                results = [RpcError(str(e))] * len(new)
             for n, res in zip(new, results, strict=True):
                 if isinstance(res, Exception):
                     self._broadcast_failed(res, n.nonce, n.tx_hash, others_pending=False)
@@ -659,8 +675,9 @@ class Sender:
         elif isinstance(e, ch.InsufficientFunds):
             raise FailClosed(f"payer {self.payer} cannot pay gas for nonce {nonce}; fund it "
                              "with ETH and run `send` again") from None
-        elif isinstance(e, RpcError):
-            # Ambiguous: the node may or may not have it. Looked up at the next poll.
+        elif isinstance(e, RpcError) or (isinstance(e, ch.NodeError) and ch.rate_limited(e)):
+            # Ambiguous: the node may or may not have it (or throttled us). Looked up and
+            # re-sent at the next poll.
             log.warning("transfer_broadcast_unknown", nonce=nonce, tx_hash=tx_hash, error=str(e))
         elif isinstance(e, ch.NodeError):
             log.warning("transfer_broadcast_refused", nonce=nonce, tx_hash=tx_hash, error=str(e))

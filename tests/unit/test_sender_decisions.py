@@ -121,3 +121,28 @@ def test_rpc_url_secrets_are_not_shown() -> None:
     assert ch.display_url("http://user:pw@127.0.0.1:8545/key") == "http://127.0.0.1:8545"
 
 
+
+
+def test_a_failed_batch_broadcast_is_ambiguous_not_fatal(tmp_path: Path) -> None:
+    """Several transfers broadcast in one JSON-RPC batch and the whole request fails: each
+    is left for the poll to look up and re-send; the run does not stop."""
+    chain = FakeChain()
+
+    def send_raw_many(raws: list[str]) -> list[object]:
+        raise ch.RpcError("node at http://127.0.0.1:1 unreachable after 9 tries: reset")
+
+    chain.send_raw_many = send_raw_many  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = _sender(tmp_path, chain)
+    pays = [Payment(i, f"u{i}", TO[i], 10) for i in range(3)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                      not_after=2**40, payments=pays)
+    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    rows = s.ledger.queued(m.root)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in rows])
+    txs = s.ledger.txs(s.payer)
+    assert [t.nonce for t in txs] == [0, 1, 2]  # written ahead, consecutive
+    assert {p.status for p in s.ledger.payments(m.root)} == {"in_flight"}
+    assert s.broadcast_any

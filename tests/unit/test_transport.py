@@ -62,3 +62,18 @@ def test_transport_failure_names_the_node() -> None:
     t = ch.Transport("http://127.0.0.1:9", retries=1, sleep=lambda _: None, timeout=0.5)
     with pytest.raises(RpcError, match=r"node at http://127.0.0.1:9 unreachable after 2 tries"):
         t.call("eth_chainId")
+
+
+def test_simulate_reads_geth_revert_data_from_the_error() -> None:
+    revert = ch.ERROR_STRING.hex() + "20".rjust(64, "0") + "05".rjust(64, "0") + \
+        b"nope!".hex().ljust(64, "0")
+    geth = {"result": [{"calls": [
+        {"status": "0x1", "gasUsed": "0xe26b", "returnData": "0x" + "00" * 31 + "01"},
+        {"status": "0x0", "gasUsed": "0x7040", "returnData": "0x",
+         "error": {"code": 3, "message": "execution reverted: nope!", "data": "0x" + revert}},
+    ]}]}
+    c = ch.RpcChain("http://127.0.0.1:1", Scripted([geth]))
+    (ok1, used1, _), (ok2, _, ret2) = c.simulate_many("0x" + "11" * 20, "0x" + "22" * 20,
+                                                      ["0x", "0x"])
+    assert (ok1, used1, ok2) == (True, 57963, False)
+    assert ch.decode_revert(ret2) == (None, "nope!")
