@@ -449,16 +449,16 @@ def send(
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
     with RunnerLock(s.db, signer.address, s.chain_id), \
             ledger.runner_lock(signer.address, s.chain_id, holder):
+        stop = _StopFlag()
+        progress = _ProgressPrinter(s.decimals)
+        sender = Sender(ledger, c, signer, cfg, should_stop=stop, on_progress=progress)
         # The chain is checked before the manifest is recorded against the ceiling.
-        Sender(ledger, c, signer, cfg).preflight()
+        sender.preflight()
         first_block = c.head().number
         ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
                                first_block=first_block)
         if retry_failed:
             ledger.requeue_failed(m.root)
-        stop = _StopFlag()
-        progress = _ProgressPrinter(s.decimals)
-        sender = Sender(ledger, c, signer, cfg, should_stop=stop, on_progress=progress)
         try:
             result = sender.run(m)
         except DisburserError as e:

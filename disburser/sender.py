@@ -114,6 +114,7 @@ class Sender:
         # Whether this run put anything on the wire: an error after that is not "refused,
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
         self.broadcast_any = False
+        self._preflight_done = False
         self._head_seen, self._head_since, self._stall_logged = -1, clock(), False
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
         # n-th time the loop passes `point`. Never set in production.
@@ -138,6 +139,7 @@ class Sender:
 
     def preflight(self) -> ch.Head:
         """Fail closed unless the chain, token and contract are what the settings say."""
+        self._preflight_done = True
         cid = self.preflight_chain_only()
         if not self.chain.code(self.cfg.token):
             raise ChainMismatchError(
@@ -198,7 +200,8 @@ class Sender:
         if m.payer != self.payer:
             raise ChainMismatchError(
                 f"manifest payer is {m.payer} but the configured key is {self.payer}")
-        self.preflight()
+        if not self._preflight_done:  # the CLI checks before recording the manifest
+            self.preflight()
         self.sync_nonces()
         log.info("send_started", root=m.root, program=m.program, mode=self.cfg.mode.value,
                  payer=self.payer)

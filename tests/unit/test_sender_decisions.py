@@ -10,7 +10,7 @@ import pytest
 from disburser import chain as ch
 from disburser import policy
 from disburser.devnet import PAYER_KEY
-from disburser.domain import Mode, Payment
+from disburser.domain import Manifest, Mode, Payment
 from disburser.errors import FailClosed
 from disburser.keys import Signer
 from disburser.ledger import Ledger
@@ -62,6 +62,15 @@ def _sender(tmp_path: Path, chain: FakeChain) -> Sender:
                   cfg)
 
 
+def _accepted(s: Sender, n: int) -> Manifest:
+    """A manifest of ``n`` payments of 10 base units, accepted into the sender's ledger."""
+    pays = [Payment(i, f"u{i}", TO[i], 10) for i in range(n)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                      not_after=2**40, payments=pays)
+    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    return m
+
+
 @pytest.mark.parametrize("error", [
     ch.NodeError("tx fee (1.61 ether) exceeds the configured cap (1.00 ether)"),
     ch.NodeError("txpool is full"),
@@ -94,11 +103,8 @@ def test_ambiguous_answers_are_left_to_the_lookup(tmp_path: Path, error: ch.Node
 def test_no_culprit_means_no_payment_is_blamed(tmp_path: Path) -> None:
     chain = FakeChain()
     s = _sender(tmp_path, chain)
-    pays = [Payment(i, f"u{i}", TO[i], 10) for i in range(4)]
-    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
-                      not_after=2**40, payments=pays)
-    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
-    rows = s.ledger.payments(m.root)
+    m = _accepted(s, 4)
+    rows = s.ledger.queued(m.root)
     with pytest.raises(FailClosed, match=r"a batch of 4 payments of 0x[0-9a-f]{64} fails in "
                        r"simulation \(reverted without a reason\) but no single payment does"):
         s._isolate_failure(m.root, rows, b"")
@@ -135,10 +141,7 @@ def test_a_failed_batch_broadcast_is_ambiguous_not_fatal(tmp_path: Path) -> None
     chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
     chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
     s = _sender(tmp_path, chain)
-    pays = [Payment(i, f"u{i}", TO[i], 10) for i in range(3)]
-    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
-                      not_after=2**40, payments=pays)
-    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    m = _accepted(s, 3)
     rows = s.ledger.queued(m.root)
     s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
         ("0x", 60_000, [r], 10) for r in rows])
