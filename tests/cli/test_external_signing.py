@@ -23,12 +23,17 @@ def _cli(*args: str) -> tuple[int, str, str]:
     return r.exit_code, r.stdout, r.stderr
 
 
-def test_cast_signatures_verify_and_match_ours(tmp_path: Path) -> None:
+def _build(tmp_path: Path, rows: list[str]) -> Path:
+    """An unsigned manifest built by `manifest build` from CSV rows ``id,to,amount``."""
     csv_path = tmp_path / "p.csv"
-    csv_path.write_text("id,to,amount\n" + "\n".join(
-        f"u{i},{fresh_address(f'x{i}')},{i + 1}.000001" for i in range(7)) + "\n")
+    csv_path.write_text("id,to,amount\n" + "\n".join(rows) + "\n")
     m = tmp_path / "m.json"
     assert _cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(m))[0] == 0
+    return m
+
+
+def test_cast_signatures_verify_and_match_ours(tmp_path: Path) -> None:
+    m = _build(tmp_path, [f"u{i},{fresh_address(f'x{i}')},{i + 1}.000001" for i in range(7)])
     code, typed, _ = _cli("manifest", "typed-data", str(m))
     assert code == 0
     (tmp_path / "typed.json").write_text(typed)
@@ -55,11 +60,7 @@ def test_cast_signatures_verify_and_match_ours(tmp_path: Path) -> None:
 
 
 def test_proof_checks_with_the_reference_library(tmp_path: Path) -> None:
-    csv_path = tmp_path / "p.csv"
-    csv_path.write_text("id,to,amount\n" + "\n".join(
-        f"u{i},{fresh_address(f'y{i}')},{i + 2}" for i in range(9)) + "\n")
-    m = tmp_path / "m.json"
-    assert _cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(m))[0] == 0
+    m = _build(tmp_path, [f"u{i},{fresh_address(f'y{i}')},{i + 2}" for i in range(9)])
     code, proof_json, _ = _cli("manifest", "proof", str(m), "--index", "4")
     assert code == 0
     script = (
