@@ -4,16 +4,19 @@ chain, no ledger. Every refusal is a ManifestError naming the file and the field
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
 from eth_hash.auto import keccak
 
-from disburser.addresses import to_checksum
+from disburser.addresses import to_checksum, to_checksum_many
 from disburser.amounts import parse_units
 from disburser.domain import MANIFEST_FORMAT, ZERO_ADDRESS, Manifest, Payment
 from disburser.errors import InputError, ManifestError
@@ -24,6 +27,10 @@ _AMOUNT = re.compile(r"^[1-9][0-9]*$")
 _SIG = re.compile(r"^0x[0-9a-fA-F]{130}$")
 _FIELDS = ("format", "program", "chain_id", "token", "payer", "not_after", "payments")
 MAX_UINT256 = 2**256 - 1
+# The fast path's shapes (see _payments_fast): a run of 42-character addresses, and amounts
+# one a line of at most 77 digits (10**77 - 1 < 2**256: no uint256 check needed).
+_ADDRESSES = re.compile(r"(?:0x[0-9a-fA-F]{40})*")
+_AMOUNT_LINES = re.compile(r"[1-9][0-9]{0,76}(?:\n[1-9][0-9]{0,76})*")
 
 DOMAIN_TYPE = "EIP712Domain(string name,string version,uint256 chainId)"
 MANIFEST_TYPE = (
@@ -36,7 +43,7 @@ def check_address(value: object, where: str, *, strict_checksum: bool = True) ->
     """Return the EIP-55 form of ``value`` or refuse it. With ``strict_checksum`` the value
     must already be in EIP-55 form (manifests); otherwise all-lower/upper case is accepted
     (CSV input), but a mixed-case address with a wrong checksum never is."""
-    if not isinstance(value, str) or not _ADDRESS.match(value):
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
         raise ManifestError(f"{where}: {value!r} is not a 0x-prefixed 20-byte hex address")
     cs = to_checksum(value)
     body = value[2:]
@@ -79,6 +86,22 @@ def make_manifest(
     )
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a manifest is parsed: its 100,000 dicts and
+    Payments hold no cycles, yet their allocation sets off ever longer collections of
+    everything alive (a sixth of the parse time at 100,000)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@_gc_paused()
 def parse(text: str, source: str) -> Manifest:
     """Parse and structurally validate manifest JSON. ``source`` names it in errors."""
     try:
@@ -105,6 +128,61 @@ def parse(text: str, source: str) -> Manifest:
     raw_payments = doc["payments"]
     if not isinstance(raw_payments, list) or not raw_payments:
         raise ManifestError(f"{source}: payments must be a non-empty list")
+    payments = _payments_fast(raw_payments)
+    if payments is None:
+        payments = _payments_checked(raw_payments, source)
+    sigs = doc.get("signatures", [])
+    if not isinstance(sigs, list):
+        raise ManifestError(f"{source}: signatures must be a list")
+    for j, s in enumerate(sigs):
+        if not isinstance(s, str) or not _SIG.fullmatch(s):
+            raise ManifestError(f"{source}: signatures[{j}] is not a 65-byte 0x-hex signature")
+    return make_manifest(
+        program=program,
+        chain_id=doc["chain_id"],
+        token=token,
+        payer=payer,
+        not_after=doc["not_after"],
+        payments=payments,
+        signatures=[s.lower() for s in sigs],
+    )
+
+
+def _payments_fast(raw_payments: list[Any]) -> list[Payment] | None:
+    """The payments of a well-formed manifest, every check of ``_payments_checked`` made on
+    all of them at once by C loops (joined strings, one regex, one EIP-55 pass): a manifest
+    of 100,000 is parsed on every `send`. None when any payment is not plainly valid: the
+    checking loop then finds the first fault and names it (or accepts what this refuses to
+    judge, such as a 78-digit amount)."""
+    try:
+        ids = [p["id"] for p in raw_payments]
+        tos = [p["to"] for p in raw_payments]
+        amounts = [p["amount"] for p in raw_payments]
+        id_text = "".join(ids)
+        to_text = "".join(tos)
+        amount_text = "\n".join(amounts)
+    except (TypeError, KeyError):  # not an object, a field missing, or not a string
+        return None
+    n = len(raw_payments)
+    id_lengths = set(map(len, ids))
+    if (
+        min(id_lengths) < 1
+        or max(id_lengths) > 128
+        or not id_text.isprintable()
+        or len(set(ids)) != n
+        or set(map(len, tos)) != {42}
+        or not _ADDRESSES.fullmatch(to_text)
+        or ZERO_ADDRESS in tos
+        or not _AMOUNT_LINES.fullmatch(amount_text)
+        or amount_text.count("\n") != n - 1  # no amount with a line break of its own
+        or to_checksum_many(tos) != tos
+    ):
+        return None
+    return list(map(Payment, range(n), ids, tos, map(int, amounts)))
+
+
+def _payments_checked(raw_payments: list[Any], source: str) -> list[Payment]:
+    """Each payment checked in turn; the first fault is refused, naming the payment."""
     payments: list[Payment] = []
     seen: dict[str, int] = {}
     for i, p in enumerate(raw_payments):
@@ -120,7 +198,7 @@ def parse(text: str, source: str) -> Manifest:
         seen[pid] = i
         to = check_address(p["to"], f"{where}.to")
         amount = p["amount"]
-        if not isinstance(amount, str) or not _AMOUNT.match(amount):
+        if not isinstance(amount, str) or not _AMOUNT.fullmatch(amount):
             raise ManifestError(
                 f"{where}.amount: {amount!r} is not a positive integer string of base units"
             )
@@ -128,21 +206,7 @@ def parse(text: str, source: str) -> Manifest:
         if value > MAX_UINT256:
             raise ManifestError(f"{where}.amount: does not fit in uint256")
         payments.append(Payment(index=i, id=pid, to=to, amount=value))
-    sigs = doc.get("signatures", [])
-    if not isinstance(sigs, list):
-        raise ManifestError(f"{source}: signatures must be a list")
-    for j, s in enumerate(sigs):
-        if not isinstance(s, str) or not _SIG.match(s):
-            raise ManifestError(f"{source}: signatures[{j}] is not a 65-byte 0x-hex signature")
-    return make_manifest(
-        program=program,
-        chain_id=doc["chain_id"],
-        token=token,
-        payer=payer,
-        not_after=doc["not_after"],
-        payments=payments,
-        signatures=[s.lower() for s in sigs],
-    )
+    return payments
 
 
 def load(path: Path) -> Manifest:
@@ -169,9 +233,11 @@ def to_json(m: Manifest) -> str:
     for k, v in head.items():
         lines.append(f"  {json.dumps(k)}: {json.dumps(v)},")
     lines.append('  "payments": [')
+    # What json.dumps({"id": ..., "to": ..., "amount": str(amount)}, ensure_ascii=False)
+    # writes, built directly with the string encoder it uses (a fifth of the cost).
+    enc = encode_basestring
     rows = [
-        "    "
-        + json.dumps({"id": p.id, "to": p.to, "amount": str(p.amount)}, ensure_ascii=False)
+        f'    {{"id": {enc(p.id)}, "to": {enc(p.to)}, "amount": "{p.amount}"}}'
         for p in m.payments
     ]
     lines.append(",\n".join(rows))
@@ -341,7 +407,7 @@ def sign(m: Manifest, private_key: bytes) -> str:
 
 def with_signature(m: Manifest, signature: str) -> Manifest:
     """A copy of ``m`` with ``signature`` appended (refused if it adds no new signer)."""
-    if not _SIG.match(signature):
+    if not _SIG.fullmatch(signature):
         raise ManifestError("signature is not a 65-byte 0x-hex string")
     signer = recover(m, signature.lower())
     for existing in m.signatures:

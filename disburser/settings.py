@@ -40,7 +40,7 @@ def load_dotenv(path: Path = Path(".env")) -> None:
 
 def checksum(address: str, *, where: str) -> str:
     """Validate an address strictly (EIP-55 when mixed case) and return its checksum form."""
-    if not _ADDRESS.match(address):
+    if not _ADDRESS.fullmatch(address):
         raise SettingsError(f"{where}: {address!r} is not a 0x-prefixed 20-byte address")
     cs = to_checksum(address)
     body = address[2:]

@@ -133,6 +133,8 @@ BAD_ADDR = "0x3c44CdDdB6a900fa2b585dd299e03d12FA4293BC"
      "m.json: payments[0].amount: '-5' is not a positive integer string of base units"),
     (doc(payments=[{"id": "a", "to": TO, "amount": "1.5"}]),
      "m.json: payments[0].amount: '1.5' is not a positive integer string of base units"),
+    (doc(payments=[{"id": "a", "to": TO, "amount": "5\n"}]),
+     "m.json: payments[0].amount: '5\\n' is not a positive integer string of base units"),
     (doc(payments=[{"id": "a", "to": TO, "amount": 5}]),
      "m.json: payments[0].amount: 5 is not a positive integer string of base units"),
     (doc(payments=[{"id": "a", "to": "0x1234", "amount": "5"}]),
@@ -189,3 +191,80 @@ def test_any_change_of_amount_changes_the_digest(amounts: list[int]) -> None:
     m2 = mf.make_manifest(program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=9,
                           payments=bumped)
     assert mf.digest(m) != mf.digest(m2)
+
+
+# --- the fast path of parse -------------------------------------------------------------
+# parse checks every payment at once with C loops and falls back to the payment-by-payment
+# loop for anything unusual: a fault anywhere must still be named, with the same message.
+
+LONG = [{"id": f"u{i}", "to": TO if i % 2 else PAYER, "amount": str(i + 1)} for i in range(50)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"id": "u37", "to": TO}, "m.json: payments[37]: missing field 'amount'"),
+    (["u37", TO, "5"], "m.json: payments[37]: must be an object with id, to, amount"),
+    ({"id": "u3", "to": TO, "amount": "5"},
+     "m.json: payments[37]: duplicate id 'u3' (also payments[3])"),
+    ({"id": "x" * 129, "to": TO, "amount": "5"},
+     f"m.json: payments[37]: id must be 1-128 printable characters, got '{'x' * 129}'"),
+    ({"id": "a\tb", "to": TO, "amount": "5"},
+     "m.json: payments[37]: id must be 1-128 printable characters, got 'a\\tb'"),
+    ({"id": 37, "to": TO, "amount": "5"},
+     "m.json: payments[37]: id must be 1-128 printable characters, got 37"),
+    ({"id": "u37", "to": BAD_ADDR, "amount": "5"},
+     f"m.json: payments[37].to: {BAD_ADDR} fails its EIP-55 checksum (expected {TO})"),
+    ({"id": "u37", "to": TO.lower(), "amount": "5"},
+     f"m.json: payments[37].to: {TO.lower()} fails its EIP-55 checksum (expected {TO})"),
+    ({"id": "u37", "to": TO + "\n", "amount": "5"},
+     f"m.json: payments[37].to: {TO + chr(10)!r} is not a 0x-prefixed 20-byte hex address"),
+    ({"id": "u37", "to": "0x" + "0" * 40, "amount": "5"},
+     "m.json: payments[37].to: the zero address cannot be paid"),
+    ({"id": "u37", "to": TO, "amount": "05"},
+     "m.json: payments[37].amount: '05' is not a positive integer string of base units"),
+    ({"id": "u37", "to": TO, "amount": "5\n6"},
+     "m.json: payments[37].amount: '5\\n6' is not a positive integer string of base units"),
+    ({"id": "u37", "to": TO, "amount": str(2**256)},
+     "m.json: payments[37].amount: does not fit in uint256"),
+])
+def test_a_fault_deep_in_a_long_manifest_is_named(bad: object, message: str) -> None:
+    payments: list[object] = [*LONG]
+    payments[37] = bad
+    with pytest.raises(ManifestError) as e:
+        parse(doc(payments=payments))
+    assert str(e.value) == message
+
+
+def test_long_manifest_edge_values_are_accepted() -> None:
+    assert mf._payments_fast(LONG) is not None  # a plain manifest takes the fast path
+    payments = [*LONG]
+    payments[10] = {"id": "x" * 128, "to": TO, "amount": str(2**256 - 1)}  # 78 digits
+    payments[11] = {"id": "é ☃ 𝄞", "to": TO, "amount": "9" * 77}
+    m = parse(doc(payments=payments))
+    assert [(p.index, p.id, p.to, p.amount) for p in m.payments] == [
+        (i, p["id"], p["to"], int(p["amount"])) for i, p in enumerate(payments)]
+
+
+_id = st.sampled_from(["a", "b", "", "x" * 128, "x" * 129, "é", "a\nb", 7])
+_to = st.sampled_from([TO, PAYER, TO.lower(), BAD_ADDR, "0x" + "0" * 40, TO + "\n", "0x12",
+                       None])
+_amount = st.sampled_from(["1", "5", "0", "05", "1.5", "5\n", "5\n6", str(2**256 - 1),
+                           str(2**256), 5, "٥"])
+_payment = st.one_of(
+    st.fixed_dictionaries({"id": _id, "to": _to, "amount": _amount}),
+    st.fixed_dictionaries({"id": _id, "to": _to}),
+    st.just(["a", TO, "5"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_payment, min_size=1, max_size=6))
+def test_fast_path_agrees_with_the_checking_loop(raw: list[object]) -> None:
+    """Whatever the fast path accepts, the checking loop accepts identically; what it
+    declines is left to the loop (which may accept it: '5\\n', a 78-digit amount)."""
+    fast = mf._payments_fast(raw)
+    try:
+        checked = mf._payments_checked(raw, "m.json")
+    except ManifestError:
+        assert fast is None
+    else:
+        assert fast is None or fast == checked

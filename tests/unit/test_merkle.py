@@ -51,3 +51,18 @@ def test_changed_amount_changes_root() -> None:
 def test_empty_tree_is_refused() -> None:
     with pytest.raises(ValueError):
         MerkleTree([])
+
+
+def test_leaf_hashes_and_proofs_at_every_small_size() -> None:
+    """The inlined leaf hashing equals leaf_hash, and the tree built a level-run at a time
+    gives proofs that verify, at every size around the powers of two."""
+    from disburser.merkle import leaf_hashes
+
+    case = VECTORS["cases"][-1]["payments"]
+    for n in range(1, 70):
+        payments = [Payment(i, f"{case[i % len(case)]['id']}-{i}", case[i % len(case)]["to"],
+                            i * 1_000_003 + 1) for i in range(n)]
+        assert leaf_hashes(payments) == [leaf_hash(p) for p in payments]
+        tree = MerkleTree(payments)
+        for p in payments:
+            assert verify_proof(tree.root, leaf_hash(p), tree.proof(p.index))
