@@ -145,7 +145,7 @@ def send_like_cli(env: dict[str, str], manifest_path: Path, mode: str = "batch",
         if m.total > cfg.ceiling:
             raise CeilingError("over the ceiling")
         t2 = time.perf_counter()
-        with RunnerLock(s.db, signer.address, s.chain_id):
+        with RunnerLock(s.db, signer.address, s.chain_id, env.get("DISBURSER_LOCK_DIR")):
             ledger = Ledger(s.db)
             ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
                                    first_block=c.head().number)

@@ -56,13 +56,19 @@ def summary_rows(r: dict[str, Any], quick: bool) -> list[list[str]]:
         b, d, ty = t["batch"], t["direct"], t["typical"]
         add(f"2. Batch mode, {_n(t['n_batch'])} recipients, ledger + log on (recipients/s)",
             f"{_n(b['rate'])}/s = {100 * t['batch_vs_raw']:.0f} % of the raw ceiling "
-            f"{_n(t['raw'])}/s", "≥ 80 % of the raw ceiling", t["batch_vs_raw"] >= 0.8)
+            f"{_n(t['raw'])}/s ({100 * t['batch_vs_measured']:.0f} % of the "
+            f"{_n(t['raw_measured']['rate'])}/s the same pushes reach when every batch is "
+            "simulated first, as issue 3 requires)", "≥ 80 % of the raw ceiling",
+            t["batch_vs_raw"] >= 0.8)
         add("2. Batch mode vs the typical web3.py script",
             f"{_n(b['rate'])}/s vs {ty['rate']:,.1f}/s = {t['batch_vs_typical']:,.0f}×",
             "≥ 200×", t["batch_vs_typical"] >= 200)
-        add(f"2. Direct mode, {_n(t['n_direct'])} recipients, vs the typical script",
-            f"{d['rate']:,.1f}/s = {t['direct_vs_typical']:,.1f}× (pre-signed transfers reach "
-            f"{_n(t['raw_direct'])}/s)", "≥ 20×", t["direct_vs_typical"] >= 20)
+        add(f"2. Direct mode, {_n(t['n_direct'])} recipients, blocks every "
+            f"{t['block_time']} s, vs the typical script on automine (its best case)",
+            f"{d['rate']:,.1f}/s = {t['direct_vs_typical']:,.1f}× (the typical script on the "
+            f"same blocks: {t['typical_interval']['rate']:,.1f}/s; direct mode on automine, "
+            f"one block per transfer: {t['direct_automine']['rate']:,.0f}/s = "
+            f"{t['direct_automine_vs_typical']:,.1f}×)", "≥ 20×", t["direct_vs_typical"] >= 20)
     if m := r.get("mainnet"):
         x = m["mainnet"]
         add(f"3. 300,000 recipients, mainnet-like ({x['gas_limit'] / 1e6:.0f}M gas blocks every "
@@ -106,20 +112,31 @@ def _details(r: dict[str, Any]) -> list[str]:
                 _n(g["lone_transfer"]), ""]])
         out += ["", f"Marginal ratio BatchPayout / PlainDisperse: {g['vs_plain_marginal']:.3f}×."]
     if t := r.get("throughput"):
-        out += ["", f"### 2. Throughput (local Anvil, automine, confirmations 1; median of "
-                f"{t['runs']} runs, a fresh Anvil each)", ""]
+        bt = t["block_time"]
+        out += ["", f"### 2. Throughput (local Anvil, confirmations 1; median of "
+                f"{t['runs']} runs, a fresh Anvil each; automine unless a block time is "
+                "given)", ""]
         rows: list[list[str]] = []
         for key, label, n in (
             ("batch", "engine, batch mode (`send` in-process)", t["n_batch"]),
             ("raw_sequential", "raw ceiling: pre-signed, one request per tx", t["n_batch"]),
             ("raw_rpc_batch", "raw ceiling: pre-signed, JSON-RPC batches + evm_mine",
              t["n_batch"]),
-            ("direct", "engine, direct mode", t["n_direct"]),
-            ("raw_direct_sequential", "direct ceiling: pre-signed transfers, one request "
-             "per tx", t["n_direct"]),
+            ("raw_measured", "raw ceiling with each window of 16 batches simulated first "
+             "(GasMeter, one round trip)", t["n_batch"]),
+            ("direct", f"engine, direct mode, blocks every {bt} s, "
+             f"DISBURSER_MAX_IN_FLIGHT={t['direct_in_flight']}", t["n_direct"]),
+            ("raw_direct_interval", f"direct ceiling: pre-signed transfers, JSON-RPC batches "
+             f"of 500, blocks every {bt} s", t["n_direct"]),
+            ("direct_automine", "engine, direct mode, automine (one block per transfer)",
+             t["n_direct_automine"]),
+            ("raw_direct_sequential", "direct ceiling on automine: pre-signed transfers, one "
+             "request per tx", t["n_direct_automine"]),
             ("raw_direct_rpc_batch", "direct ceiling: pre-signed transfers, JSON-RPC batches "
-             "of 500 + evm_mine", t["n_direct"]),
+             "of 500 + evm_mine", t["n_direct_automine"]),
             ("typical", "typical web3.py script", t["n_typical"]),
+            ("typical_interval", f"typical web3.py script, blocks every {bt} s",
+             t["n_typical_interval"]),
         ):
             v = t[key]
             extra = ""

@@ -37,21 +37,31 @@ MAX_FEE = 100 * 10**9  # the anvil profile's cap: txs waiting behind full blocks
 TIP = 10**9
 # Requests over 2 MB are refused by Anvil (FIELD-NOTES); ~95 kB per signed 489-batch.
 RAW_PER_REQUEST = 8
+MAX_IN_FLIGHT = 16  # the engine's default window (DISBURSER_MAX_IN_FLIGHT)
+# Direct mode runs on a chain that mines a block every DIRECT_BLOCK_TIME seconds (Arbitrum
+# One's block time), not on automine: under automine Anvil mines one block per transaction
+# (~4.5 ms each), a ceiling of ~220 transfers/s that no sender can pass and no real chain
+# has. Anvil's pool keeps any number of transactions per sender, so the engine may keep up to
+# DIRECT_IN_FLIGHT in it (geth keeps 16 per account: the mainnet-like run uses 16).
+DIRECT_BLOCK_TIME = 0.25
+DIRECT_IN_FLIGHT = 1024
 
 
-def _engine(ctx: Ctx, n: int, mode: str, run: int) -> dict[str, float]:
-    work = ctx.dir(f"throughput-{mode}-{run}")
-    with fresh_devnet() as d:
+def _engine(ctx: Ctx, n: int, mode: str, run: int, *, block_time: float | None = None,
+            **extra: str) -> dict[str, float]:
+    work = ctx.dir(f"throughput-{mode}-{block_time}-{run}")
+    with fresh_devnet(block_time=block_time) as d:
         path = signed_manifest(d, n, work / "manifest.json", seed=f"tp-{mode}-{run}")
-        r = send_like_cli(bench_env(d, work), path, mode)
+        r = send_like_cli(bench_env(d, work, **extra), path, mode)
     assert r.confirmed == n, f"{mode}: confirmed {r.confirmed} of {n}"
-    ctx.log(f"  engine {mode} n={n}: {r.rate:,.0f}/s (Sender.run {r.run_rate:,.0f}/s, "
-            f"load {r.load:.2f} s, accept {r.accept:.2f} s)")
+    ctx.log(f"  engine {mode} n={n} blocks {block_time or 'automine'}: {r.rate:,.0f}/s "
+            f"(Sender.run {r.run_rate:,.0f}/s, load {r.load:.2f} s, accept {r.accept:.2f} s)")
     return {"rate": r.rate, "run_rate": r.run_rate, "total": r.total, "run": r.run,
             "load": r.load, "accept": r.accept, "txs": r.txs}
 
 
-def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch") -> dict[str, float]:
+def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch", *, measure: bool = False,
+         block_time: float | None = None) -> dict[str, float]:
     """Pre-signed transactions, no ledger: ``kind`` "batch" (the engine's BatchPayout
     batches) or "direct" (one `transfer` each, gas limit from one estimate). ``how``:
 
@@ -62,10 +72,16 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch") -> dict[str, float]:
       for the next arrival, so the tail is mined by hand. Anvil has been seen to lose one
       of them silently: any transaction without a receipt once the pool is empty is sent
       again (counted in ``resent``; "nonce too low" means it was being mined meanwhile).
+    - ``interval``: JSON-RPC batches of sends into a chain that mines a block every
+      ``block_time`` seconds (no evm_mine).
+
+    ``measure``: before each window of MAX_IN_FLIGHT batches is pushed, its batches are
+    measured with GasMeter in one round trip, as the engine does before signing: the
+    ceiling of any sender that simulates every batch (issue 3), the node's share of it.
     """
     from disburser.sender import BATCH_FIXED_GAS, PER_RECIPIENT_GAS
 
-    with fresh_devnet() as d:
+    with fresh_devnet(block_time=block_time) as d:
         c = ch.RpcChain(d.url)
         signer = payer_signer(d)
         head = c.head()
@@ -95,16 +111,22 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch") -> dict[str, float]:
         resent = 0
         t0 = time.perf_counter()
         if how == "sequential":
-            for s in signed:
-                c.send_raw(s.raw)
+            window = MAX_IN_FLIGHT if measure else len(signed)
+            for w in range(0, len(signed), window):
+                if measure:
+                    got = c.measure_many(d.payer, to, datas[w:w + window])
+                    assert all(x is not None and x[0] for x in got), "raw: a measure failed"
+                for s in signed[w:w + window]:
+                    c.send_raw(s.raw)
         else:
             for i in range(0, len(signed), per_request):
                 for res in c.send_raw_many([s.raw for s in signed[i:i + per_request]]):
-                    if isinstance(res, Exception):
+                    # "already known": the transport re-sent a batch whose answer it lost.
+                    if isinstance(res, Exception) and not isinstance(res, ch.AlreadyKnown):
                         raise res
         last = signed[-1].hash
         while c.rpc("eth_getTransactionReceipt", [last]) is None:
-            if how == "sequential":
+            if how in ("sequential", "interval"):
                 time.sleep(0.001)
                 continue
             if int(c.rpc("txpool_status")["pending"], 16) == 0:
@@ -121,17 +143,18 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch") -> dict[str, float]:
         ok = all(r is not None and r.status == 1 for r in c.receipts([s.hash for s in signed])
                  .values())
         assert ok, "raw ceiling: a transaction failed"
-    ctx.log(f"  raw ceiling ({kind}, {how}) n={n}: {n / elapsed:,.0f}/s")
+    ctx.log(f"  raw ceiling ({kind}, {how}{', measured' if measure else ''}) n={n}: "
+            f"{n / elapsed:,.0f}/s")
     return {"rate": n / elapsed, "elapsed": elapsed, "sign": sign_s, "txs": len(signed),
             "batch_size": size, "resent": resent}
 
 
-def _typical(ctx: Ctx, n: int) -> dict[str, float]:
+def _typical(ctx: Ctx, n: int, block_time: float | None = None) -> dict[str, float]:
     from web3 import Web3
 
     from disburser.artifacts import load_artifact
 
-    with fresh_devnet() as d:
+    with fresh_devnet(block_time=block_time) as d:
         w3 = Web3(Web3.HTTPProvider(d.url))
         token = w3.eth.contract(address=Web3.to_checksum_address(d.token),
                                 abi=load_artifact("TestUSDC")["abi"])
@@ -146,25 +169,38 @@ def _typical(ctx: Ctx, n: int) -> dict[str, float]:
             w3.eth.wait_for_transaction_receipt(h)
         elapsed = time.perf_counter() - t0
         assert token.functions.balanceOf(tos[-1]).call() == ams[-1]
-    ctx.log(f"  typical web3 script n={n}: {n / elapsed:,.1f}/s")
+    ctx.log(f"  typical web3 script n={n} blocks {block_time or 'automine'}: "
+            f"{n / elapsed:,.1f}/s")
     return {"rate": n / elapsed, "elapsed": elapsed}
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
     n_batch = 500 if ctx.quick else 20_000
-    n_direct = 40 if ctx.quick else 2_000
+    n_direct = 40 if ctx.quick else 5_000
     n_typical = 20 if ctx.quick else 300
+    n_direct_automine = 40 if ctx.quick else 1_000
+    n_typical_interval = 5 if ctx.quick else 30
     runs = ctx.runs
     out: dict[str, Any] = {"n_batch": n_batch, "n_direct": n_direct, "n_typical": n_typical,
-                           "runs": runs}
+                           "n_direct_automine": n_direct_automine,
+                           "n_typical_interval": n_typical_interval, "runs": runs}
+    bt = DIRECT_BLOCK_TIME
     steps: list[tuple[str, Callable[[int], dict[str, float]]]] = [
         ("batch", lambda i: _engine(ctx, n_batch, "batch", i)),
         ("raw_sequential", lambda _i: _raw(ctx, n_batch, "sequential")),
         ("raw_rpc_batch", lambda _i: _raw(ctx, n_batch, "rpc-batch")),
-        ("direct", lambda i: _engine(ctx, n_direct, "direct", i)),
-        ("raw_direct_sequential", lambda _i: _raw(ctx, n_direct, "sequential", "direct")),
-        ("raw_direct_rpc_batch", lambda _i: _raw(ctx, n_direct, "rpc-batch", "direct")),
+        ("raw_measured", lambda _i: _raw(ctx, n_batch, "sequential", measure=True)),
+        ("direct", lambda i: _engine(ctx, n_direct, "direct", i, block_time=bt,
+                                     DISBURSER_MAX_IN_FLIGHT=str(DIRECT_IN_FLIGHT))),
+        ("raw_direct_interval", lambda _i: _raw(ctx, n_direct, "interval", "direct",
+                                                block_time=bt)),
+        ("direct_automine", lambda i: _engine(ctx, n_direct_automine, "direct", i)),
+        ("raw_direct_sequential", lambda _i: _raw(ctx, n_direct_automine, "sequential",
+                                                  "direct")),
+        ("raw_direct_rpc_batch", lambda _i: _raw(ctx, n_direct_automine, "rpc-batch",
+                                                 "direct")),
         ("typical", lambda _i: _typical(ctx, n_typical)),
+        ("typical_interval", lambda _i: _typical(ctx, n_typical_interval, block_time=bt)),
     ]
     for key, fn in steps:
         samples = [fn(i) for i in range(runs)]
@@ -177,6 +213,14 @@ def run(ctx: Ctx) -> dict[str, Any]:
     out["batch_run_vs_raw"] = out["batch"]["run_rate"] / out["raw"]
     out["batch_vs_typical"] = out["batch"]["rate"] / out["typical"]["rate"]
     out["direct_vs_typical"] = out["direct"]["rate"] / out["typical"]["rate"]
-    out["raw_direct"] = max(out["raw_direct_sequential"]["rate"],
-                            out["raw_direct_rpc_batch"]["rate"])
+    out["batch_vs_measured"] = out["batch"]["rate"] / out["raw_measured"]["rate"]
+    out["measured_vs_raw"] = out["raw_measured"]["rate"] / out["raw"]
+    out["direct_vs_interval_ceiling"] = (out["direct"]["rate"]
+                                         / out["raw_direct_interval"]["rate"])
+    out["direct_automine_vs_typical"] = (out["direct_automine"]["rate"]
+                                         / out["typical"]["rate"])
+    out["direct_vs_typical_interval"] = (out["direct"]["rate"]
+                                         / out["typical_interval"]["rate"])
+    out["block_time"] = bt
+    out["direct_in_flight"] = DIRECT_IN_FLIGHT
     return out

@@ -32,6 +32,9 @@ class Signer:
         except Exception:  # noqa: BLE001 - the library's message may quote the key
             raise InputError("private key is not a valid secp256k1 key") from None
         self.address: str = self._account.address
+        from coincurve import PrivateKey
+
+        self._secp = PrivateKey(private_key)
 
     def __repr__(self) -> str:
         return f"Signer({self.address})"
@@ -42,6 +45,25 @@ class Signer:
 
     def sign_tx(self, *, chain_id: int, nonce: int, to: str, data: str, gas: int,
                 max_fee: int, tip: int, value: int = 0) -> SignedTx:
+        """An EIP-1559 (type 2) transaction, RLP-encoded by hand and signed with libsecp256k1
+        (coincurve): ~0.1 ms where eth-account's validating path takes ~0.4 ms, which counts
+        at thousands of direct transfers. Byte-identical to eth-account's (a unit test signs
+        many random transactions both ways)."""
+        from eth_hash.auto import keccak
+
+        fields = [_rlp_int(chain_id), _rlp_int(nonce), _rlp_int(tip), _rlp_int(max_fee),
+                  _rlp_int(gas), _rlp_bytes(bytes.fromhex(to[2:]) if to else b""),
+                  _rlp_int(value), _rlp_bytes(bytes.fromhex(data[2:])), b"\xc0"]
+        unsigned = b"\x02" + _rlp_list(fields)
+        sig = self._secp.sign_recoverable(keccak(unsigned), hasher=None)
+        raw = b"\x02" + _rlp_list(fields + [_rlp_int(sig[64]),
+                                             _rlp_int(int.from_bytes(sig[:32], "big")),
+                                             _rlp_int(int.from_bytes(sig[32:64], "big"))])
+        return SignedTx("0x" + raw.hex(), "0x" + keccak(raw).hex())
+
+    def sign_tx_eth_account(self, *, chain_id: int, nonce: int, to: str, data: str, gas: int,
+                            max_fee: int, tip: int, value: int = 0) -> SignedTx:
+        """The same through eth-account: the reference sign_tx is tested against."""
         tx: dict[str, object] = {
             "type": 2, "chainId": chain_id, "nonce": nonce, "data": data,
             "gas": gas, "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "value": value,
@@ -50,6 +72,28 @@ class Signer:
             tx["to"] = to
         signed = self._account.sign_transaction(tx)
         return SignedTx("0x" + bytes(signed.raw_transaction).hex(), "0x" + bytes(signed.hash).hex())
+
+
+def _rlp_int(n: int) -> bytes:
+    return _rlp_bytes(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+
+def _rlp_bytes(b: bytes) -> bytes:
+    if len(b) == 1 and b[0] < 0x80:
+        return b
+    return _rlp_len(len(b), 0x80) + b
+
+
+def _rlp_list(items: list[bytes]) -> bytes:
+    payload = b"".join(items)
+    return _rlp_len(len(payload), 0xC0) + payload
+
+
+def _rlp_len(n: int, offset: int) -> bytes:
+    if n <= 55:
+        return bytes([offset + n])
+    ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([offset + 55 + len(ln)]) + ln
 
 
 def _parse_hex_key(text: str, where: str) -> bytes:

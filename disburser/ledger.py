@@ -15,9 +15,22 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Index, UniqueConstraint, event, func, insert, text, update
+from sqlalchemy import (
+    Index,
+    Integer,
+    Numeric,
+    Table,
+    UniqueConstraint,
+    bindparam,
+    event,
+    func,
+    insert,
+    text,
+    update,
+)
+from sqlalchemy import cast as sa_cast
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
@@ -128,6 +141,17 @@ class PayerRow(SQLModel, table=True):
     first_nonce: int  # the chain's nonce when this ledger first used the payer
 
 
+class Mined(NamedTuple):
+    """A receipt seen for a pending transaction (``Ledger.mark_mined_many``)."""
+
+    tx_id: int
+    tx_hash: str
+    block_number: int
+    block_hash: str
+    receipt_status: int
+    gas_used: int
+
+
 @dataclass(frozen=True)
 class NewTx:
     """A signed transaction about to be written ahead."""
@@ -218,6 +242,13 @@ class Ledger:
     def _event(self, s: Session, kind: str, /, **data: Any) -> None:
         s.add(EventRow(ts=time.time(), kind=kind, data=json.dumps(data, sort_keys=True)))
 
+    def _events(self, s: Session, kind: str, items: Sequence[dict[str, Any]]) -> None:
+        """Many events of one kind in one executemany (no ORM objects)."""
+        if items:
+            ts = time.time()
+            s.execute(insert(_table(EventRow)), [
+                {"ts": ts, "kind": kind, "data": json.dumps(d, sort_keys=True)} for d in items])
+
     # --- manifests -------------------------------------------------------------------
 
     def accept_manifest(
@@ -270,10 +301,11 @@ class Ledger:
                 int(t) for t in s.exec(select(col(ManifestRow.total)).where(
                     col(ManifestRow.program) == m.program))
             )
-            if committed + m.total > ceiling:
+            total = m.total  # a sum over every payment: once
+            if committed + total > ceiling:
                 raise CeilingError(
-                    f"program {m.program}: accepted {committed} + this manifest {m.total} "
-                    f"= {committed + m.total} base units exceeds the ceiling {ceiling}"
+                    f"program {m.program}: accepted {committed} + this manifest {total} "
+                    f"= {committed + total} base units exceeds the ceiling {ceiling}"
                 )
             now = _now()
             if s.get(ProgramRow, m.program) is None:
@@ -281,20 +313,31 @@ class Ledger:
                                  started_at=now, deadline=now + deadline_hours * 3600))
             s.add(ManifestRow(
                 root=m.root, program=m.program, chain_id=m.chain_id, token=m.token,
-                payer=m.payer, not_after=m.not_after, count=m.count, total=str(m.total),
+                payer=m.payer, not_after=m.not_after, count=m.count, total=str(total),
                 document=to_json(m), signers=json.dumps(list(signers)), accepted_at=now,
             ))
             s.flush()
-            for i in range(0, m.count, 20_000):  # chunks: bounded memory at 300,000 rows
-                s.execute(insert(PaymentRow), [
-                    {"root": m.root, "idx": p.index, "pid": p.id, "to": p.to,
-                     "amount": str(p.amount), "status": PaymentStatus.QUEUED.value,
-                     "updated_at": now}
-                    for p in m.payments[i:i + 20_000]
-                ])
+            self._insert_payments(s, m, now)
             self._event(s, "manifest_accepted", root=m.root, program=m.program, count=m.count,
-                        total=str(m.total), signers=list(signers))
+                        total=str(total), signers=list(signers))
             return True
+
+    def _insert_payments(self, s: Session, m: Manifest, now: int) -> None:
+        """The manifest's payment rows, all QUEUED, in the session's transaction: plain
+        tuples through the driver's executemany. The ORM's bulk insert (and even Core's
+        ``insert()``) builds and processes a parameter dict a row, which cost more than
+        SQLite's own work; `send` accepts its manifest on every start."""
+        conn = s.connection()
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # SQLite | psycopg
+        sql = (f'INSERT INTO {PaymentRow.__tablename__} '
+               f'(root, idx, pid, "to", amount, status, updated_at) '
+               f'VALUES ({", ".join([mark] * 7)})')
+        root, queued = m.root, PaymentStatus.QUEUED.value
+        for i in range(0, m.count, 20_000):  # chunks: bounded memory at 300,000 rows
+            conn.exec_driver_sql(sql, [
+                (root, p.index, p.id, p.to, str(p.amount), queued, now)
+                for p in m.payments[i:i + 20_000]
+            ])
 
     def manifests(self, program: str | None = None) -> list[ManifestRow]:
         with self.session() as s:
@@ -352,6 +395,14 @@ class Ledger:
                 q = q.limit(limit)
             return [Queued(r[0], r[1], r[2], r[3]) for r in s.execute(q)]
 
+    def queued_idxs(self, root: str) -> list[int]:
+        """Indexes of the queued payments of ``root``, in order."""
+        pt = _table(PaymentRow)
+        with self.session() as s:
+            return [int(r[0]) for r in s.execute(sa_select(pt.c.idx).where(
+                pt.c.root == root, pt.c.status == PaymentStatus.QUEUED.value,
+            ).order_by(pt.c.idx))]
+
     def has_queued(self, root: str) -> bool:
         return bool(self.queued(root, limit=1))
 
@@ -369,17 +420,66 @@ class Ledger:
                           col(PaymentRow.reason), col(PaymentRow.tx_id))
             return [(r[0], r[1], r[2], r[3], r[4]) for r in s.execute(q)]
 
-    def counts(self, roots: Sequence[str] | None = None) -> Counts:
+    def payment_rows(self) -> list[tuple[str, int, str, str, str, str, str | None, int | None]]:
+        """(root, idx, pid, to, amount, status, reason, tx_id) of every payment, by root and
+        index, as plain tuples. Read-only: reconcile rebuilds 100,000s of accepted payments
+        from them (and takes each one's state) instead of re-parsing the stored documents.
+        The driver's own cursor returns the tuples: half the time of SQLAlchemy's rows
+        (measured, 0.12 s against 0.23 s for 100,000)."""
+        q = sa_select(col(PaymentRow.root), col(PaymentRow.idx), col(PaymentRow.pid),
+                      col(PaymentRow.to), col(PaymentRow.amount), col(PaymentRow.status),
+                      col(PaymentRow.reason), col(PaymentRow.tx_id)).order_by(
+            col(PaymentRow.root), col(PaymentRow.idx))
+        sql = str(q.compile(self.engine))  # no parameters
         with self.session() as s:
-            q = select(col(PaymentRow.status), col(PaymentRow.amount))
-            if roots is not None:
-                q = q.where(col(PaymentRow.root).in_(list(roots)))
-            by: dict[str, int] = {}
-            amt: dict[str, int] = {}
-            for st, a in s.exec(q):
-                by[st] = by.get(st, 0) + 1
-                amt[st] = amt.get(st, 0) + int(a)
-            return Counts(by, amt)
+            cur = s.connection().connection.cursor()
+            try:
+                cur.execute(sql)
+                return [tuple(r) for r in cur.fetchall()]
+            finally:
+                cur.close()
+
+    def tx_outcomes(self) -> list[tuple[int, str, str | None, int | None, int | None, int,
+                                        str | None]]:
+        """(id, kind, mined_hash, block_number, gas_used, count, root) of every transaction
+        by nonce, as plain tuples. Read-only, for reconcile: without the calldata that
+        ``txs`` loads (~50 kB a batch of 500 payments)."""
+        with self.session() as s:
+            q = sa_select(col(TxRow.id), col(TxRow.kind), col(TxRow.mined_hash),
+                          col(TxRow.block_number), col(TxRow.gas_used), col(TxRow.count),
+                          col(TxRow.root)).order_by(col(TxRow.nonce))
+            return [(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in s.execute(q)
+                    if r[0] is not None]
+
+    def counts(self, roots: Sequence[str] | None = None) -> Counts:
+        """Payments and amounts by status, summed by the database (the send's progress asks
+        once a second; reading 100,000 amounts into Python took 0.3 s). Amounts are decimal
+        TEXT: PostgreSQL sums them as NUMERIC; SQLite, whose integers are 64-bit, sums the
+        digits above and below 10^12 apart (each sum is bounded by the manifests' totals
+        and their row count, far inside int64) and Python joins them exactly."""
+        pt = _table(PaymentRow)
+        hi: Any
+        lo: Any
+        if self.engine.dialect.name == "sqlite":
+            cut = 10**12
+            hi = func.sum(sa_cast(func.substr(pt.c.amount, 1, func.length(pt.c.amount) - 12),
+                                  Integer))
+            lo = func.sum(sa_cast(func.substr(pt.c.amount, -12), Integer))
+        else:
+            cut = 0
+            hi = func.sum(sa_cast(pt.c.amount, Numeric))
+            lo = func.count()
+        q = sa_select(pt.c.status, func.count(), hi, lo).group_by(pt.c.status)
+        if roots is not None:
+            q = q.where(pt.c.root.in_(list(roots)))
+        by: dict[str, int] = {}
+        amt: dict[str, int] = {}
+        with self.session() as s:
+            for row in s.execute(q):
+                st, n, h, low = row[0], row[1], row[2], row[3]
+                by[st] = int(n)
+                amt[st] = int(h or 0) * cut + int(low or 0) if cut else int(h or 0)
+        return Counts(by, amt)
 
     def mark_failed(self, root: str, idx: int, reason: str) -> None:
         with self.session() as s:
@@ -442,34 +542,76 @@ class Ledger:
             idxs=tuple(idxs), amount=amount)])[0]
 
     def record_txs(self, txs: Sequence[NewTx]) -> list[int]:
-        """Several transactions written ahead in one database transaction (one fsync)."""
+        """Several transactions written ahead in one database transaction (one fsync): each
+        transaction, its first signed attempt and the claim of its payments (queued ->
+        in_flight). Plain executemany statements, no ORM objects: a fill of direct
+        transfers writes hundreds at once."""
         # Write-ahead: this commit must happen now, before the broadcast, never deferred
         # into an enclosing atomic() block.
         assert self._shared is None, "record_txs inside atomic()"
         now = _now()
+        tt, at = _table(TxRow), _table(AttemptRow)
         ids: list[int] = []
         with self.session() as s:
-            for n in txs:
-                tx = TxRow(payer=n.payer, nonce=n.nonce, kind=n.kind, root=n.root, to=n.to,
-                           data=n.data, gas_limit=n.gas_limit, count=len(n.idxs),
-                           amount=str(n.amount), created_at=now, updated_at=now)
-                s.add(tx)
-                s.flush()
-                assert tx.id is not None
-                s.add(AttemptRow(tx_id=tx.id, hash=n.tx_hash, raw=n.raw, max_fee=str(n.max_fee),
-                                 tip=str(n.tip), created_at=now))
-                if n.idxs:
-                    r = s.execute(update(PaymentRow).where(
-                        col(PaymentRow.root) == n.root, col(PaymentRow.idx).in_(list(n.idxs)),
-                        col(PaymentRow.status) == PaymentStatus.QUEUED.value,
-                    ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx.id, updated_at=now))
-                    _expect(r, len(n.idxs),
-                            f"claim of {len(n.idxs)} payments for nonce {n.nonce}")
-                self._event(s, "tx_signed", tx_id=tx.id, nonce=n.nonce, kind=n.kind,
-                            hash=n.tx_hash, count=len(n.idxs), amount=str(n.amount),
-                            max_fee=str(n.max_fee), tip=str(n.tip))
-                ids.append(tx.id)
+            for part in _chunks(txs):
+                res = s.execute(insert(tt).returning(tt.c.id, sort_by_parameter_order=True), [
+                    {"payer": n.payer, "nonce": n.nonce, "kind": n.kind, "root": n.root,
+                     "to": n.to, "data": n.data, "gas_limit": n.gas_limit,
+                     "count": len(n.idxs), "amount": str(n.amount),
+                     "status": TxStatus.PENDING.value, "created_at": now, "updated_at": now}
+                    for n in part])
+                part_ids = [int(r[0]) for r in res]
+                s.execute(insert(at), [
+                    {"tx_id": i, "hash": n.tx_hash, "raw": n.raw, "max_fee": str(n.max_fee),
+                     "tip": str(n.tip), "created_at": now}
+                    for i, n in zip(part_ids, part, strict=True)])
+                claims = [(n.root, idx, i) for i, n in zip(part_ids, part, strict=True)
+                          for idx in n.idxs]
+                self._claim(s, claims, now)
+                self._events(s, "tx_signed", [
+                    {"tx_id": i, "nonce": n.nonce, "kind": n.kind, "hash": n.tx_hash,
+                     "count": len(n.idxs), "amount": str(n.amount), "max_fee": str(n.max_fee),
+                     "tip": str(n.tip)} for i, n in zip(part_ids, part, strict=True)])
+                ids.extend(part_ids)
         return ids
+
+    def _claim(self, s: Session, claims: Sequence[tuple[str | None, int, int]],
+               now: int) -> None:
+        """Payments (root, idx) queued -> in_flight for transaction id, each guarded: every
+        one must still be queued. A batch's payments go in one UPDATE ... IN (...) checked
+        by its row count; single payments (direct transfers) in one executemany, checked by
+        a count read first (not every driver reports an executemany's row count)."""
+        if not claims:
+            return
+        pt = _table(PaymentRow)
+        groups: dict[tuple[str | None, int], list[int]] = {}
+        for root, idx, tx_id in claims:
+            groups.setdefault((root, tx_id), []).append(idx)
+        singles: list[tuple[str | None, int, int]] = []
+        for (root, tx_id), idxs in groups.items():
+            if len(idxs) == 1:
+                singles.append((root, idxs[0], tx_id))
+                continue
+            for part in _chunks(idxs):
+                r = s.execute(update(pt).where(
+                    pt.c.root == root, pt.c.idx.in_(part),
+                    pt.c.status == PaymentStatus.QUEUED.value,
+                ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx_id, updated_at=now))
+                _expect(r, len(part), f"claim of {len(part)} payments for tx {tx_id}")
+        by_root: dict[str | None, list[int]] = {}
+        for root, idx, _ in singles:
+            by_root.setdefault(root, []).append(idx)
+        for root, idxs in by_root.items():
+            for part in _chunks(idxs):
+                queued: int = s.execute(sa_select(func.count()).select_from(pt).where(
+                    pt.c.root == root, pt.c.idx.in_(part),
+                    pt.c.status == PaymentStatus.QUEUED.value)).scalar_one()
+                _expect_n(queued, len(part), f"claim of {len(part)} payments of {root}")
+        if singles:
+            s.execute(update(pt).where(pt.c.root == bindparam("b_root"),
+                                       pt.c.idx == bindparam("b_idx")).values(
+                status=PaymentStatus.IN_FLIGHT.value, tx_id=bindparam("b_tx"), updated_at=now),
+                [{"b_root": r, "b_idx": i, "b_tx": t} for r, i, t in singles])
 
     def add_attempt(self, tx_id: int, *, raw: str, tx_hash: str, max_fee: int, tip: int) -> None:
         assert self._shared is None, "add_attempt inside atomic()"  # write-ahead, as above
@@ -503,6 +645,23 @@ class Ledger:
                 col(TxRow.status).in_([TxStatus.PENDING.value, TxStatus.MINED.value]),
             ).order_by(col(TxRow.nonce))))
 
+    def pending_count(self, payer: str) -> int:
+        """How many of ``payer``'s transactions are not mined yet."""
+        tt = _table(TxRow)
+        with self.session() as s:
+            n: int = s.execute(sa_select(func.count()).select_from(tt).where(
+                tt.c.payer == payer, tt.c.status == TxStatus.PENDING.value)).scalar_one()
+            return n
+
+    def has_open_txs(self, payer: str) -> bool:
+        """Whether any of ``payer``'s transactions is not final yet."""
+        tt = _table(TxRow)
+        with self.session() as s:
+            return s.execute(sa_select(tt.c.id).where(
+                tt.c.payer == payer,
+                tt.c.status.in_([TxStatus.PENDING.value, TxStatus.MINED.value]),
+            ).limit(1)).first() is not None
+
     def txs(self, payer: str | None = None) -> list[TxRow]:
         with self.session() as s:
             q = select(TxRow).order_by(col(TxRow.nonce))
@@ -526,6 +685,72 @@ class Ledger:
             _expect(r, 1, f"tx {tx_id} pending -> mined")
             self._event(s, "tx_mined", tx_id=tx_id, hash=tx_hash, block=block_number,
                         status=receipt_status, gas_used=gas_used)
+
+    def mark_mined_many(self, mined: Sequence[Mined]) -> None:
+        """Several transactions pending -> mined in one statement (a poll sees hundreds of
+        direct transfers mined at once); guarded like ``mark_mined``: every one must have
+        been pending."""
+        if not mined:
+            return
+        now = _now()
+        t = _table(TxRow)
+        with self.session() as s:
+            for part in _chunks(mined):
+                ids = [m.tx_id for m in part]
+                pending: int = s.execute(sa_select(func.count()).select_from(t).where(
+                    t.c.id.in_(ids), t.c.status == TxStatus.PENDING.value)).scalar_one()
+                _expect_n(pending, len(ids), f"{len(ids)} txs pending -> mined")
+                s.execute(update(t).where(t.c.id == bindparam("b_id")).values(
+                    status=TxStatus.MINED.value, mined_hash=bindparam("b_hash"),
+                    block_number=bindparam("b_block"), block_hash=bindparam("b_bhash"),
+                    receipt_status=bindparam("b_status"), gas_used=bindparam("b_gas"),
+                    updated_at=now),
+                    [{"b_id": m.tx_id, "b_hash": m.tx_hash, "b_block": m.block_number,
+                      "b_bhash": m.block_hash, "b_status": m.receipt_status,
+                      "b_gas": m.gas_used} for m in part])
+            self._events(s, "tx_mined", [
+                {"tx_id": m.tx_id, "hash": m.tx_hash, "block": m.block_number,
+                 "status": m.receipt_status, "gas_used": m.gas_used} for m in mined])
+
+    def finalize_many(self, tx_ids: Sequence[int]) -> dict[int, TxStatus]:
+        """``finalize`` for several transactions in a few statements."""
+        out: dict[int, TxStatus] = {}
+        if not tx_ids:
+            return out
+        now = _now()
+        t = _table(TxRow)
+        with self.session() as s:
+            events: dict[str, list[dict[str, Any]]] = {"tx_confirmed": [], "tx_reverted": []}
+            for part in _chunks(list(tx_ids)):
+                rows = s.execute(sa_select(t.c.id, t.c.receipt_status, t.c.nonce,
+                                           t.c.mined_hash, t.c.count).where(
+                    t.c.id.in_(part), t.c.status == TxStatus.MINED.value)).all()
+                _expect_n(len(rows), len(part), f"{len(part)} txs mined -> final")
+                for ok, final, pay in ((True, TxStatus.CONFIRMED, PaymentStatus.CONFIRMED),
+                                       (False, TxStatus.REVERTED, PaymentStatus.QUEUED)):
+                    group = [r for r in rows if (r.receipt_status == 1) == ok]
+                    if not group:
+                        continue
+                    ids = [r.id for r in group]
+                    r = s.execute(update(t).where(
+                        t.c.id.in_(ids), t.c.status == TxStatus.MINED.value,
+                    ).values(status=final.value, updated_at=now))
+                    _expect(r, len(ids), f"{len(ids)} txs mined -> {final.value}")
+                    values: dict[str, Any] = {"status": pay.value, "updated_at": now}
+                    if not ok:
+                        values["tx_id"] = None
+                    s.execute(update(PaymentRow).where(
+                        col(PaymentRow.tx_id).in_(ids),
+                        col(PaymentRow.status) == PaymentStatus.IN_FLIGHT.value,
+                    ).values(**values))
+                    for g in group:
+                        out[g.id] = final
+                        events["tx_confirmed" if ok else "tx_reverted"].append(
+                            {"tx_id": g.id, "nonce": g.nonce, "hash": g.mined_hash,
+                             "count": g.count if ok else 0})
+            for kind, data in events.items():
+                self._events(s, kind, data)
+        return out
 
     def mark_reorged(self, tx_id: int) -> None:
         """Its block left the canonical chain: back to pending, to be re-broadcast."""
@@ -616,6 +841,24 @@ def _expect(result: Any, want: int, what: str) -> None:
     if got != want:
         raise DisburserError(f"ledger: {what} changed {got} rows, expected {want}; "
                              "another process changed the ledger")
+
+
+def _table(model: type[SQLModel]) -> Table:
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+def _expect_n(got: int, want: int, what: str) -> None:
+    """``_expect`` for a guard read before an executemany (whose rowcount not every driver
+    reports)."""
+    if got != want:
+        raise DisburserError(f"ledger: {what} found {got} rows, expected {want}; "
+                             "another process changed the ledger")
+
+
+def _chunks(items: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    """Pieces small enough for the bound-parameter limits of SQLite and PostgreSQL."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def _rowcount(result: Any) -> int:

@@ -14,20 +14,21 @@ from typing import IO
 from disburser.errors import LockedError
 
 
-def _lock_dir() -> Path:
+def _lock_dir(override: str | None = None) -> Path:
     default = Path(tempfile.gettempdir()) / "disburser-locks"
-    d = Path(os.environ.get("DISBURSER_LOCK_DIR") or default)
+    d = Path(override or os.environ.get("DISBURSER_LOCK_DIR") or default)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 class RunnerLock:
-    def __init__(self, db: Path | str, payer: str, chain_id: int) -> None:
+    def __init__(self, db: Path | str, payer: str, chain_id: int,
+                 lock_dir: str | None = None) -> None:
         db_s = str(db)
         paths = []
         if "://" not in db_s:
             paths.append(Path(db_s).with_name(Path(db_s).name + ".lock"))
-        paths.append(_lock_dir() / f"payer-{chain_id}-{payer.lower()}.lock")
+        paths.append(_lock_dir(lock_dir) / f"payer-{chain_id}-{payer.lower()}.lock")
         self.paths = paths
         self._files: list[IO[str]] = []
 

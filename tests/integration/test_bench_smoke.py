@@ -29,8 +29,9 @@ def test_quick_bench_produces_every_figure(tmp_path: Path) -> None:
               gas["lone_transfer"]):
         assert 20_000 < v < 100_000
     tp = res["throughput"]
-    for key in ("batch", "raw_sequential", "raw_rpc_batch", "direct", "raw_direct_sequential",
-                "raw_direct_rpc_batch", "typical"):
+    for key in ("batch", "raw_sequential", "raw_rpc_batch", "raw_measured", "direct",
+                "raw_direct_interval", "direct_automine", "raw_direct_sequential",
+                "raw_direct_rpc_batch", "typical", "typical_interval"):
         assert tp[key]["rate"] > 0, key
     main = res["mainnet"]["mainnet"]
     assert main["blocks"] > main["confirmations"] and main["blocks_300k"] > 0

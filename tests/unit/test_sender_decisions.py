@@ -149,3 +149,27 @@ def test_a_failed_batch_broadcast_is_ambiguous_not_fatal(tmp_path: Path) -> None
     assert [t.nonce for t in txs] == [0, 1, 2]  # written ahead, consecutive
     assert {p.status for p in s.ledger.payments(m.root)} == {"in_flight"}
     assert s.broadcast_any
+
+
+def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path: Path) -> None:
+    """The node's nonce has passed our transaction but its receipt is not served yet (Anvil
+    moves the nonce a moment before): the block holds our own hash, so the run waits for the
+    next poll instead of stopping; a hash that is not ours still stops it."""
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = _sender(tmp_path, chain)
+    m = _accepted(s, 2)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    t = s.ledger.txs(s.payer)[0]
+    atts = s.ledger.attempts(t.id or 0)
+    chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
+    chain.find_tx_by_nonce = lambda payer, nonce: atts[0].hash  # type: ignore[attr-defined]
+    s._resolve_used_nonce(t, atts)
+    assert s._mined_now == [] and s.ledger.txs(s.payer)[0].status == "pending"
+    chain.find_tx_by_nonce = lambda payer, nonce: "0x" + "ee" * 32  # type: ignore[attr-defined]
+    with pytest.raises(FailClosed, match=f"nonce 0 was used by transaction 0x{'ee' * 32}, which "
+                       "this ledger did not send"):
+        s._resolve_used_nonce(t, atts)

@@ -1,0 +1,91 @@
+"""The ledger's many-at-once writes (a fill of direct transfers, a poll's receipts) keep the
+guards and the exact amounts of the one-at-a-time ones, on a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from disburser.devnet import PAYER
+from disburser.domain import Manifest, Payment, PaymentStatus, TxStatus
+from disburser.errors import DisburserError
+from disburser.ledger import Ledger, Mined, NewTx
+from disburser.manifest import make_manifest
+
+TOKEN = "0x" + "aa" * 20
+# 18-decimal amounts: 3x10^26 does not fit SQLite's int64; every digit must survive the sums.
+BIG = [3 * 10**26 - 1, 10**18 + 7, 123_456_789_012_345, 5, 10**12, 10**12 - 1]
+
+
+def _ledger(tmp_path: Path) -> tuple[Ledger, Manifest]:
+    pays = [Payment(i, f"u{i}", "0x" + f"{i + 1:040x}", a) for i, a in enumerate(BIG)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=PAYER, not_after=2**40,
+                      payments=pays)
+    led = Ledger(tmp_path / "l.sqlite")
+    led.accept_manifest(m, ceiling=10**27, signers=[])
+    return led, m
+
+
+def _tx(m: Manifest, nonce: int, idxs: tuple[int, ...]) -> NewTx:
+    return NewTx(payer=PAYER, nonce=nonce, kind="direct", root=m.root, to=TOKEN, data="0x",
+                 gas_limit=60_000, raw=f"0x{nonce:04x}", tx_hash=f"0x{nonce:064x}",
+                 max_fee=10, tip=1, idxs=idxs, amount=sum(BIG[i] for i in idxs))
+
+
+def test_counts_sum_amounts_exactly(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    c = led.counts([m.root])
+    assert c.by_status == {PaymentStatus.QUEUED.value: len(BIG)}
+    assert c.amount_by_status == {PaymentStatus.QUEUED.value: sum(BIG)}
+
+
+def test_record_mine_and_finalize_many(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    ids = led.record_txs([_tx(m, 0, (0,)), _tx(m, 1, (1, 2, 3)), _tx(m, 2, (4,))])
+    assert [t.nonce for t in led.open_txs(PAYER)] == [0, 1, 2]
+    states = {p.idx: (p.status, p.tx_id) for p in led.payments(m.root)}
+    assert states == {0: ("in_flight", ids[0]), 1: ("in_flight", ids[1]),
+                      2: ("in_flight", ids[1]), 3: ("in_flight", ids[1]),
+                      4: ("in_flight", ids[2]), 5: ("queued", None)}
+    with led.atomic():
+        led.mark_mined_many([Mined(ids[0], "0xa", 10, "0xb10", 1, 50_000),
+                             Mined(ids[1], "0xc", 10, "0xb10", 1, 90_000),
+                             Mined(ids[2], "0xd", 11, "0xb11", 0, 30_000)])
+        finals = led.finalize_many(ids)
+    assert finals == {ids[0]: TxStatus.CONFIRMED, ids[1]: TxStatus.CONFIRMED,
+                      ids[2]: TxStatus.REVERTED}
+    c = led.counts([m.root])
+    assert c.by_status == {"confirmed": 4, "queued": 2}
+    assert c.amount_by_status == {"confirmed": sum(BIG[:4]), "queued": BIG[4] + BIG[5]}
+    # The reverted transfer's payment is queued again, bound to no transaction.
+    assert {p.idx: p.tx_id for p in led.payments(m.root, [PaymentStatus.QUEUED])} == \
+        {4: None, 5: None}
+    kinds = [e.kind for e in led.events() if e.kind.startswith("tx_")]
+    assert kinds.count("tx_signed") == 3 and kinds.count("tx_mined") == 3
+    assert kinds.count("tx_confirmed") == 2 and kinds.count("tx_reverted") == 1
+
+
+def test_a_payment_claimed_twice_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    led.record_txs([_tx(m, 0, (0,))])
+    with pytest.raises(DisburserError, match=r"claim of 2 payments .* found 1 rows, expected 2"):
+        led.record_txs([_tx(m, 1, (5,)), _tx(m, 2, (0,))])
+    assert [t.nonce for t in led.txs(PAYER)] == [0]
+    assert led.payments(m.root)[5].status == "queued"
+
+
+def test_a_batch_claim_of_a_paid_payment_is_refused(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    led.record_txs([_tx(m, 0, (2,))])
+    with pytest.raises(DisburserError, match=r"claim of 3 payments .* changed 2 rows"):
+        led.record_txs([_tx(m, 1, (1, 2, 3))])
+    assert [p.status for p in led.payments(m.root)][1:4] == ["queued", "in_flight", "queued"]
+
+
+def test_mined_twice_is_refused(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    (i,) = led.record_txs([_tx(m, 0, (0,))])
+    led.mark_mined_many([Mined(i, "0xa", 10, "0xb", 1, 1)])
+    with pytest.raises(DisburserError, match="pending -> mined found 0 rows, expected 1"):
+        led.mark_mined_many([Mined(i, "0xa", 10, "0xb", 1, 1)])
