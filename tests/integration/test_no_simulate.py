@@ -17,10 +17,13 @@ from tests.conftest import Env
 
 
 class NoSimulate:
-    """A loopback JSON-RPC proxy that answers eth_simulateV1 with "method not found"."""
+    """A loopback JSON-RPC proxy that answers eth_simulateV1 with "method not found" and, with
+    ``drop_overrides``, passes eth_call on without its state overrides, as a node that does
+    not know them would run it (GasMeter's call to the payer then answers 0x)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, drop_overrides: bool = False) -> None:
         self.refused = 0
+        self.overrides_dropped = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +37,13 @@ class NoSimulate:
                         "code": -32601, "message": "the method eth_simulateV1 does not exist/"
                         "is not available"}}).encode()
                 else:
+                    calls = [i for i in items
+                             if i.get("method") == "eth_call" and len(i["params"]) > 2]
+                    if drop_overrides and calls:
+                        proxy.overrides_dropped += 1  # requests, not calls
+                        for i in calls:
+                            i["params"] = i["params"][:2]
+                        body = json.dumps(req).encode()
                     r = urllib.request.Request(upstream, data=body,
                                                headers={"Content-Type": "application/json"})
                     with urllib.request.urlopen(r) as resp:
@@ -56,9 +66,9 @@ class NoSimulate:
         self.server.server_close()
 
 
-@pytest.fixture
-def proxy(env: Env) -> Iterator[NoSimulate]:
-    p = NoSimulate(env.devnet.url)
+@pytest.fixture(params=[False, True], ids=["overrides", "no-overrides"])
+def proxy(env: Env, request: pytest.FixtureRequest) -> Iterator[NoSimulate]:
+    p = NoSimulate(env.devnet.url, drop_overrides=request.param)
     yield p
     p.close()
 
@@ -77,5 +87,9 @@ def test_send_without_eth_simulate(env: Env, proxy: NoSimulate, mode: str) -> No
     assert f"failed: payments[7] {victim.id} {victim.to}: Blacklistable: account is " \
            "blacklisted" in r.err
     assert proxy.refused == 1  # tried once, then never again
+    if mode == "batch" and proxy.overrides_dropped:
+        # GasMeter got a useless answer once and was not asked again: every batch went
+        # through eth_estimateGas + eth_call.
+        assert proxy.overrides_dropped == 1
     for p in manifest.payments:
         assert env.balance(p.to) == (0 if p.index == 7 else p.amount)
