@@ -69,6 +69,12 @@ def test_send_on_a_postgres_ledger(env: Env, pg_url: str) -> None:
     assert [t.kind for t in led.txs(dn.PAYER)] == ["approve", "batch", "batch", "batch"]
     r = env.cli("status", "--json")
     assert r.code == 0 and '"confirmed": 40' in r.out
+    # reconcile reads the payments back from the shared ledger's rows, in index order
+    assert [r[:5] for r in led.payment_rows()] == [
+        (manifest.root, p.index, p.id, p.to, str(p.amount)) for p in manifest.payments]
+    r = env.cli("reconcile", "--format", "json")
+    assert r.code == 0, r.err
+    assert '"paid": 40' in r.out and f'"paid_total": "{manifest.total}"' in r.out
 
 
 def test_one_runner_per_payer_across_machines(env: Env, pg_url: str, tmp_path: Path) -> None:

@@ -130,6 +130,14 @@ def test_messy_run_every_finding_to_the_base_unit(env: Env) -> None:
     assert pay[f"{LOANS}/{never.id}"]["status"] == "unpaid"
     assert doc["counts"] == {"paid": 17 + 1, "pending": 0, "unpaid": 1, "failed": 1,
                              "underpaid": 1, "overpaid": 1, "paid_twice": 1}
+    # The ledger's manifest comes from its payment rows; given as a file as well, it is
+    # parsed from the file: the same report but for where the manifest came from.
+    code, with_file = reconcile(env, str(loans_path), str(relief_path))
+    assert code == 1
+    sources = {m["root"]: m.pop("sources") for m in with_file["manifests"]}
+    assert sources[relief.root] == ["ledger", str(relief_path)]
+    assert with_file == {**doc, "manifests": [
+        {k: v for k, v in m.items() if k != "sources"} for m in doc["manifests"]]}
 
     # every figure to the base unit, against balanceOf on chain
     for p in doc["payments"]:
@@ -317,6 +325,9 @@ def test_log_ranges_adapt_to_a_node_that_refuses_wide_ones(env: Env,
     m = mf.load(path)
     for p in m.payments:  # one block each: a chain long enough to need many chunks
         hand_transfer(env, p.to, p.amount)
+    # ... and so that each of the block ranges fetched at once (reconcile.FETCH_WORKERS x
+    # _RANGES_PER_WORKER = 16) is wider than the proxy allows
+    env.chain.rpc("anvil_mine", [hex(100)])
     head = env.chain.head().number
     direct = load_settings({**env.vars})
     via_proxy = load_settings({**env.vars, "DISBURSER_RPC_URL": proxy.url})

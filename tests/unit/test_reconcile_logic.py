@@ -9,6 +9,7 @@ import io
 import json
 import time
 from collections.abc import Sequence
+from threading import Event
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from disburser.reconcile import (
     ProgramInfo,
     Result,
     Transfer,
+    _fetch_range,
     decode_logs,
     default_from_block,
     fetch_transfers,
@@ -465,6 +467,45 @@ def test_a_single_refused_block_is_an_rpc_error() -> None:
     node = FakeNode([], max_range=0)
     with pytest.raises(RpcError, match="single block"):
         fetch_transfers(node, TOKEN, [PAYER], 0, 10)
+
+
+def test_parallel_ranges_give_the_same_transfers_each_block_once() -> None:
+    logs = [raw_log(addr(b % 17), 1000 + b, b, b % 3) for b in range(0, 50_000, 7)]
+    want = fetch_transfers(FakeNode(logs, max_range=3_000), TOKEN, [PAYER], 0, 49_999)
+    clients: list[FakeNode] = []
+
+    def connect() -> FakeNode:
+        clients.append(FakeNode(logs, max_range=3_000))
+        return clients[-1]
+
+    got = fetch_transfers(FakeNode([], 0), TOKEN, [PAYER], 0, 49_999, workers=4,
+                          connect=connect)
+    assert got == want  # block order, as one range gives
+    assert 1 <= len(clients) <= 4  # a client per thread, not per range
+    ok = sorted((lo, hi) for c in clients for lo, hi, success in c.calls if success)
+    assert ok[0][0] == 0 and ok[-1][1] == 49_999
+    assert all(b[0] == a[1] + 1 for a, b in zip(ok, ok[1:], strict=False))
+    # more workers than blocks: one range a block
+    assert fetch_transfers(FakeNode(logs, 3_000), TOKEN, [PAYER], 7, 8, workers=4) == [
+        t for t in want if 7 <= t.block <= 8]
+
+
+def test_a_failing_range_raises_and_stops_the_others() -> None:
+    class FailsLate(FakeNode):
+        def rpc(self, method: str, params: Sequence[Any] = ()) -> Any:
+            if int(params[0]["fromBlock"], 16) >= 30_000:
+                raise NodeError("header not found", -32000)
+            return super().rpc(method, params)
+
+    node = FailsLate([raw_log(addr(1), 5, b, 0) for b in range(0, 40_000, 10)], 1_000)
+    with pytest.raises(NodeError, match="header not found"):
+        fetch_transfers(node, TOKEN, [PAYER], 0, 39_999, workers=4)
+    # the others stop before their next chunk once one range has failed
+    stop = Event()
+    stop.set()
+    idle = FakeNode([], 1_000)
+    _fetch_range(idle, TOKEN, [], 0, 9_999, 100, 100, None, [].append, stop)
+    assert idle.calls == []
 
 
 def test_one_hundred_thousand_logs_reconcile_in_seconds() -> None:
