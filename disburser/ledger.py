@@ -411,15 +411,6 @@ class Ledger:
             q = select(PaymentRow).order_by(col(PaymentRow.root), col(PaymentRow.idx))
             return list(s.exec(q))
 
-    def payment_states(self) -> list[tuple[str, int, str, str | None, int | None]]:
-        """(root, idx, status, reason, tx_id) of every payment as plain tuples: reconcile
-        reads 100,000s of them and needs no ORM objects."""
-        with self.session() as s:
-            # sqlalchemy's select: sqlmodel's has no overload for five columns.
-            q = sa_select(col(PaymentRow.root), col(PaymentRow.idx), col(PaymentRow.status),
-                          col(PaymentRow.reason), col(PaymentRow.tx_id))
-            return [(r[0], r[1], r[2], r[3], r[4]) for r in s.execute(q)]
-
     def payment_rows(self) -> list[tuple[str, int, str, str, str, str, str | None, int | None]]:
         """(root, idx, pid, to, amount, status, reason, tx_id) of every payment, by root and
         index, as plain tuples. Read-only: reconcile rebuilds 100,000s of accepted payments
