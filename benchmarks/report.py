@@ -149,7 +149,9 @@ def _details(r: dict[str, Any]) -> list[str]:
                          ", ".join(str(x) for x in v["samples"]), extra])
         out += _table(["what", "recipients", "rate (median)", "runs", "notes"], rows)
         out += ["", f"Raw ceiling used: `{t['raw_best']}`. Batch mode's `Sender.run` alone "
-                f"reaches {100 * t['batch_run_vs_raw']:.0f} % of it."]
+                f"reaches {100 * t['batch_run_vs_raw']:.0f} % of it. Blocks mined by the "
+                f"automine watchdog (a transaction stranded in the pool for 0.1 s): "
+                f"{t.get('nudges', 0)}."]
     if m := r.get("mainnet"):
         out += ["", "### 3. Mainnet-like run (virtual 12 s slots, base fee pinned at 1 gwei, "
                 "per-tx gas cap on, DISBURSER_MAX_IN_FLIGHT=16, polls every 4 s)", ""]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.common import (
+    NUDGES,
     Ctx,
     amounts,
     approve,
@@ -114,8 +115,8 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch", *, measure: bool = Fal
             window = MAX_IN_FLIGHT if measure else len(signed)
             for w in range(0, len(signed), window):
                 if measure:
-                    got = c.measure_many(d.payer, to, datas[w:w + window])
-                    assert all(x is not None and x[0] for x in got), "raw: a measure failed"
+                    measured = c.measure_many(d.payer, to, datas[w:w + window])
+                    assert all(x is not None and x[0] for x in measured), "raw: measure failed"
                 for s in signed[w:w + window]:
                     c.send_raw(s.raw)
         else:
@@ -222,5 +223,6 @@ def run(ctx: Ctx) -> dict[str, Any]:
     out["direct_vs_typical_interval"] = (out["direct"]["rate"]
                                          / out["typical_interval"]["rate"])
     out["block_time"] = bt
+    out["nudges"] = NUDGES[0]
     out["direct_in_flight"] = DIRECT_IN_FLIGHT
     return out

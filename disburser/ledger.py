@@ -460,16 +460,34 @@ class Ledger:
             cut = 0
             hi = func.sum(sa_cast(pt.c.amount, Numeric))
             lo = func.count()
-        q = sa_select(pt.c.status, func.count(), hi, lo).group_by(pt.c.status)
+        q = sa_select(pt.c.status, func.count(), hi, lo,
+                      func.max(func.length(pt.c.amount))).group_by(pt.c.status)
         if roots is not None:
             q = q.where(pt.c.root.in_(list(roots)))
         by: dict[str, int] = {}
         amt: dict[str, int] = {}
         with self.session() as s:
-            for row in s.execute(q):
+            rows = list(s.execute(q))
+            if cut and any(int(row[4] or 0) > 30 for row in rows):
+                # An amount of 10^30 or more (a ceiling set that high): SQLite's CAST would
+                # saturate the high part at int64 without a word. Sum in Python, exactly.
+                return self._counts_in_python(s, roots)
+            for row in rows:
                 st, n, h, low = row[0], row[1], row[2], row[3]
                 by[st] = int(n)
                 amt[st] = int(h or 0) * cut + int(low or 0) if cut else int(h or 0)
+        return Counts(by, amt)
+
+    def _counts_in_python(self, s: Session, roots: Sequence[str] | None) -> Counts:
+        pt = _table(PaymentRow)
+        q = sa_select(pt.c.status, pt.c.amount)
+        if roots is not None:
+            q = q.where(pt.c.root.in_(list(roots)))
+        by: dict[str, int] = {}
+        amt: dict[str, int] = {}
+        for row in s.execute(q):
+            by[row[0]] = by.get(row[0], 0) + 1
+            amt[row[0]] = amt.get(row[0], 0) + int(row[1])
         return Counts(by, amt)
 
     def mark_failed(self, root: str, idx: int, reason: str) -> None:
@@ -535,8 +553,8 @@ class Ledger:
     def record_txs(self, txs: Sequence[NewTx]) -> list[int]:
         """Several transactions written ahead in one database transaction (one fsync): each
         transaction, its first signed attempt and the claim of its payments (queued ->
-        in_flight). Plain executemany statements, no ORM objects: a fill of direct
-        transfers writes hundreds at once."""
+        in_flight). Core statements (executemany where no id is needed back), no ORM
+        objects: a fill of direct transfers writes hundreds at once."""
         # Write-ahead: this commit must happen now, before the broadcast, never deferred
         # into an enclosing atomic() block.
         assert self._shared is None, "record_txs inside atomic()"
@@ -545,13 +563,13 @@ class Ledger:
         ids: list[int] = []
         with self.session() as s:
             for part in _chunks(txs):
-                res = s.execute(insert(tt).returning(tt.c.id, sort_by_parameter_order=True), [
-                    {"payer": n.payer, "nonce": n.nonce, "kind": n.kind, "root": n.root,
-                     "to": n.to, "data": n.data, "gas_limit": n.gas_limit,
-                     "count": len(n.idxs), "amount": str(n.amount),
-                     "status": TxStatus.PENDING.value, "created_at": now, "updated_at": now}
-                    for n in part])
-                part_ids = [int(r[0]) for r in res]
+                # One INSERT a transaction for its id (SQLite's lastrowid, PostgreSQL's
+                # RETURNING): an executemany with RETURNING needs SQLite 3.35.
+                part_ids = [_inserted_id(s.execute(insert(tt).values(
+                    payer=n.payer, nonce=n.nonce, kind=n.kind, root=n.root, to=n.to,
+                    data=n.data, gas_limit=n.gas_limit, count=len(n.idxs),
+                    amount=str(n.amount), status=TxStatus.PENDING.value, created_at=now,
+                    updated_at=now))) for n in part]
                 s.execute(insert(at), [
                     {"tx_id": i, "hash": n.tx_hash, "raw": n.raw, "max_fee": str(n.max_fee),
                      "tip": str(n.tip), "created_at": now}
@@ -569,9 +587,9 @@ class Ledger:
     def _claim(self, s: Session, claims: Sequence[tuple[str | None, int, int]],
                now: int) -> None:
         """Payments (root, idx) queued -> in_flight for transaction id, each guarded: every
-        one must still be queued. A batch's payments go in one UPDATE ... IN (...) checked
-        by its row count; single payments (direct transfers) in one executemany, checked by
-        a count read first (not every driver reports an executemany's row count)."""
+        one must still be queued. A batch's payments go in one UPDATE ... IN (...), single
+        payments (direct transfers) in one executemany; both checked by their row count
+        (SQLite's and psycopg's executemany report the sum)."""
         if not claims:
             return
         pt = _table(PaymentRow)
@@ -589,20 +607,14 @@ class Ledger:
                     pt.c.status == PaymentStatus.QUEUED.value,
                 ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx_id, updated_at=now))
                 _expect(r, len(part), f"claim of {len(part)} payments for tx {tx_id}")
-        by_root: dict[str | None, list[int]] = {}
-        for root, idx, _ in singles:
-            by_root.setdefault(root, []).append(idx)
-        for root, idxs in by_root.items():
-            for part in _chunks(idxs):
-                queued: int = s.execute(sa_select(func.count()).select_from(pt).where(
-                    pt.c.root == root, pt.c.idx.in_(part),
-                    pt.c.status == PaymentStatus.QUEUED.value)).scalar_one()
-                _expect_n(queued, len(part), f"claim of {len(part)} payments of {root}")
         if singles:
-            s.execute(update(pt).where(pt.c.root == bindparam("b_root"),
-                                       pt.c.idx == bindparam("b_idx")).values(
-                status=PaymentStatus.IN_FLIGHT.value, tx_id=bindparam("b_tx"), updated_at=now),
+            r = s.execute(update(pt).where(
+                pt.c.root == bindparam("b_root"), pt.c.idx == bindparam("b_idx"),
+                pt.c.status == PaymentStatus.QUEUED.value,
+            ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=bindparam("b_tx"),
+                     updated_at=now),
                 [{"b_root": r, "b_idx": i, "b_tx": t} for r, i, t in singles])
+            _expect(r, len(singles), f"claim of {len(singles)} payments")
 
     def add_attempt(self, tx_id: int, *, raw: str, tx_hash: str, max_fee: int, tip: int) -> None:
         assert self._shared is None, "add_attempt inside atomic()"  # write-ahead, as above
@@ -687,11 +699,9 @@ class Ledger:
         t = _table(TxRow)
         with self.session() as s:
             for part in _chunks(mined):
-                ids = [m.tx_id for m in part]
-                pending: int = s.execute(sa_select(func.count()).select_from(t).where(
-                    t.c.id.in_(ids), t.c.status == TxStatus.PENDING.value)).scalar_one()
-                _expect_n(pending, len(ids), f"{len(ids)} txs pending -> mined")
-                s.execute(update(t).where(t.c.id == bindparam("b_id")).values(
+                r = s.execute(update(t).where(
+                    t.c.id == bindparam("b_id"), t.c.status == TxStatus.PENDING.value,
+                ).values(
                     status=TxStatus.MINED.value, mined_hash=bindparam("b_hash"),
                     block_number=bindparam("b_block"), block_hash=bindparam("b_bhash"),
                     receipt_status=bindparam("b_status"), gas_used=bindparam("b_gas"),
@@ -699,6 +709,7 @@ class Ledger:
                     [{"b_id": m.tx_id, "b_hash": m.tx_hash, "b_block": m.block_number,
                       "b_bhash": m.block_hash, "b_status": m.receipt_status,
                       "b_gas": m.gas_used} for m in part])
+                _expect(r, len(part), f"{len(part)} txs pending -> mined")
             self._events(s, "tx_mined", [
                 {"tx_id": m.tx_id, "hash": m.tx_hash, "block": m.block_number,
                  "status": m.receipt_status, "gas_used": m.gas_used} for m in mined])
@@ -836,6 +847,10 @@ def _expect(result: Any, want: int, what: str) -> None:
 
 def _table(model: type[SQLModel]) -> Table:
     return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+def _inserted_id(result: Any) -> int:
+    return int(result.inserted_primary_key[0])
 
 
 def _expect_n(got: int, want: int, what: str) -> None:

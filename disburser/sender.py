@@ -32,6 +32,7 @@ PER_RECIPIENT_GAS = 31_000
 STALL_SECONDS = 60.0
 PROGRESS_EVERY = 1.0
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
+RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 DIRECT_GAS = 100_000  # an upper bound of one ERC-20 transfer, for the fee-cap check
 BATCH_FIXED_GAS = 60_000
 
@@ -110,6 +111,7 @@ class Sender:
         # Head hash at which each open transaction was last looked up (see _poll).
         self._looked_up: dict[int, str] = {}
         self._pool_seen_at: dict[int, float] = {}  # tx id -> when last seen in the pool
+        self._receipt_missing_since: dict[int, float] = {}
         self._lookup_all_at = float("-inf")
         # What a poll saw (receipts, depth), written together at its end.
         self._mined_now: list[tuple[TxRow, ch.Receipt]] = []
@@ -491,16 +493,19 @@ class Sender:
         node cannot run it (no eth_call state overrides), which is then not asked again."""
         if self._meter is False:
             return [None] * len(datas)
+        error = "no usable answer to eth_call with a state override"
         try:
             got = self.chain.measure_many(self.payer, to, datas)
         except ch.NodeError as e:
-            got = [None] * len(datas)
-            log.info("gas_meter_unavailable", error=str(e)[:120])
+            got, error = [None] * len(datas), str(e)[:120]
         if self._meter is None:
+            # Judged on the first answer; without it each batch is simulated the exact way
+            # (slower, never less safe).
             self._meter = bool(got) and got[0] is not None
             if not self._meter:
-                log.info("gas_meter_unavailable", error="no usable answer to eth_call with a "
-                         "state override; simulating each batch with eth_simulateV1")
+                log.info("gas_meter_unavailable", error=error,
+                         simulating_with="eth_estimateGas" if self._simulate_v1 is False
+                         else "eth_simulateV1")
         return got
 
     def _send_batch(self, m: Manifest) -> bool:
@@ -778,7 +783,7 @@ class Sender:
             raise FailClosed(
                 f"node refused transaction {tx_hash} at nonce {nonce}: {e}; nothing more is "
                 "sent. Fix the cause and run `send` again (the same signed bytes are sent "
-                "again)") from None
+                "again, and those of any later transaction already signed)") from None
         else:
             raise e
 
@@ -807,7 +812,8 @@ class Sender:
         # blocks a second and 20 polls a second this saves most lookups of a full pool.
         now = self.clock()
         open_ids = {t.id for t in open_txs}
-        if now - self._lookup_all_at >= LOOKUP_EVERY:
+        if not self._lookup_all_at <= now < self._lookup_all_at + LOOKUP_EVERY:
+            # (also when the clock stepped back)
             self._looked_up, self._lookup_all_at = {}, now
         else:
             self._looked_up = {k: v for k, v in self._looked_up.items() if k in open_ids}
@@ -837,7 +843,8 @@ class Sender:
         self._pool_seen_at = {k: v for k, v in self._pool_seen_at.items() if k in open_ids}
         unmined = [a.hash for t in pending
                    if not any(receipts.get(a.hash) for a in attempts[t.id or 0])
-                   and (now - self._pool_seen_at.get(t.id or 0, float("-inf")) >= LOOKUP_EVERY
+                   and (not self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY) <= now
+                        < self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY) + LOOKUP_EVERY
                         or policy.priced_out(int(attempts[t.id or 0][-1].max_fee),
                                              head.base_fee))
                    for a in attempts[t.id or 0]]
@@ -969,12 +976,23 @@ class Sender:
         if got is not None:
             self._mined_now.append((t, got))
             return
+        if self.chain.nonce(self.payer, "latest") <= t.nonce:
+            # The nonce went back (a reorg, or a node behind a load balancer that lags):
+            # the transaction is not mined after all; it waits like any pending one.
+            return
         h = self.chain.find_tx_by_nonce(self.payer, t.nonce)
         if h is not None and h.lower() in {a.hash.lower() for a in attempts}:
             # Ours, in a block whose receipts the node does not serve yet (Anvil moves the
-            # nonce a moment before): the next poll finds the receipt.
-            log.info("transfer_mined_receipt_pending", nonce=t.nonce, tx_hash=h)
-            return
+            # nonce a moment before): the next poll finds the receipt. Not forever.
+            since = self._receipt_missing_since.setdefault(t.id, self.clock())
+            if self.clock() - since < RECEIPT_WAIT:
+                log.info("transfer_mined_receipt_pending", nonce=t.nonce, tx_hash=h)
+                return
+            raise FailClosed(
+                f"payer {self.payer}: transaction {h} at nonce {t.nonce} is in a block but "
+                f"the node has served no receipt for it for {RECEIPT_WAIT:.0f} s; its "
+                "payments stay in flight. Check the node (receipts indexing) and run `send` "
+                "again")
         raise FailClosed(
             f"payer {self.payer}: nonce {t.nonce} was used by transaction "
             f"{h or '(not found in recent blocks)'}, which this ledger did not send; its "

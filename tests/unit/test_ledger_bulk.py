@@ -40,6 +40,16 @@ def test_counts_sum_amounts_exactly(tmp_path: Path) -> None:
     assert c.amount_by_status == {PaymentStatus.QUEUED.value: sum(BIG)}
 
 
+def test_counts_of_amounts_past_int64_in_the_high_digits(tmp_path: Path) -> None:
+    # 10^40: its digits above 10^12 do not fit SQLite's int64 (a CAST would saturate).
+    pays = [Payment(0, "u0", "0x" + "01" * 20, 10**40 + 3), Payment(1, "u1", "0x" + "02" * 20, 9)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=PAYER, not_after=2**40,
+                      payments=pays)
+    led = Ledger(tmp_path / "l.sqlite")
+    led.accept_manifest(m, ceiling=10**41, signers=[])
+    assert led.counts([m.root]).amount_by_status == {"queued": 10**40 + 12}
+
+
 def test_record_mine_and_finalize_many(tmp_path: Path) -> None:
     led, m = _ledger(tmp_path)
     ids = led.record_txs([_tx(m, 0, (0,)), _tx(m, 1, (1, 2, 3)), _tx(m, 2, (4,))])
@@ -69,7 +79,7 @@ def test_record_mine_and_finalize_many(tmp_path: Path) -> None:
 def test_a_payment_claimed_twice_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     led, m = _ledger(tmp_path)
     led.record_txs([_tx(m, 0, (0,))])
-    with pytest.raises(DisburserError, match=r"claim of 2 payments .* found 1 rows, expected 2"):
+    with pytest.raises(DisburserError, match=r"claim of 2 payments changed 1 rows, expected 2"):
         led.record_txs([_tx(m, 1, (5,)), _tx(m, 2, (0,))])
     assert [t.nonce for t in led.txs(PAYER)] == [0]
     assert led.payments(m.root)[5].status == "queued"
@@ -87,5 +97,5 @@ def test_mined_twice_is_refused(tmp_path: Path) -> None:
     led, m = _ledger(tmp_path)
     (i,) = led.record_txs([_tx(m, 0, (0,))])
     led.mark_mined_many([Mined(i, "0xa", 10, "0xb", 1, 1)])
-    with pytest.raises(DisburserError, match="pending -> mined found 0 rows, expected 1"):
+    with pytest.raises(DisburserError, match="pending -> mined changed 0 rows, expected 1"):
         led.mark_mined_many([Mined(i, "0xa", 10, "0xb", 1, 1)])

@@ -85,7 +85,8 @@ def test_a_refused_broadcast_stops_the_run_instead_of_waiting_forever(
         s._broadcast(1, 7, "0xab", "0xhash")
     assert str(e.value) == (f"node refused transaction 0xhash at nonce 7: {error}; nothing more "
                             "is sent. Fix the cause and run `send` again (the same signed bytes "
-                            "are sent again)")
+                            "are sent again, and those of any later transaction already "
+                            "signed)")
     assert s.broadcast_any
     # A refused bump leaves the earlier attempt covering the nonce: not fatal.
     s._broadcast(1, 7, "0xab", "0xhash2", others_pending=True)
@@ -166,10 +167,21 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
     t = s.ledger.txs(s.payer)[0]
     atts = s.ledger.attempts(t.id or 0)
     chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 2  # type: ignore[attr-defined]
     chain.find_tx_by_nonce = lambda payer, nonce: atts[0].hash  # type: ignore[attr-defined]
     s._resolve_used_nonce(t, atts)
     assert s._mined_now == [] and s.ledger.txs(s.payer)[0].status == "pending"
     chain.find_tx_by_nonce = lambda payer, nonce: "0x" + "ee" * 32  # type: ignore[attr-defined]
     with pytest.raises(FailClosed, match=f"nonce 0 was used by transaction 0x{'ee' * 32}, which "
                        "this ledger did not send"):
+        s._resolve_used_nonce(t, atts)
+    # The nonce went back (a reorg): pending again, not foreign.
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s._resolve_used_nonce(t, atts)
+    # Ours, but the node never serves the receipt: not forever.
+    chain.nonce = lambda *_: 2  # type: ignore[attr-defined]
+    chain.find_tx_by_nonce = lambda payer, nonce: atts[0].hash  # type: ignore[attr-defined]
+    s._receipt_missing_since[t.id or 0] -= 121
+    with pytest.raises(FailClosed, match=f"transaction {atts[0].hash} at nonce 0 is in a block but "
+                       "the node has served no receipt for it for 120 s"):
         s._resolve_used_nonce(t, atts)
