@@ -155,7 +155,7 @@ def _typical(ctx: Ctx, n: int, block_time: float | None = None) -> dict[str, flo
 
     from disburser.artifacts import load_artifact
 
-    with fresh_devnet(block_time=block_time) as d:
+    with fresh_devnet(block_time=block_time, nudge=False) as d:
         w3 = Web3(Web3.HTTPProvider(d.url))
         token = w3.eth.contract(address=Web3.to_checksum_address(d.token),
                                 abi=load_artifact("TestUSDC")["abi"])
