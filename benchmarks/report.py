@@ -114,8 +114,8 @@ def _details(r: dict[str, Any]) -> list[str]:
     if t := r.get("throughput"):
         bt = t["block_time"]
         out += ["", f"### 2. Throughput (local Anvil, confirmations 1; median of "
-                f"{t['runs']} runs, a fresh Anvil each; automine unless a block time is "
-                "given)", ""]
+                f"{t['runs']} runs, {len(t['typical']['samples'])} for the typical script, "
+                "a fresh Anvil each; automine unless a block time is given)", ""]
         rows: list[list[str]] = []
         for key, label, n in (
             ("batch", "engine, batch mode (`send` in-process)", t["n_batch"]),
