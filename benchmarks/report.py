@@ -66,8 +66,8 @@ def summary_rows(r: dict[str, Any], quick: bool) -> list[list[str]]:
         add(f"2. Direct mode, {_n(t['n_direct'])} recipients, blocks every "
             f"{t['block_time']} s, vs the typical script on automine (its best case)",
             f"{d['rate']:,.1f}/s = {t['direct_vs_typical']:,.1f}× (the typical script on the "
-            f"same blocks: {t['typical_interval']['rate']:,.1f}/s; direct mode on automine, "
-            f"one block per transfer: {t['direct_automine']['rate']:,.0f}/s = "
+            f"same blocks: {t['typical_interval']['rate']:,.1f}/s; direct mode on automine, where "
+            f"Anvil mines a block per arrival: {t['direct_automine']['rate']:,.0f}/s = "
             f"{t['direct_automine_vs_typical']:,.1f}×)", "≥ 20×", t["direct_vs_typical"] >= 20)
     if m := r.get("mainnet"):
         x = m["mainnet"]
@@ -128,7 +128,7 @@ def _details(r: dict[str, Any]) -> list[str]:
              f"DISBURSER_MAX_IN_FLIGHT={t['direct_in_flight']}", t["n_direct"]),
             ("raw_direct_interval", f"direct ceiling: pre-signed transfers, JSON-RPC batches "
              f"of 500, blocks every {bt} s", t["n_direct"]),
-            ("direct_automine", "engine, direct mode, automine (one block per transfer)",
+            ("direct_automine", "engine, direct mode, automine (a block per arrival)",
              t["n_direct_automine"]),
             ("raw_direct_sequential", "direct ceiling on automine: pre-signed transfers, one "
              "request per tx", t["n_direct_automine"]),
