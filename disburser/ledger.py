@@ -538,18 +538,6 @@ class Ledger:
             n = s.exec(select(func.max(col(TxRow.nonce))).where(col(TxRow.payer) == payer)).one()
             return None if n is None else int(n) + 1
 
-    def record_tx(
-        self, *, payer: str, nonce: int, kind: str, root: str | None, to: str, data: str,
-        gas_limit: int, raw: str, tx_hash: str, max_fee: int, tip: int,
-        idxs: Sequence[int] = (), amount: int = 0,
-    ) -> int:
-        """Write-ahead: the transaction, its first signed attempt and the claim of its
-        payments (queued -> in_flight) commit together, before anything is broadcast."""
-        return self.record_txs([NewTx(
-            payer=payer, nonce=nonce, kind=kind, root=root, to=to, data=data,
-            gas_limit=gas_limit, raw=raw, tx_hash=tx_hash, max_fee=max_fee, tip=tip,
-            idxs=tuple(idxs), amount=amount)])[0]
-
     def record_txs(self, txs: Sequence[NewTx]) -> list[int]:
         """Several transactions written ahead in one database transaction (one fsync): each
         transaction, its first signed attempt and the claim of its payments (queued ->
@@ -677,18 +665,6 @@ class Ledger:
             q = select(TxRow).where(col(TxRow.payer) == payer, col(TxRow.nonce) == nonce)
             return s.exec(q).first()
 
-    def mark_mined(self, tx_id: int, *, tx_hash: str, block_number: int, block_hash: str,
-                   receipt_status: int, gas_used: int) -> None:
-        with self.session() as s:
-            r = s.execute(update(TxRow).where(
-                col(TxRow.id) == tx_id, col(TxRow.status) == TxStatus.PENDING.value,
-            ).values(status=TxStatus.MINED.value, mined_hash=tx_hash, block_number=block_number,
-                     block_hash=block_hash, receipt_status=receipt_status, gas_used=gas_used,
-                     updated_at=_now()))
-            _expect(r, 1, f"tx {tx_id} pending -> mined")
-            self._event(s, "tx_mined", tx_id=tx_id, hash=tx_hash, block=block_number,
-                        status=receipt_status, gas_used=gas_used)
-
     def mark_mined_many(self, mined: Sequence[Mined]) -> None:
         """Several transactions pending -> mined in one statement (a poll sees hundreds of
         direct transfers mined at once); guarded like ``mark_mined``: every one must have
@@ -715,7 +691,9 @@ class Ledger:
                  "status": m.receipt_status, "gas_used": m.gas_used} for m in mined])
 
     def finalize_many(self, tx_ids: Sequence[int]) -> dict[int, TxStatus]:
-        """``finalize`` for several transactions in a few statements."""
+        """Deep enough: confirmed (payments confirmed) or reverted (payments back to queued,
+        their nonce is spent so they can never be paid by it), for several transactions in
+        a few statements."""
         out: dict[int, TxStatus] = {}
         if not tx_ids:
             return out
@@ -763,29 +741,6 @@ class Ledger:
                      block_hash=None, receipt_status=None, gas_used=None, updated_at=_now()))
             _expect(r, 1, f"tx {tx_id} mined -> pending (reorg)")
             self._event(s, "tx_reorged", tx_id=tx_id)
-
-    def finalize(self, tx_id: int) -> TxStatus:
-        """Deep enough: confirmed (payments confirmed) or reverted (payments back to queued,
-        their nonce is spent so they can never be paid by it)."""
-        with self.session() as s:
-            tx = s.get(TxRow, tx_id)
-            assert tx is not None
-            ok = tx.receipt_status == 1
-            final = TxStatus.CONFIRMED if ok else TxStatus.REVERTED
-            r = s.execute(update(TxRow).where(
-                col(TxRow.id) == tx_id, col(TxRow.status) == TxStatus.MINED.value,
-            ).values(status=final.value, updated_at=_now()))
-            _expect(r, 1, f"tx {tx_id} mined -> {final.value}")
-            s.execute(update(PaymentRow).where(
-                col(PaymentRow.tx_id) == tx_id,
-                col(PaymentRow.status) == PaymentStatus.IN_FLIGHT.value,
-            ).values(
-                status=(PaymentStatus.CONFIRMED if ok else PaymentStatus.QUEUED).value,
-                tx_id=tx_id if ok else None, updated_at=_now(),
-            ))
-            self._event(s, "tx_confirmed" if ok else "tx_reverted", tx_id=tx_id,
-                        nonce=tx.nonce, hash=tx.mined_hash, count=tx.count if ok else 0)
-            return final
 
     def log(self, kind: str, /, **data: Any) -> None:
         with self.session() as s:
