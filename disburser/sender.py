@@ -440,9 +440,10 @@ class Sender:
         run on its own against the latest state by GasMeter: what the payer's transaction
         would do and the gas it would use), then all are signed and written ahead in one
         database transaction and broadcast one request each (the node starts on the first
-        while the others are on their way). Measuring each on its own is sound because the batches hold distinct payments, the
-        allowance is what all of them owe and the balance was checked to cover it; a batch
-        that ran after another can only cost less (its recipients are no longer fresh).
+        while the others are on their way). Measuring each on its own is sound because the
+        batches hold distinct payments, the allowance is what all of them owe and the
+        balance was checked to cover it; a batch that ran after another can only cost less
+        (its recipients are no longer fresh).
         A batch the meter does not vouch for (it fails, or the node gave no usable answer)
         goes through the exact simulation, which isolates failures; the window ends there
         and the next fill measures again."""
