@@ -4,7 +4,6 @@ encoding of the few calls disburser makes (web3's generic encoder is slow on hot
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import random
@@ -309,9 +308,8 @@ def decode_revert(data: bytes) -> tuple[int | None, str]:
 METER_REQUEST_BYTES = 1_000_000
 
 
-@functools.cache
 def _meter_code() -> str:
-    from disburser.artifacts import load_artifact
+    from disburser.artifacts import load_artifact  # cached there
 
     return str(load_artifact("GasMeter")["deployedBytecode"])
 

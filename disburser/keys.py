@@ -61,18 +61,6 @@ class Signer:
                                              _rlp_int(int.from_bytes(sig[32:64], "big"))])
         return SignedTx("0x" + raw.hex(), "0x" + keccak(raw).hex())
 
-    def sign_tx_eth_account(self, *, chain_id: int, nonce: int, to: str, data: str, gas: int,
-                            max_fee: int, tip: int, value: int = 0) -> SignedTx:
-        """The same through eth-account: the reference sign_tx is tested against."""
-        tx: dict[str, object] = {
-            "type": 2, "chainId": chain_id, "nonce": nonce, "data": data,
-            "gas": gas, "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "value": value,
-        }
-        if to:  # empty: contract creation
-            tx["to"] = to
-        signed = self._account.sign_transaction(tx)
-        return SignedTx("0x" + bytes(signed.raw_transaction).hex(), "0x" + bytes(signed.hash).hex())
-
 
 def _rlp_int(n: int) -> bytes:
     return _rlp_bytes(n.to_bytes((n.bit_length() + 7) // 8, "big"))

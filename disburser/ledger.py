@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal,
     text,
     update,
 )
@@ -451,15 +452,14 @@ class Ledger:
         pt = _table(PaymentRow)
         hi: Any
         lo: Any
-        if self.engine.dialect.name == "sqlite":
+        sqlite = self.engine.dialect.name == "sqlite"
+        if sqlite:  # amount = hi * cut + lo
             cut = 10**12
             hi = func.sum(sa_cast(func.substr(pt.c.amount, 1, func.length(pt.c.amount) - 12),
                                   Integer))
             lo = func.sum(sa_cast(func.substr(pt.c.amount, -12), Integer))
         else:
-            cut = 0
-            hi = func.sum(sa_cast(pt.c.amount, Numeric))
-            lo = func.count()
+            cut, hi, lo = 1, func.sum(sa_cast(pt.c.amount, Numeric)), literal(0)
         q = sa_select(pt.c.status, func.count(), hi, lo,
                       func.max(func.length(pt.c.amount))).group_by(pt.c.status)
         if roots is not None:
@@ -468,14 +468,14 @@ class Ledger:
         amt: dict[str, int] = {}
         with self.session() as s:
             rows = list(s.execute(q))
-            if cut and any(int(row[4] or 0) > 30 for row in rows):
+            if sqlite and any(int(row[4] or 0) > 30 for row in rows):
                 # An amount of 10^30 or more (a ceiling set that high): SQLite's CAST would
                 # saturate the high part at int64 without a word. Sum in Python, exactly.
                 return self._counts_in_python(s, roots)
             for row in rows:
                 st, n, h, low = row[0], row[1], row[2], row[3]
                 by[st] = int(n)
-                amt[st] = int(h or 0) * cut + int(low or 0) if cut else int(h or 0)
+                amt[st] = int(h or 0) * cut + int(low or 0)
         return Counts(by, amt)
 
     def _counts_in_python(self, s: Session, roots: Sequence[str] | None) -> Counts:

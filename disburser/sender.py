@@ -736,8 +736,7 @@ class Sender:
                 if isinstance(res, Exception):
                     self._broadcast_failed(res, n.nonce, n.tx_hash, others_pending=False)
                 else:
-                    log.info("transfer_broadcast", nonce=n.nonce, tx_hash=n.tx_hash)
-                    self._pool_seen_at[tx_id] = self.clock()
+                    self._broadcast_accepted(tx_id, n.nonce, n.tx_hash)
         self._crash_point("after_broadcast")
 
     def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str,
@@ -747,11 +746,15 @@ class Sender:
         self.broadcast_any = True
         try:
             self.chain.send_raw(raw)
-            log.info("transfer_broadcast", nonce=nonce, tx_hash=tx_hash)
-            # Accepted into the node's pool just now: no pool lookup for LOOKUP_EVERY.
-            self._pool_seen_at[tx_id] = self.clock()
         except DisburserError as e:
             self._broadcast_failed(e, nonce, tx_hash, others_pending=others_pending)
+        else:
+            self._broadcast_accepted(tx_id, nonce, tx_hash)
+
+    def _broadcast_accepted(self, tx_id: int, nonce: int, tx_hash: str) -> None:
+        log.info("transfer_broadcast", nonce=nonce, tx_hash=tx_hash)
+        # Accepted into the node's pool just now: no pool lookup for LOOKUP_EVERY.
+        self._pool_seen_at[tx_id] = self.clock()
 
     def _broadcast_failed(self, e: Exception, nonce: int, tx_hash: str, *,
                           others_pending: bool) -> None:
@@ -895,8 +898,7 @@ class Sender:
         if got is not None:
             self._mined_now.append((t, got))  # written by _apply_mined, all at once
             return True
-        if self._latest_nonce is None:
-            self._latest_nonce = self.chain.nonce(self.payer, "latest")
+        assert self._latest_nonce is not None  # read by _poll whenever a tx is pending
         if t.nonce < self._latest_nonce:
             self._resolve_used_nonce(t, atts)
             return True
