@@ -117,6 +117,12 @@ class Transport:
         # No proxy/netrc lookups from the environment on every request (~0.1 ms each).
         self._http.trust_env = False
 
+    def clone(self) -> Transport:
+        """The same node and retry rules on a connection of its own (for another thread:
+        a requests.Session is not shared between threads)."""
+        return Transport(self.url, timeout=self.timeout, retries=self.retries,
+                         sleep=self._sleep, rand=self._rand)
+
     def _post(self, payload: Any) -> Any:
         body = json.dumps(payload, separators=(",", ":"))
         delay = 0.1
@@ -391,6 +397,10 @@ class RpcChain:
     def __init__(self, url: str, transport: Transport | None = None) -> None:
         self.url = url
         self.t = transport or Transport(url)
+
+    def for_thread(self) -> RpcChain:
+        """A client of the same node for another thread (its own connection)."""
+        return type(self)(self.url, self.t.clone())
 
     def chain_id(self) -> int:
         return int(self.t.call("eth_chainId"), 16)

@@ -19,10 +19,11 @@ import structlog
 
 from disburser import chain as ch
 from disburser import policy
+from disburser.broadcast import Broadcaster, NotSent, Outgoing
 from disburser.domain import Manifest, Mode, PaymentStatus, TxStatus
 from disburser.errors import ChainMismatchError, DisburserError, FailClosed, Interrupted, RpcError
 from disburser.keys import Signer
-from disburser.ledger import Ledger, Mined, NewTx, Queued, TxRow
+from disburser.ledger import Counts, Ledger, Mined, NewTx, Queued, TxRow
 
 log = structlog.get_logger("disburser.send")
 
@@ -31,6 +32,7 @@ log = structlog.get_logger("disburser.send")
 PER_RECIPIENT_GAS = 31_000
 STALL_SECONDS = 60.0
 PROGRESS_EVERY = 1.0
+WINDOW = 4  # batches measured and written ahead together, with a broadcasting thread
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 DIRECT_GAS = 100_000  # an upper bound of one ERC-20 transfer, for the fee-cap check
@@ -122,6 +124,9 @@ class Sender:
         self._base_fee_over_cap = False
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
+        # The batch windows' broadcasting thread (see broadcast.py): None until first
+        # needed, False where the chain client cannot give it a connection of its own.
+        self._bcast: Broadcaster | None | bool = None
         # Whether this run put anything on the wire: an error after that is not "refused,
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
         self.broadcast_any = False
@@ -208,6 +213,14 @@ class Sender:
 
     def run(self, m: Manifest) -> SendResult:
         """Pay every queued payment of ``m`` (already verified and accepted)."""
+        try:
+            return self._run(m)
+        finally:
+            if isinstance(self._bcast, Broadcaster):
+                self._bcast.close()
+                self._bcast = None
+
+    def _run(self, m: Manifest) -> SendResult:
         if m.payer != self.payer:
             raise ChainMismatchError(
                 f"manifest payer is {m.payer} but the configured key is {self.payer}")
@@ -220,14 +233,16 @@ class Sender:
         self._drain()
         if self.cfg.mode is Mode.BATCH:
             self._skip_paid_on_chain(m.root)
-        self._check_funds(m.root)
+        owed = self._check_funds(m.root)
         if self.cfg.mode is Mode.BATCH:
-            self._set_allowance(self._owed(m.root)[1])
+            self._set_allowance(owed)
         progress = self._progress(m.root)
         last_progress = 0.0
         expired = False
         while True:
             if self.should_stop():
+                # What is written ahead goes out first, as when this thread sent it itself.
+                self._flush_broadcasts()
                 self._withdraw_allowance_on_stop()
                 raise Interrupted("stopped by operator; state is saved, run `send` again "
                                   "to resume")
@@ -246,7 +261,12 @@ class Sender:
             ):
                 break
             if not changed:
-                self.sleep(self.cfg.poll_interval)
+                if self._outstanding():
+                    # Waiting for our own broadcasts, not for the chain: no sleep (a
+                    # virtual clock would mine a block that the sends have not reached).
+                    self._collect_broadcasts(wait=self.cfg.poll_interval)
+                else:
+                    self.sleep(self.cfg.poll_interval)
         if self.cfg.mode is Mode.BATCH:
             # The run ends (all paid, or the manifest expired): nothing is owed through the
             # batch contract until the next run approves again.
@@ -255,9 +275,9 @@ class Sender:
             # is at depth like every other transaction (a reorg could still undo it, and the
             # ledger would show it in flight after a run that said "done").
             self._drain()
-        if self.on_progress:
-            self.on_progress(self._progress(m.root, progress.started))
         counts = self.ledger.counts([m.root])
+        if self.on_progress:
+            self.on_progress(self._progress(m.root, progress.started, counts))
         by = counts.by_status
         result = SendResult(
             root=m.root,
@@ -274,8 +294,9 @@ class Sender:
                  failed=result.failed, unpaid=result.unpaid, amount_paid=str(result.amount_paid))
         return result
 
-    def _progress(self, root: str, started: float | None = None) -> Progress:
-        c = self.ledger.counts([root])
+    def _progress(self, root: str, started: float | None = None,
+                  counts: Counts | None = None) -> Progress:
+        c = counts or self.ledger.counts([root])
         done = c.by_status.get(PaymentStatus.CONFIRMED.value, 0) + c.by_status.get(
             PaymentStatus.PAID_ELSEWHERE.value, 0)
         p = Progress(
@@ -317,10 +338,11 @@ class Sender:
         q = PaymentStatus.QUEUED.value
         return c.by_status.get(q, 0), c.amount_by_status.get(q, 0)
 
-    def _check_funds(self, root: str) -> None:
+    def _check_funds(self, root: str) -> int:
+        """What is still owed, once the payer is known to be able to pay it."""
         n, owed = self._owed(root)
         if owed == 0:
-            return
+            return owed
         if self.chain.paused(self.cfg.token):
             raise FailClosed(f"token {self.cfg.token} is paused; nothing was sent. Run `send` "
                              "again once it is unpaused")
@@ -343,6 +365,7 @@ class Sender:
             raise FailClosed(
                 f"payer {self.payer} has {eth} wei for gas, about {need} wei are needed at "
                 f"the current fees; fund it and run `send` again")
+        return owed
 
     # --- allowance ------------------------------------------------------------------------
 
@@ -404,6 +427,11 @@ class Sender:
             if self._base_fee_above_cap():
                 return changed
             slots = self.cfg.max_in_flight - pending
+            if self._broadcaster_on():
+                # Small windows keep the node fed: measuring and signing 16 batches takes
+                # ~0.1 s, time in which the node would have mined four; the loop goes on
+                # with the next window while the broadcasting thread sends this one.
+                slots = min(slots, WINDOW)
             sent = (self._send_batches(m, slots) if self.cfg.mode is Mode.BATCH
                     else self._send_direct(m, slots))
             if not sent:
@@ -691,7 +719,13 @@ class Sender:
                             program: str | None = None, one_by_one: bool = False) -> None:
         """Sign transactions at consecutive nonces, write them all ahead in one database
         transaction, then broadcast them: several in one JSON-RPC batch, or ``one_by_one``
-        (batches: ~95 kB each, and a node refuses requests over a few MB)."""
+        (batches: ~95 kB each, and a node refuses requests over a few MB) by the
+        broadcasting thread where there is one, which sends them in order while this thread
+        goes on; its outcomes are handled by the next poll. Anything else first waits for
+        that thread to finish, so that nonces go out in order."""
+        bcast = self._broadcaster() if one_by_one else None
+        if bcast is None:
+            self._flush_broadcasts()
         if program is not None:
             # Invariant 2, checked again at signing time.
             self.ledger.check_ceiling(program, self.cfg.ceiling)
@@ -719,6 +753,12 @@ class Sender:
             log.info("transfer_signed", kind=kind, nonce=n.nonce, tx_hash=n.tx_hash,
                      count=len(n.idxs), amount=str(n.amount), gas=n.gas_limit,
                      max_fee=n.max_fee, tip=n.tip)
+        if bcast is not None:
+            self.broadcast_any = True
+            for k, (tx_id, n) in enumerate(zip(ids, new, strict=True)):
+                bcast.put(Outgoing(tx_id, n.nonce, n.raw, n.tx_hash,
+                                   last_of_window=k == len(new) - 1))
+            return  # "after_broadcast" is passed when the window's last send is back
         if len(new) == 1 or one_by_one:
             for tx_id, n in zip(ids, new, strict=True):
                 self._broadcast(tx_id, n.nonce, n.raw, n.tx_hash)
@@ -738,6 +778,48 @@ class Sender:
                 else:
                     self._broadcast_accepted(tx_id, n.nonce, n.tx_hash)
         self._crash_point("after_broadcast")
+
+    def _broadcaster(self) -> Broadcaster | None:
+        if self._bcast is None:
+            fork = getattr(self.chain, "for_thread", None)
+            self._bcast = Broadcaster(fork().send_raw) if fork is not None else False
+        return self._bcast if isinstance(self._bcast, Broadcaster) else None
+
+    def _broadcaster_on(self) -> bool:
+        return self.cfg.mode is Mode.BATCH and self._broadcaster() is not None
+
+    def _outstanding(self) -> dict[int, Outgoing]:
+        return self._bcast.outstanding if isinstance(self._bcast, Broadcaster) else {}
+
+    def _collect_broadcasts(self, wait: float | None = None) -> bool:
+        """Handle what the broadcasting thread has finished, as ``_broadcast`` would have.
+        After a failure: the failure first (it may stop the run), then the transactions the
+        thread held back are sent from here, in order. True when anything came back."""
+        bcast = self._bcast
+        if not isinstance(bcast, Broadcaster) or not bcast.outstanding:
+            return False
+        got = bcast.results(wait)
+        held: list[Outgoing] = []
+        for item, err in got:
+            if err is None:
+                self._broadcast_accepted(item.tx_id, item.nonce, item.tx_hash)
+                if item.last_of_window:
+                    self._crash_point("after_broadcast")
+            elif isinstance(err, NotSent):
+                held.append(item)
+            elif not isinstance(err, Exception):
+                raise err
+            else:
+                self._broadcast_failed(err, item.nonce, item.tx_hash, others_pending=False)
+        for item in held:
+            self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
+        if held or any(err is not None for _, err in got):
+            bcast.resume()
+        return bool(got)
+
+    def _flush_broadcasts(self) -> None:
+        while self._outstanding():
+            self._collect_broadcasts(wait=1.0)
 
     def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str,
                    *, others_pending: bool = False) -> None:
@@ -802,13 +884,19 @@ class Sender:
     def _poll(self) -> bool:
         """Advance every open transaction one step. True when anything changed."""
         self._head = None
+        changed = self._collect_broadcasts()
         open_txs = self.ledger.open_txs(self.payer)
         if not open_txs:
-            return False
+            return changed
         head = self._head_now()
         self._watch_head(head.number, open_txs)
         lowest_pending = min((t.nonce for t in open_txs if t.status == TxStatus.PENDING.value),
                              default=None)
+        # A transaction the broadcasting thread has not handed back is not looked at: the
+        # node may not have it yet (it would look dropped), or may have mined it already.
+        outstanding = self._outstanding()
+        if outstanding:
+            open_txs = [t for t in open_txs if t.id not in outstanding]
         # Receipts only appear, and blocks only leave the chain, when the head changes: a
         # transaction already looked up at this head (same hash: a reorg at the same height
         # changes it) is not asked about again until the next block, or LOOKUP_EVERY seconds
@@ -823,7 +911,7 @@ class Sender:
             self._looked_up = {k: v for k, v in self._looked_up.items() if k in open_ids}
         open_txs = [t for t in open_txs if self._looked_up.get(t.id or 0) != head.hash]
         if not open_txs:
-            return False
+            return changed
         attempts = self.ledger.attempts_of([t.id for t in open_txs if t.id is not None])
         pending = [t for t in open_txs if t.status == TxStatus.PENDING.value]
         # The nonce before the receipts: a transaction below it was mined before the
@@ -856,7 +944,6 @@ class Sender:
         for t in pending:
             if any(known.get(a.hash) for a in attempts[t.id or 0]):
                 self._pool_seen_at[t.id or 0] = now
-        changed = False
         mined = [t for t in open_txs if t.status == TxStatus.MINED.value]
         canonical = self.chain.block_hashes([t.block_number for t in mined
                                              if t.block_number is not None]) if mined else {}

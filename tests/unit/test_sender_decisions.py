@@ -3,6 +3,7 @@ suites run the same loop against a real Anvil)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,93 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
     with pytest.raises(FailClosed, match=f"transaction {atts[0].hash} at nonce 0 is in a block but "
                        "the node has served no receipt for it for 120 s"):
         s._resolve_used_nonce(t, atts)
+
+
+class ThreadedChain(FakeChain):
+    """A FakeChain that gives the broadcasting thread a client (itself), refusing some raw
+    transactions by position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse_nth: dict[int, ch.NodeError] = {}
+        self.calls = 0
+        self.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[method-assign]
+        self.nonce = lambda *_: 0  # type: ignore[attr-defined]
+
+    def for_thread(self) -> ThreadedChain:
+        return self
+
+    def send_raw(self, raw: str) -> str:
+        self.calls += 1
+        if self.calls in self.refuse_nth:
+            raise self.refuse_nth[self.calls]
+        self.sent.append(raw)
+        return "0x"
+
+
+def _window(s: Sender, m: Manifest, n: int) -> list[str]:
+    """Writes ``n`` one-payment batches ahead and hands them to the broadcasting thread;
+    their raw bytes, in nonce order."""
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)[:n]])
+    assert s._bcast is not None and s._bcast is not False
+    return [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
+
+
+def test_a_refusal_met_by_the_broadcasting_thread_stops_the_run_before_later_nonces(
+        tmp_path: Path) -> None:
+    chain = ThreadedChain()
+    refusal = ch.NodeError("txpool is full")
+    chain.refuse_nth[2] = refusal
+    s = _sender(tmp_path, chain)
+    m = _accepted(s, 4)
+    raws = _window(s, m, 4)
+    assert s.broadcast_any
+    with pytest.raises(FailClosed) as e:
+        s._flush_broadcasts()
+    tx = s.ledger.txs(s.payer)[1]
+    h = s.ledger.attempts(tx.id or 0)[0].hash
+    assert str(e.value).startswith(f"node refused transaction {h} at nonce 1: "
+                                   "txpool is full; nothing more is sent.")
+    assert chain.sent == raws[:1]  # nonces 2 and 3 stay written ahead, never sent
+    assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
+    s._bcast.close()  # type: ignore[union-attr]
+
+
+def test_after_an_ambiguous_answer_the_engine_sends_the_held_back_rest_in_order(
+        tmp_path: Path) -> None:
+    chain = ThreadedChain()
+    chain.refuse_nth[1] = ch.AlreadyKnown("already known")
+    s = _sender(tmp_path, chain)
+    m = _accepted(s, 4)
+    raws = _window(s, m, 3)
+    s._flush_broadcasts()  # no exception: the lookup resolves "already known"
+    assert chain.sent == raws[1:]  # sent by the engine itself, in nonce order
+    assert s._outstanding() == {}
+    # The thread takes the next window again.
+    more = _window(s, m, 1)
+    s._flush_broadcasts()
+    assert chain.sent == more[1:]
+    assert s._txs_sent == 4
+    s._bcast.close()  # type: ignore[union-attr]
+
+
+def test_transactions_still_with_the_broadcasting_thread_are_not_polled(tmp_path: Path) -> None:
+    """The node may not have them yet: looked up now they would look dropped."""
+    chain = ThreadedChain()
+    s = _sender(tmp_path, chain)
+    m = _accepted(s, 2)
+    gate = threading.Event()
+    send = chain.send_raw
+    chain.send_raw = lambda raw: (gate.wait(5), send(raw))[1]  # type: ignore[method-assign]
+    _window(s, m, 2)
+    asked: list[str] = []
+    chain.receipts = lambda hashes: asked.extend(hashes) or {}  # type: ignore[attr-defined]
+    chain.known = lambda hashes: asked.extend(hashes) or {}  # type: ignore[attr-defined]
+    chain.block_hashes = lambda numbers: {}  # type: ignore[attr-defined]
+    assert s._poll() is False
+    assert asked == [] and set(s._outstanding()) == {t.id for t in s.ledger.txs(s.payer)}
+    gate.set()
+    s._flush_broadcasts()
+    assert s._outstanding() == {}
+    s._bcast.close()  # type: ignore[union-attr]

@@ -1,0 +1,97 @@
+"""The broadcasting thread on its own: order, a failure halts it, close sends nothing more.
+Its use by the send loop is in test_sender_decisions.py (decisions) and in every batch-mode
+integration, fault and crash test (real Anvil)."""
+
+from __future__ import annotations
+
+import threading
+
+from disburser import chain as ch
+from disburser.broadcast import Broadcaster, NotSent, Outgoing
+
+
+class Node:
+    """Records what arrives; ``refuse`` maps raw bytes to the error they get; ``gate``
+    holds each send until it is set."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.refuse: dict[str, Exception] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def send(self, raw: str) -> str:
+        self.gate.wait(5)
+        if raw in self.refuse:
+            raise self.refuse[raw]
+        self.sent.append(raw)
+        return "0x"
+
+
+def _item(i: int, last: bool = False) -> Outgoing:
+    return Outgoing(tx_id=i, nonce=i, raw=f"0x{i:02x}", tx_hash=f"0xh{i}", last_of_window=last)
+
+
+def _all(b: Broadcaster) -> list[tuple[int, BaseException | None]]:
+    out: list[tuple[int, BaseException | None]] = []
+    while b.outstanding:
+        out += [(item.tx_id, e) for item, e in b.results(wait=5)]
+    return out
+
+
+def test_sends_in_order_and_hands_every_outcome_back() -> None:
+    node = Node()
+    b = Broadcaster(node.send)
+    for i in range(5):
+        b.put(_item(i))
+    assert _all(b) == [(i, None) for i in range(5)]
+    assert node.sent == [f"0x{i:02x}" for i in range(5)]
+    assert b.outstanding == {}
+    b.close()
+
+
+def test_after_a_failure_nothing_more_is_sent_until_resumed() -> None:
+    node = Node()
+    refusal = ch.NodeError("txpool is full")
+    node.refuse["0x02"] = refusal
+    b = Broadcaster(node.send)
+    for i in range(5):
+        b.put(_item(i))
+    got = _all(b)
+    assert [i for i, _ in got] == [0, 1, 2, 3, 4]
+    assert [e for _, e in got][:3] == [None, None, refusal]
+    assert all(isinstance(e, NotSent) for _, e in got[3:])
+    assert node.sent == ["0x00", "0x01"]  # nothing after the refused nonce went out
+    b.resume()
+    b.put(_item(5))
+    assert _all(b) == [(5, None)]
+    assert node.sent == ["0x00", "0x01", "0x05"]
+    b.close()
+
+
+def test_results_without_wait_do_not_block_and_outstanding_counts_what_is_on_the_way() -> None:
+    node = Node()
+    node.gate.clear()
+    b = Broadcaster(node.send)
+    b.put(_item(0))
+    b.put(_item(1))
+    assert b.results() == []
+    assert b.results(wait=0.01) == []
+    assert set(b.outstanding) == {0, 1}
+    node.gate.set()
+    assert _all(b) == [(0, None), (1, None)]
+    b.close()
+
+
+def test_close_sends_nothing_that_is_still_queued() -> None:
+    node = Node()
+    node.gate.clear()
+    b = Broadcaster(node.send)
+    for i in range(3):
+        b.put(_item(i))
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    node.gate.set()  # the send on the wire finishes; the rest stay written ahead only
+    closer.join(5)
+    assert not closer.is_alive()
+    assert node.sent in (["0x00"], [])  # at most the one already being sent
