@@ -236,7 +236,7 @@ class Sender:
         owed = self._check_funds(m.root)
         if self.cfg.mode is Mode.BATCH:
             self._set_allowance(owed)
-        progress = self._progress(m.root)
+        started = time.monotonic()  # the progress line's clock, as Progress's own
         last_progress = 0.0
         expired = False
         while True:
@@ -255,7 +255,7 @@ class Sender:
             if self.on_progress and self.clock() - last_progress >= PROGRESS_EVERY:
                 # Counting every payment's state costs a table scan: once a second at most.
                 last_progress = self.clock()
-                self.on_progress(self._progress(m.root, progress.started))
+                self.on_progress(self._progress(m.root, started))
             if not self.ledger.has_open_txs(self.payer) and (
                 expired or not self.ledger.has_queued(m.root)
             ):
@@ -277,7 +277,7 @@ class Sender:
             self._drain()
         counts = self.ledger.counts([m.root])
         if self.on_progress:
-            self.on_progress(self._progress(m.root, progress.started, counts))
+            self.on_progress(self._progress(m.root, started, counts))
         by = counts.by_status
         result = SendResult(
             root=m.root,
@@ -327,6 +327,8 @@ class Sender:
         if not words:
             return
         bitmap = self.chain.paid_words(self.cfg.batch_contract, self.payer, root, words)
+        if not any(bitmap.values()):
+            return
         paid = [i for i in queued if bitmap[i // 256] >> (i % 256) & 1]
         if paid:
             log.warning("payments_already_paid_on_chain", root=root, count=len(paid))
@@ -430,8 +432,9 @@ class Sender:
             if self._broadcaster_on():
                 # Small windows keep the node fed: measuring and signing 16 batches takes
                 # ~0.1 s, time in which the node would have mined four; the loop goes on
-                # with the next window while the broadcasting thread sends this one.
-                slots = min(slots, WINDOW)
+                # with the next window while the broadcasting thread sends this one. With
+                # nothing in flight, one batch first: the node starts on it at once.
+                slots = min(slots, WINDOW if pending else 1)
             sent = (self._send_batches(m, slots) if self.cfg.mode is Mode.BATCH
                     else self._send_direct(m, slots))
             if not sent:
