@@ -21,8 +21,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-JOIN_SECONDS = 10.0
-
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -41,8 +39,10 @@ Result = tuple[Outgoing, BaseException | None]
 
 
 class Broadcaster:
-    def __init__(self, send: Callable[[str], object]) -> None:
+    def __init__(self, send: Callable[[str], object],
+                 on_close: Callable[[], None] = lambda: None) -> None:
         self._send = send
+        self._on_close = on_close
         self._todo: queue.SimpleQueue[Outgoing | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[Result] = queue.SimpleQueue()
         self._halt = threading.Event()
@@ -100,7 +100,9 @@ class Broadcaster:
 
     def close(self) -> None:
         """Send nothing more (what is queued stays written ahead for the next run) and
-        stop the thread; a send already on the wire is waited for a while."""
+        stop the thread. A send already on the wire is waited for, retries included: once
+        the run is over (and its runner lock released) nothing may reach the node from it."""
         self._halt.set()
         self._todo.put(None)
-        self._thread.join(timeout=JOIN_SECONDS)
+        self._thread.join()
+        self._on_close()

@@ -123,6 +123,9 @@ class Transport:
         return Transport(self.url, timeout=self.timeout, retries=self.retries,
                          sleep=self._sleep, rand=self._rand)
 
+    def close(self) -> None:
+        self._http.close()
+
     def _post(self, payload: Any) -> Any:
         body = json.dumps(payload, separators=(",", ":"))
         delay = 0.1
@@ -398,9 +401,16 @@ class RpcChain:
         self.url = url
         self.t = transport or Transport(url)
 
-    def for_thread(self) -> RpcChain:
-        """A client of the same node for another thread (its own connection)."""
+    def for_thread(self) -> RpcChain | None:
+        """A client of the same node for another thread (its own connection); None when
+        the transport is not a plain Transport (a scripted or fault-injecting one in
+        tests): its requests must not bypass it."""
+        if type(self.t) is not Transport:
+            return None
         return type(self)(self.url, self.t.clone())
+
+    def close(self) -> None:
+        self.t.close()
 
     def chain_id(self) -> int:
         return int(self.t.call("eth_chainId"), 16)

@@ -761,7 +761,7 @@ class Sender:
             for k, (tx_id, n) in enumerate(zip(ids, new, strict=True)):
                 bcast.put(Outgoing(tx_id, n.nonce, n.raw, n.tx_hash,
                                    last_of_window=k == len(new) - 1))
-            return  # "after_broadcast" is passed when the window's last send is back
+            return  # "after_broadcast" is passed once the window's last send is handled
         if len(new) == 1 or one_by_one:
             for tx_id, n in zip(ids, new, strict=True):
                 self._broadcast(tx_id, n.nonce, n.raw, n.tx_hash)
@@ -785,7 +785,10 @@ class Sender:
     def _broadcaster(self) -> Broadcaster | None:
         if self._bcast is None:
             fork = getattr(self.chain, "for_thread", None)
-            self._bcast = Broadcaster(fork().send_raw) if fork is not None else False
+            client = fork() if fork is not None else None
+            self._bcast = (Broadcaster(client.send_raw, on_close=getattr(client, "close",
+                                                                         lambda: None))
+                           if client is not None else False)
         return self._bcast if isinstance(self._bcast, Broadcaster) else None
 
     def _broadcaster_on(self) -> bool:
@@ -806,8 +809,6 @@ class Sender:
         for item, err in got:
             if err is None:
                 self._broadcast_accepted(item.tx_id, item.nonce, item.tx_hash)
-                if item.last_of_window:
-                    self._crash_point("after_broadcast")
             elif isinstance(err, NotSent):
                 held.append(item)
             elif not isinstance(err, Exception):
@@ -818,6 +819,9 @@ class Sender:
             self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
         if held or any(err is not None for _, err in got):
             bcast.resume()
+        for item, _ in got:
+            if item.last_of_window:  # each window's broadcast is over, whatever its outcome
+                self._crash_point("after_broadcast")
         return bool(got)
 
     def _flush_broadcasts(self) -> None:

@@ -7,6 +7,7 @@ import csv
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,15 @@ def make_env(tmp: Path, anvil: dn.Anvil, devnet: dn.Devnet) -> Env:
     }
     return Env(devnet, anvil, tmp, vars_)
 
+
+
+@pytest.fixture(autouse=True)
+def _no_broadcasting_thread_outlives_its_run() -> Iterator[None]:
+    """Every in-process send (unit, fault tests) closes its broadcasting thread: nothing may
+    reach the node from a run that is over."""
+    yield
+    left = [t.name for t in threading.enumerate() if t.name == "disburser-broadcast"]
+    assert not left, f"{len(left)} broadcasting thread(s) outlived their run"
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:

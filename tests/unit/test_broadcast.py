@@ -5,6 +5,7 @@ integration, fault and crash test (real Anvil)."""
 from __future__ import annotations
 
 import threading
+import time
 
 from disburser import chain as ch
 from disburser.broadcast import Broadcaster, NotSent, Outgoing
@@ -19,9 +20,11 @@ class Node:
         self.refuse: dict[str, Exception] = {}
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # a send has started
 
     def send(self, raw: str) -> str:
-        self.gate.wait(5)
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
         if raw in self.refuse:
             raise self.refuse[raw]
         self.sent.append(raw)
@@ -34,9 +37,11 @@ def _item(i: int, last: bool = False) -> Outgoing:
 
 def _all(b: Broadcaster) -> list[tuple[int, BaseException | None]]:
     out: list[tuple[int, BaseException | None]] = []
-    while b.outstanding:
-        out += [(item.tx_id, e) for item, e in b.results(wait=5)]
-    return out
+    for _ in range(100):
+        if not b.outstanding:
+            return out
+        out += [(item.tx_id, e) for item, e in b.results(wait=0.5)]
+    raise AssertionError(f"still outstanding after 50 s: {sorted(b.outstanding)}")
 
 
 def test_sends_in_order_and_hands_every_outcome_back() -> None:
@@ -83,15 +88,25 @@ def test_results_without_wait_do_not_block_and_outstanding_counts_what_is_on_the
     b.close()
 
 
-def test_close_sends_nothing_that_is_still_queued() -> None:
+def test_close_waits_for_the_send_on_the_wire_and_sends_nothing_still_queued() -> None:
     node = Node()
     node.gate.clear()
-    b = Broadcaster(node.send)
+    closed: list[bool] = []
+    b = Broadcaster(node.send, on_close=lambda: closed.append(True))
     for i in range(3):
         b.put(_item(i))
+    assert node.entered.wait(60)  # 0x00 is on the wire, held at the gate
     closer = threading.Thread(target=b.close)
     closer.start()
-    node.gate.set()  # the send on the wire finishes; the rest stay written ahead only
-    closer.join(5)
-    assert not closer.is_alive()
-    assert node.sent in (["0x00"], [])  # at most the one already being sent
+    for _ in range(6000):
+        if b._halt.is_set():
+            break
+        time.sleep(0.01)
+    assert b._halt.is_set()
+    closer.join(0.1)
+    assert closer.is_alive()  # close waits for the send on the wire
+    node.gate.set()
+    closer.join(60)
+    assert not closer.is_alive() and not b._thread.is_alive()
+    assert node.sent == ["0x00"]  # 0x01 and 0x02 stay written ahead only
+    assert closed == [True]

@@ -3,20 +3,24 @@ suites run the same loop against a real Anvil)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from disburser import chain as ch
 from disburser import policy
+from disburser.broadcast import Broadcaster
 from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment
-from disburser.errors import FailClosed
+from disburser.errors import FailClosed, RpcError
 from disburser.keys import Signer
 from disburser.ledger import Ledger
 from disburser.manifest import make_manifest
-from disburser.sender import SendConfig, Sender
+from disburser.sender import WINDOW, SendConfig, Sender
 
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 BATCH = "0x9fE46736679d2D9a65F0992F2272dE9f3c7fa6e0"
@@ -189,13 +193,14 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
 
 
 class ThreadedChain(FakeChain):
-    """A FakeChain that gives the broadcasting thread a client (itself), refusing some raw
-    transactions by position."""
+    """A FakeChain that gives the broadcasting thread a client (itself), refusing some sends
+    by position and recording which thread sent what."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.refuse_nth: dict[int, ch.NodeError] = {}
+        self.refuse_nth: dict[int, ch.NodeError | RpcError] = {}
         self.calls = 0
+        self.by: list[tuple[str, str]] = []  # (thread name, raw) of every accepted send
         self.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[method-assign]
         self.nonce = lambda *_: 0  # type: ignore[attr-defined]
 
@@ -207,24 +212,37 @@ class ThreadedChain(FakeChain):
         if self.calls in self.refuse_nth:
             raise self.refuse_nth[self.calls]
         self.sent.append(raw)
+        self.by.append((threading.current_thread().name, raw))
         return "0x"
 
 
+MAIN, THREAD = threading.main_thread().name, "disburser-broadcast"
+
+
+@pytest.fixture
+def threaded(tmp_path: Path) -> Iterator[tuple[ThreadedChain, Sender]]:
+    chain = ThreadedChain()
+    s = _sender(tmp_path, chain)
+    try:
+        yield chain, s
+    finally:
+        if isinstance(s._bcast, Broadcaster):
+            s._bcast.close()
+
+
 def _window(s: Sender, m: Manifest, n: int) -> list[str]:
-    """Writes ``n`` one-payment batches ahead and hands them to the broadcasting thread;
-    their raw bytes, in nonce order."""
+    """Writes the next ``n`` one-payment batches ahead and hands them to the broadcasting
+    thread; the raw bytes of every transaction so far, in nonce order."""
     s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
                           items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)[:n]])
-    assert s._bcast is not None and s._bcast is not False
+    assert isinstance(s._bcast, Broadcaster)
     return [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
 
 
 def test_a_refusal_met_by_the_broadcasting_thread_stops_the_run_before_later_nonces(
-        tmp_path: Path) -> None:
-    chain = ThreadedChain()
-    refusal = ch.NodeError("txpool is full")
-    chain.refuse_nth[2] = refusal
-    s = _sender(tmp_path, chain)
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    chain, s = threaded
+    chain.refuse_nth[2] = ch.NodeError("txpool is full")
     m = _accepted(s, 4)
     raws = _window(s, m, 4)
     assert s.broadcast_any
@@ -234,37 +252,35 @@ def test_a_refusal_met_by_the_broadcasting_thread_stops_the_run_before_later_non
     h = s.ledger.attempts(tx.id or 0)[0].hash
     assert str(e.value).startswith(f"node refused transaction {h} at nonce 1: "
                                    "txpool is full; nothing more is sent.")
-    assert chain.sent == raws[:1]  # nonces 2 and 3 stay written ahead, never sent
+    assert chain.by == [(THREAD, raws[0])]  # nonces 2 and 3 stay written ahead, never sent
     assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
-    s._bcast.close()  # type: ignore[union-attr]
 
 
-def test_after_an_ambiguous_answer_the_engine_sends_the_held_back_rest_in_order(
-        tmp_path: Path) -> None:
-    chain = ThreadedChain()
-    chain.refuse_nth[1] = ch.AlreadyKnown("already known")
-    s = _sender(tmp_path, chain)
+def test_after_an_ambiguous_failure_the_engine_sends_the_held_back_rest_in_order(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    chain, s = threaded
+    chain.refuse_nth[1] = RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
     m = _accepted(s, 4)
     raws = _window(s, m, 3)
-    s._flush_broadcasts()  # no exception: the lookup resolves "already known"
-    assert chain.sent == raws[1:]  # sent by the engine itself, in nonce order
+    s._flush_broadcasts()  # no exception: the poll looks nonce 0 up and re-sends it
+    # The thread stopped at the failure; the engine sent the rest itself, in nonce order.
+    assert chain.by == [(MAIN, raws[1]), (MAIN, raws[2])]
     assert s._outstanding() == {}
-    # The thread takes the next window again.
+    # Resumed: the thread takes the next window again.
     more = _window(s, m, 1)
     s._flush_broadcasts()
-    assert chain.sent == more[1:]
+    assert chain.by[2:] == [(THREAD, more[3])]
     assert s._txs_sent == 4
-    s._bcast.close()  # type: ignore[union-attr]
 
 
-def test_transactions_still_with_the_broadcasting_thread_are_not_polled(tmp_path: Path) -> None:
+def test_transactions_still_with_the_broadcasting_thread_are_not_polled(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
     """The node may not have them yet: looked up now they would look dropped."""
-    chain = ThreadedChain()
-    s = _sender(tmp_path, chain)
+    chain, s = threaded
     m = _accepted(s, 2)
     gate = threading.Event()
     send = chain.send_raw
-    chain.send_raw = lambda raw: (gate.wait(5), send(raw))[1]  # type: ignore[method-assign]
+    chain.send_raw = lambda raw: (gate.wait(60), send(raw))[1]  # type: ignore[method-assign]
     _window(s, m, 2)
     asked: list[str] = []
     chain.receipts = lambda hashes: asked.extend(hashes) or {}  # type: ignore[attr-defined]
@@ -275,4 +291,37 @@ def test_transactions_still_with_the_broadcasting_thread_are_not_polled(tmp_path
     gate.set()
     s._flush_broadcasts()
     assert s._outstanding() == {}
-    s._bcast.close()  # type: ignore[union-attr]
+    # Handed back: polled now (mined, and deep at confirmations 1).
+    chain.nonce = lambda *_: 2  # type: ignore[attr-defined]
+    chain.receipts = lambda hashes: {  # type: ignore[attr-defined]
+        h: ch.Receipt(h, 1, "0x", 1, 21_000, 10**9) for h in asked.extend(hashes) or hashes}
+    assert s._poll() is True
+    assert len(asked) == 2
+    assert [t.status for t in s.ledger.txs(s.payer)] == ["confirmed"] * 2
+
+
+def test_windows_are_one_batch_first_then_four(threaded: tuple[ThreadedChain, Sender]) -> None:
+    """With nothing in flight one batch goes out at once; then windows of WINDOW batches, up
+    to DISBURSER_MAX_IN_FLIGHT unmined."""
+    chain, s = threaded
+    s.cfg = dataclasses.replace(s.cfg, batch_size=1, max_in_flight=6)
+    s._batch_size = 1
+    pays = [Payment(i, f"u{i}", "0x" + f"{i + 1:040x}", 10) for i in range(8)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                      not_after=2**40, payments=pays)
+    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    s._meter = True
+    chain.measure_many = lambda payer, to, datas: [  # type: ignore[attr-defined]
+        (True, 100_000, b"") for _ in datas]
+    windows: list[int] = []
+    sign = s._sign_and_send_many
+
+    def record(**kw: Any) -> None:
+        windows.append(len(kw["items"]))
+        sign(**kw)
+
+    s._sign_and_send_many = record  # type: ignore[method-assign]
+    assert s._fill(m) is True
+    assert windows == [1, WINDOW, 1]
+    s._flush_broadcasts()
+    assert len(chain.by) == 6 and {t for t, _ in chain.by} == {THREAD}
