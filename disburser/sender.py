@@ -232,7 +232,7 @@ class Sender:
         # Settle what an earlier run left in flight before new allowance or batches.
         self._drain()
         if self.cfg.mode is Mode.BATCH:
-            self._skip_paid_on_chain(m.root)
+            self._skip_paid_on_chain(m.root, m.count)
         owed = self._check_funds(m.root)
         if self.cfg.mode is Mode.BATCH:
             self._set_allowance(owed)
@@ -318,17 +318,19 @@ class Sender:
             if not self._poll():
                 self.sleep(self.cfg.poll_interval)
 
-    def _skip_paid_on_chain(self, root: str) -> None:
+    def _skip_paid_on_chain(self, root: str, count: int) -> None:
         """With a lost or fresh ledger, the batch contract's bitmap still knows what this
-        payer paid for this root: those payments are never sent again."""
+        payer paid for this root: those payments are never sent again. Every word of the
+        manifest's bitmap is read (one request per 51,200 payments); the queued payments are
+        looked up only when a bit is set."""
         assert self.cfg.batch_contract is not None
-        queued = self.ledger.queued_idxs(root)
-        words = sorted({i // 256 for i in queued})
-        if not words:
+        words = list(range((count + 255) // 256))
+        if not words or not self.ledger.has_queued(root):
             return
         bitmap = self.chain.paid_words(self.cfg.batch_contract, self.payer, root, words)
         if not any(bitmap.values()):
             return
+        queued = self.ledger.queued_idxs(root)
         paid = [i for i in queued if bitmap[i // 256] >> (i % 256) & 1]
         if paid:
             log.warning("payments_already_paid_on_chain", root=root, count=len(paid))
