@@ -1,8 +1,8 @@
 """A broadcasting thread for transactions already written ahead.
 
 Under automine a node answers ``eth_sendRawTransaction`` for a batch only once it has mined
-the one before (~25 ms for 500 transfers), and a real node takes ~100 ms to receive a
-95 kB batch over the internet. Sent from the engine's own thread, that time is lost to
+the one before (~25 ms for 500 transfers); over the internet each send costs a round trip
+plus the upload of ~95 kB. Sent from the engine's own thread, that time is lost to
 everything else: polling receipts, writing the ledger, measuring and signing the next
 window. The Broadcaster sends on a connection of its own, in the order it was given, while
 the engine goes on.
