@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from disburser.addresses import is_hex_address, to_checksum
+from disburser.addresses import is_hex_address, keccak, to_checksum
 from disburser.errors import InputError, SettingsError
 
 
@@ -49,8 +49,6 @@ class Signer:
         (coincurve): ~0.1 ms where eth-account's validating path takes ~0.4 ms, which counts
         at thousands of direct transfers. Byte-identical to eth-account's (a unit test signs
         many random transactions both ways)."""
-        from eth_hash.auto import keccak
-
         fields = [_rlp_int(chain_id), _rlp_int(nonce), _rlp_int(tip), _rlp_int(max_fee),
                   _rlp_int(gas), _rlp_bytes(bytes.fromhex(to[2:]) if to else b""),
                   _rlp_int(value), _rlp_bytes(bytes.fromhex(data[2:])), b"\xc0"]

@@ -667,8 +667,7 @@ class Ledger:
 
     def mark_mined_many(self, mined: Sequence[Mined]) -> None:
         """Several transactions pending -> mined in one statement (a poll sees hundreds of
-        direct transfers mined at once); guarded like ``mark_mined``: every one must have
-        been pending."""
+        direct transfers mined at once); each guarded: every one must have been pending."""
         if not mined:
             return
         now = _now()
