@@ -100,7 +100,7 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch", *, measure: bool = Fal
         if kind == "batch":
             size = min(500, policy.max_batch_size(head.gas_limit, PER_RECIPIENT_GAS,
                                                   BATCH_FIXED_GAS))
-            sizes = BATCH_SIZES.get(n) or [size] * -(-n // size)
+            sizes = BATCH_SIZES.get(n) or [min(size, n - i) for i in range(0, n, size)]
             assert sum(sizes) == n
             approve(d, d.batch_contract, sum(ams))
             root = "0x" + "ab" * 32

@@ -927,11 +927,16 @@ class Sender:
         # receipts were asked for, so a missing receipt means a foreign transaction (or a
         # reorg), not a race with the block that was being mined meanwhile. And only those
         # below it can have a receipt: a full pool of transfers waiting for blocks costs no
-        # receipt lookups.
+        # receipt lookups. The nonce is read only when a pending transaction is due for a
+        # check (see _check_due). Otherwise every pending one's receipt is asked for and a
+        # missing one waits: on a node mining back to back a state read waits for the block
+        # being mined (~30 ms for a full batch), a wait that would hold up the next window.
+        due = any(self._check_due(t, attempts[t.id or 0][-1], head, lowest_pending, now)
+                  for t in pending)
         self._latest_nonce: int | None = (self.chain.nonce(self.payer, "latest")
-                                          if pending else None)
+                                          if due else None)
         hashes = [a.hash for t in pending
-                  if self._latest_nonce is not None and t.nonce < self._latest_nonce
+                  if self._latest_nonce is None or t.nonce < self._latest_nonce
                   for a in attempts[t.id or 0]]
         receipts = self.chain.receipts(hashes) if hashes else {}
         # One batched pool lookup for every attempt of every unmined transaction, rather
@@ -994,8 +999,8 @@ class Sender:
         if got is not None:
             self._mined_now.append((t, got))  # written by _apply_mined, all at once
             return True
-        assert self._latest_nonce is not None  # read by _poll whenever a tx is pending
-        if t.nonce < self._latest_nonce:
+        # No nonce read (nothing was due): neither a pool lookup nor a bump is due either.
+        if self._latest_nonce is not None and t.nonce < self._latest_nonce:
             self._resolve_used_nonce(t, atts)
             return True
         changed = False
@@ -1026,6 +1031,24 @@ class Sender:
                 since, head.number, self.cfg.bump_after_blocks):
             to_bump.append((t, last))
         return changed
+
+    def _check_due(self, t: TxRow, last: Any, head: ch.Head, lowest_pending: int | None,
+                   now: float) -> bool:
+        """Whether pending ``t``, if it has no receipt, needs a decision this poll: a pool
+        lookup (not seen in the pool for LOOKUP_EVERY seconds, or priced out) or a bump
+        (the same rule as _advance's, without recording anything). Only then is the chain's
+        nonce needed; a used nonce with no receipt is noticed at that check."""
+        assert t.id is not None
+        if policy.priced_out(int(last.max_fee), head.base_fee):
+            return True
+        seen = self._pool_seen_at.get(t.id, -LOOKUP_EVERY)
+        if not seen <= now < seen + LOOKUP_EVERY:
+            return True
+        if t.nonce != lowest_pending:
+            return False
+        since = max(self._sent_at_block.get(t.id, head.number),
+                    self._lowest_since.get(t.id, head.number))
+        return policy.should_bump(since, head.number, self.cfg.bump_after_blocks)
 
     def _apply_mined(self, head: ch.Head) -> None:
         """The poll's receipts and depths, written in a few statements (a poll can see

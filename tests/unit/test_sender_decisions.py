@@ -192,6 +192,45 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
         s._resolve_used_nonce(t, atts)
 
 
+def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
+        tmp_path: Path) -> None:
+    """A poll reads the chain's nonce (a state read, which waits for the block being mined)
+    only when a pending transaction without a receipt needs a decision: not seen in the pool
+    for LOOKUP_EVERY seconds. Before that it asks for every pending receipt and waits; a nonce
+    a foreign transaction used is still caught, at the first check that is due."""
+    now = [1000.0]
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x" + "11" * 32, 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    nonce_reads: list[int] = []
+    asked: list[list[str]] = []
+    chain_nonce = [0]
+    chain.nonce = lambda *_: nonce_reads.append(1) or chain_nonce[0]  # type: ignore[attr-defined]
+    chain.receipts = lambda hashes: asked.append(list(hashes)) or {h: None for h in hashes}  # type: ignore[attr-defined]
+    chain.known = lambda hashes: {h: False for h in hashes}  # type: ignore[attr-defined]
+    chain.find_tx_by_nonce = lambda payer, nonce: "0x" + "ee" * 32  # type: ignore[attr-defined]
+    s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
+               Signer(bytes.fromhex(PAYER_KEY[2:])), _sender(tmp_path, chain).cfg,
+               clock=lambda: now[0])
+    m = _accepted(s, 2)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    hashes = {a.hash for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)}
+    nonce_reads.clear()
+    chain_nonce[0] = 2
+    now[0] += 0.5  # both were accepted by the node half a second ago
+    s._poll()
+    assert nonce_reads == [] and [set(a) for a in asked] == [hashes]
+    assert [t.status for t in s.ledger.txs(s.payer)] == ["pending", "pending"]
+    now[0] += 1.0  # a check is due: the nonce shows both were used, by someone else
+    s._head = None
+    s._looked_up.clear()
+    with pytest.raises(FailClosed, match=f"nonce 0 was used by transaction 0x{'ee' * 32}, which "
+                       "this ledger did not send"):
+        s._poll()
+    assert nonce_reads  # read this time (and again by the check of the used nonce)
+
+
 class ThreadedChain(FakeChain):
     """A FakeChain that gives the broadcasting thread a client (itself), refusing some sends
     by position and recording which thread sent what."""
