@@ -575,9 +575,10 @@ class Ledger:
     def _claim(self, s: Session, claims: Sequence[tuple[str | None, int, int]],
                now: int) -> None:
         """Payments (root, idx) queued -> in_flight for transaction id, each guarded: every
-        one must still be queued. A batch's payments go in one UPDATE ... IN (...), single
-        payments (direct transfers) in one executemany; both checked by their row count
-        (SQLite's and psycopg's executemany report the sum)."""
+        one must still be queued. A batch's payments go in one UPDATE (over their index range
+        when they are consecutive, else IN (...)), single payments (direct transfers) in one
+        executemany; all checked by their row count (SQLite's and psycopg's executemany
+        report the sum)."""
         if not claims:
             return
         pt = _table(PaymentRow)
@@ -589,12 +590,20 @@ class Ledger:
             if len(idxs) == 1:
                 singles.append((root, idxs[0], tx_id))
                 continue
-            for part in _chunks(idxs):
+            lo, hi = min(idxs), max(idxs)
+            wheres: list[tuple[Any, int]]
+            if hi - lo + 1 == len(idxs) == len(set(idxs)):
+                # A run of consecutive indexes (the usual batch): a range, not an IN list of
+                # hundreds of parameters (SQLAlchemy expands and names each one: ~3 ms a
+                # batch of 500, measured). The row count still checks every one was queued.
+                wheres = [(pt.c.idx.between(lo, hi), len(idxs))]
+            else:
+                wheres = [(pt.c.idx.in_(part), len(part)) for part in _chunks(idxs)]
+            for where, n in wheres:
                 r = s.execute(update(pt).where(
-                    pt.c.root == root, pt.c.idx.in_(part),
-                    pt.c.status == PaymentStatus.QUEUED.value,
+                    pt.c.root == root, where, pt.c.status == PaymentStatus.QUEUED.value,
                 ).values(status=PaymentStatus.IN_FLIGHT.value, tx_id=tx_id, updated_at=now))
-                _expect(r, len(part), f"claim of {len(part)} payments for tx {tx_id}")
+                _expect(r, n, f"claim of {n} payments for tx {tx_id}")
         if singles:
             r = s.execute(update(pt).where(
                 pt.c.root == bindparam("b_root"), pt.c.idx == bindparam("b_idx"),

@@ -85,12 +85,26 @@ def test_a_payment_claimed_twice_is_refused_and_nothing_is_written(tmp_path: Pat
     assert led.payments(m.root)[5].status == "queued"
 
 
-def test_a_batch_claim_of_a_paid_payment_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("idxs", [(1, 2, 3), (1, 2, 4), (3, 3, 4)],
+                         ids=["consecutive", "scattered", "repeated"])
+def test_a_batch_claim_of_a_paid_payment_is_refused(tmp_path: Path,
+                                                    idxs: tuple[int, ...]) -> None:
+    """Consecutive indexes are claimed as a range, others as a list: either way every
+    payment must still be queued, once, and a refused claim writes nothing."""
     led, m = _ledger(tmp_path)
     led.record_txs([_tx(m, 0, (2,))])
     with pytest.raises(DisburserError, match=r"claim of 3 payments .* changed 2 rows"):
-        led.record_txs([_tx(m, 1, (1, 2, 3))])
-    assert [p.status for p in led.payments(m.root)][1:4] == ["queued", "in_flight", "queued"]
+        led.record_txs([_tx(m, 1, idxs)])
+    assert [p.status for p in led.payments(m.root)][:5] == \
+        ["queued", "queued", "in_flight", "queued", "queued"]
+
+
+def test_a_batch_of_scattered_payments_is_claimed(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    (i,) = led.record_txs([_tx(m, 0, (0, 3, 5))])
+    assert {p.idx: (p.status, p.tx_id) for p in led.payments(m.root)} == {
+        0: ("in_flight", i), 1: ("queued", None), 2: ("queued", None), 3: ("in_flight", i),
+        4: ("queued", None), 5: ("in_flight", i)}
 
 
 def test_mined_twice_is_refused(tmp_path: Path) -> None:
