@@ -923,14 +923,16 @@ class Sender:
             return changed
         attempts = self.ledger.attempts_of([t.id for t in open_txs if t.id is not None])
         pending = [t for t in open_txs if t.status == TxStatus.PENDING.value]
-        # The nonce before the receipts: a transaction below it was mined before the
-        # receipts were asked for, so a missing receipt means a foreign transaction (or a
-        # reorg), not a race with the block that was being mined meanwhile. And only those
-        # below it can have a receipt: a full pool of transfers waiting for blocks costs no
-        # receipt lookups. The nonce is read only when a pending transaction is due for a
-        # check (see _check_due). Otherwise every pending one's receipt is asked for and a
-        # missing one waits: on a node mining back to back a state read waits for the block
-        # being mined (~30 ms for a full batch), a wait that would hold up the next window.
+        # The nonce is read only when a pending transaction is due for a check (see
+        # _check_due): on a node mining back to back a state read waits for the block being
+        # mined (~30 ms for a full batch), a wait that would hold up the next window. When
+        # it is read, it is read before the receipts: a transaction below it was mined
+        # before the receipts were asked for, so a missing receipt means a foreign
+        # transaction (or a reorg), not a race with the block that was being mined
+        # meanwhile; and only those below it can have a receipt, so a full pool of
+        # transfers waiting for blocks costs no receipt lookups. When it is not, every
+        # pending receipt is asked for, and a missing one waits for its next due check
+        # (a nonce someone else used is then noticed that much later, like a drop).
         due = any(self._check_due(t, attempts[t.id or 0][-1], head, lowest_pending, now)
                   for t in pending)
         self._latest_nonce: int | None = (self.chain.nonce(self.payer, "latest")
@@ -1020,6 +1022,7 @@ class Sender:
             else:
                 # Dropped from the pool (or never arrived): the same bytes again.
                 log.warning("transfer_dropped_rebroadcast", nonce=t.nonce, tx_hash=last.hash)
+                assert self._latest_nonce is not None  # a pool lookup was due (_check_due)
                 self._broadcast(t.id, t.nonce, last.raw, last.hash)
                 changed = True
         sent_at = self._sent_at_block.setdefault(t.id, head.number)
@@ -1029,6 +1032,7 @@ class Sender:
             since = sent_at
         if (t.nonce == lowest_pending or priced_out) and policy.should_bump(
                 since, head.number, self.cfg.bump_after_blocks):
+            assert self._latest_nonce is not None  # a bump is due (_check_due)
             to_bump.append((t, last))
         return changed
 

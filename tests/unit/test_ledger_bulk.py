@@ -85,8 +85,8 @@ def test_a_payment_claimed_twice_is_refused_and_nothing_is_written(tmp_path: Pat
     assert led.payments(m.root)[5].status == "queued"
 
 
-@pytest.mark.parametrize("idxs", [(1, 2, 3), (1, 2, 4), (3, 3, 4)],
-                         ids=["consecutive", "scattered", "repeated"])
+@pytest.mark.parametrize("idxs", [(1, 2, 3), (1, 2, 4), (3, 3, 4), (3, 3, 5)],
+                         ids=["consecutive", "scattered", "repeated", "repeated-spanning"])
 def test_a_batch_claim_of_a_paid_payment_is_refused(tmp_path: Path,
                                                     idxs: tuple[int, ...]) -> None:
     """Consecutive indexes are claimed as a range, others as a list: either way every

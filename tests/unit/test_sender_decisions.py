@@ -231,6 +231,33 @@ def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
     assert nonce_reads  # read this time (and again by the check of the used nonce)
 
 
+def test_a_priced_out_or_overdue_transaction_is_due_for_a_check_though_just_seen(
+        tmp_path: Path) -> None:
+    """The other two reasons a poll reads the nonce: a transaction priced out by the base
+    fee, and the lowest pending one once its bump is due (a bump is never sent without the
+    check of the nonce). Neither waits for LOOKUP_EVERY."""
+    now = 1000.0
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x" + "11" * 32, 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
+               Signer(bytes.fromhex(PAYER_KEY[2:])), _sender(tmp_path, chain).cfg,
+               clock=lambda: now)
+    m = _accepted(s, 2)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    (t0, a0), (t1, a1) = [(t, s.ledger.attempts(t.id or 0)[-1]) for t in s.ledger.txs(s.payer)]
+    head = chain.head()
+    assert not s._check_due(t0, a0, head, 0, now) and not s._check_due(t1, a1, head, 0, now)
+    hot = dataclasses.replace(head, base_fee=int(a1.max_fee) + 1)
+    assert s._check_due(t1, a1, hot, 0, now)  # not the lowest, but priced out
+    s._lowest_since[t0.id or 0] = head.number  # what a poll at this head records
+    later = dataclasses.replace(head, number=head.number + s.cfg.bump_after_blocks)
+    assert s._check_due(t0, a0, later, 0, now)  # the lowest, a bump due
+    assert not s._check_due(t1, a1, later, 0, now)  # not the lowest: no bump
+
+
 class ThreadedChain(FakeChain):
     """A FakeChain that gives the broadcasting thread a client (itself), refusing some sends
     by position and recording which thread sent what."""
