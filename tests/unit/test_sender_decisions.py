@@ -205,8 +205,17 @@ def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
     nonce_reads: list[int] = []
     asked: list[list[str]] = []
     chain_nonce = [0]
-    chain.nonce = lambda *_: nonce_reads.append(1) or chain_nonce[0]  # type: ignore[attr-defined]
-    chain.receipts = lambda hashes: asked.append(list(hashes)) or {h: None for h in hashes}  # type: ignore[attr-defined]
+
+    def nonce(*_: Any) -> int:
+        nonce_reads.append(1)
+        return chain_nonce[0]
+
+    def receipts(hashes: list[str]) -> dict[str, None]:
+        asked.append(list(hashes))
+        return {h: None for h in hashes}
+
+    chain.nonce = nonce  # type: ignore[attr-defined]
+    chain.receipts = receipts  # type: ignore[attr-defined]
     chain.known = lambda hashes: {h: False for h in hashes}  # type: ignore[attr-defined]
     chain.find_tx_by_nonce = lambda payer, nonce: "0x" + "ee" * 32  # type: ignore[attr-defined]
     s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
