@@ -115,7 +115,8 @@ def _details(r: dict[str, Any]) -> list[str]:
         bt = t["block_time"]
         out += ["", f"### 2. Throughput (local Anvil, confirmations 1; median of "
                 f"{t['runs']} runs, {len(t['typical']['samples'])} for the typical script, "
-                "a fresh Anvil each; automine unless a block time is given)", ""]
+                "taken round by round (every measurement once a round), a fresh Anvil each; "
+                "automine unless a block time is given)", ""]
         rows: list[list[str]] = []
         for key, label, n in (
             ("batch", "engine, batch mode (`send` in-process)", t["n_batch"]),
