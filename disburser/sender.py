@@ -951,10 +951,7 @@ class Sender:
         self._pool_seen_at = {k: v for k, v in self._pool_seen_at.items() if k in open_ids}
         unmined = [a.hash for t in pending
                    if not any(receipts.get(a.hash) for a in attempts[t.id or 0])
-                   and (not self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY) <= now
-                        < self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY) + LOOKUP_EVERY
-                        or policy.priced_out(int(attempts[t.id or 0][-1].max_fee),
-                                             head.base_fee))
+                   and self._lookup_due(t, attempts[t.id or 0][-1], head, now)
                    for a in attempts[t.id or 0]]
         known = self.chain.known(unmined) if unmined else {}
         for t in pending:
@@ -1025,13 +1022,7 @@ class Sender:
                 assert self._latest_nonce is not None  # a pool lookup was due (_check_due)
                 self._broadcast(t.id, t.nonce, last.raw, last.hash)
                 changed = True
-        sent_at = self._sent_at_block.setdefault(t.id, head.number)
-        if t.nonce == lowest_pending:
-            since = max(sent_at, self._lowest_since.setdefault(t.id, head.number))
-        else:
-            since = sent_at
-        if (t.nonce == lowest_pending or priced_out) and policy.should_bump(
-                since, head.number, self.cfg.bump_after_blocks):
+        if self._bump_due(t, last, head, lowest_pending, record=True):
             assert self._latest_nonce is not None  # a bump is due (_check_due)
             to_bump.append((t, last))
         return changed
@@ -1039,20 +1030,37 @@ class Sender:
     def _check_due(self, t: TxRow, last: Any, head: ch.Head, lowest_pending: int | None,
                    now: float) -> bool:
         """Whether pending ``t``, if it has no receipt, needs a decision this poll: a pool
-        lookup (not seen in the pool for LOOKUP_EVERY seconds, or priced out) or a bump
-        (the same rule as _advance's, without recording anything). Only then is the chain's
-        nonce needed; a used nonce with no receipt is noticed at that check."""
+        lookup or a bump, by the same rules as _poll's and _advance's (recording nothing).
+        Only then is the chain's nonce needed; a used nonce with no receipt is noticed at
+        that check."""
+        return (self._lookup_due(t, last, head, now)
+                or self._bump_due(t, last, head, lowest_pending, record=False))
+
+    def _lookup_due(self, t: TxRow, last: Any, head: ch.Head, now: float) -> bool:
+        """A pool lookup of pending ``t`` is due: not seen in the pool for LOOKUP_EVERY
+        seconds, or priced out by the base fee (a node drops such transactions: say so now).
+        ``last``: its latest attempt."""
+        seen = self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY)
+        return (not seen <= now < seen + LOOKUP_EVERY
+                or policy.priced_out(int(last.max_fee), head.base_fee))
+
+    def _bump_due(self, t: TxRow, last: Any, head: ch.Head, lowest_pending: int | None, *,
+                  record: bool) -> bool:
+        """A bump of pending ``t`` is due: it is the lowest pending transaction, or priced
+        out, and still unmined bump_after_blocks blocks after its last attempt (the lowest:
+        after it became the lowest, if later). ``record``: note the block where each wait
+        began, as the poll's own pass does; else only look."""
         assert t.id is not None
-        if policy.priced_out(int(last.max_fee), head.base_fee):
-            return True
-        seen = self._pool_seen_at.get(t.id, -LOOKUP_EVERY)
-        if not seen <= now < seen + LOOKUP_EVERY:
-            return True
-        if t.nonce != lowest_pending:
-            return False
-        since = max(self._sent_at_block.get(t.id, head.number),
-                    self._lowest_since.get(t.id, head.number))
-        return policy.should_bump(since, head.number, self.cfg.bump_after_blocks)
+        tx_id = t.id
+
+        def began(at: dict[int, int]) -> int:
+            return at.setdefault(tx_id, head.number) if record else at.get(tx_id, head.number)
+
+        lowest = t.nonce == lowest_pending
+        sent_at = began(self._sent_at_block)
+        since = max(sent_at, began(self._lowest_since)) if lowest else sent_at
+        return (lowest or policy.priced_out(int(last.max_fee), head.base_fee)) and \
+            policy.should_bump(since, head.number, self.cfg.bump_after_blocks)
 
     def _apply_mined(self, head: ch.Head) -> None:
         """The poll's receipts and depths, written in a few statements (a poll can see
