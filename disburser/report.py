@@ -127,7 +127,7 @@ def to_dict(r: Result, *, payments_too: bool = True) -> dict[str, Any]:
 def to_json(r: Result) -> str:
     """Indented JSON with one payment (and one finding) per line: readable, and fast for
     100,000 payments (json's C encoder is used only without ``indent``)."""
-    from disburser.reconcile import bulk
+    from disburser.transfers import bulk
 
     with bulk():
         doc = to_dict(r, payments_too=False)

@@ -325,7 +325,7 @@ def test_log_ranges_adapt_to_a_node_that_refuses_wide_ones(env: Env,
     m = mf.load(path)
     for p in m.payments:  # one block each: a chain long enough to need many chunks
         hand_transfer(env, p.to, p.amount)
-    # ... and so that each of the block ranges fetched at once (reconcile.FETCH_WORKERS x
+    # ... and so that each of the block ranges fetched at once (transfers.FETCH_WORKERS x
     # _RANGES_PER_WORKER = 16) is wider than the proxy allows
     env.chain.rpc("anvil_mine", [hex(100)])
     head = env.chain.head().number

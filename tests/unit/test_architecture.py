@@ -14,7 +14,7 @@ LAYER = {
     "errors": 0, "domain": 0, "addresses": 0, "amounts": 1, "profiles": 1, "policy": 1, "merkle": 1,
     "artifacts": 1, "broadcast": 1,
     "settings": 2, "manifest": 2, "logging": 2, "chain": 2, "keys": 2,
-    "ledger": 3, "locks": 3, "allocate": 3, "devnet": 3,
+    "ledger": 3, "locks": 3, "transfers": 3, "allocate": 3, "devnet": 3,
     "sender": 4, "reconcile": 4, "report": 4, "status": 4,
     "cli": 5,
 }

@@ -25,16 +25,12 @@ from disburser.reconcile import (
     ManifestIn,
     ProgramInfo,
     Result,
-    Transfer,
-    _fetch_range,
-    decode_logs,
     default_from_block,
-    fetch_transfers,
     reconcile,
-    too_much,
 )
 from disburser.report import render, tokens
 from disburser.settings import Ceilings
+from disburser.transfers import Transfer, _fetch_range, decode_logs, fetch_transfers, too_much
 
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
