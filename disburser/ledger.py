@@ -40,6 +40,13 @@ from disburser.domain import Manifest, PaymentStatus, TxStatus
 from disburser.errors import CeilingError, DisburserError, LockedError
 from disburser.manifest import to_json
 
+# Why a payment is paid_elsewhere: found by the batch contract's bitmap (certain: keyed by
+# paymentsRoot and index), or by a Transfer log from the payer of its amount to its
+# recipient that this ledger did not send (as reconcile matches them).
+PAID_BY_BITMAP = "already paid on chain (batch contract bitmap)"
+PAID_BY_TRANSFER = "already paid on chain (a Transfer from the payer this ledger did not send)"
+HISTORY_CHECKED = "transfer_history_checked"
+
 
 class ProgramRow(SQLModel, table=True):
     __tablename__ = "program"
@@ -509,17 +516,42 @@ class Ledger:
                 self._event(s, "payments_requeued", root=root, count=n)
             return n
 
-    def mark_paid_elsewhere(self, root: str, idxs: Sequence[int]) -> None:
+    def mark_paid_elsewhere(self, root: str, idxs: Sequence[int],
+                            reason: str = PAID_BY_BITMAP) -> None:
         if not idxs:
             return
         with self.session() as s:
+            self._paid_elsewhere(s, root, idxs, reason)
+
+    def _paid_elsewhere(self, s: Session, root: str, idxs: Sequence[int], reason: str) -> None:
+        for chunk in _chunks(idxs):
             r = s.execute(update(PaymentRow).where(
-                col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(idxs)),
+                col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(chunk)),
                 col(PaymentRow.status) == PaymentStatus.QUEUED.value,
-            ).values(status=PaymentStatus.PAID_ELSEWHERE.value,
-                     reason="already paid on chain (batch contract bitmap)", updated_at=_now()))
-            _expect(r, len(idxs), "payments queued -> paid_elsewhere")
-            self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs))
+            ).values(status=PaymentStatus.PAID_ELSEWHERE.value, reason=reason,
+                     updated_at=_now()))
+            _expect(r, len(chunk), "payments queued -> paid_elsewhere")
+        self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason)
+
+    def history_checked(self, root: str) -> bool:
+        """Whether the payer's Transfer logs from before this ledger were read for ``root``
+        (``record_history_check``)."""
+        with self.session() as s:
+            return s.exec(select(col(EventRow.id)).where(
+                col(EventRow.kind) == HISTORY_CHECKED,
+                col(EventRow.data).contains(json.dumps({"root": root})[1:-1]),
+            ).limit(1)).first() is not None
+
+    def record_history_check(self, root: str, idxs: Sequence[int], *, from_block: int,
+                             to_block: int) -> None:
+        """The payments ``idxs`` of ``root`` were found paid by Transfer logs this ledger did
+        not send (blocks ``from_block``..``to_block``): paid elsewhere, in one transaction
+        with the note that ``root`` was checked."""
+        with self.session() as s:
+            if idxs:
+                self._paid_elsewhere(s, root, idxs, PAID_BY_TRANSFER)
+            self._event(s, HISTORY_CHECKED, root=root, from_block=from_block,
+                        to_block=to_block, found=len(idxs))
 
     # --- nonces and transactions -------------------------------------------------------
 

@@ -55,6 +55,8 @@ class SendConfig:
     priority_fee_wei: int
     poll_interval: float
     ceiling: int
+    # Where the payer's past Transfer logs are read from (see _skip_paid_by_transfers).
+    from_block: int = 0
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Sender:
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
         self.broadcast_any = False
         self._preflight_done = False
+        self._first_nonce: int | None = None  # the ledger's first nonce of the payer
         self._head_seen, self._head_since, self._stall_logged = -1, clock(), False
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
         # n-th time the loop passes `point`. Never set in production.
@@ -178,7 +181,7 @@ class Sender:
         """The ledger owns the payer's nonces; the chain must not have moved without us."""
         latest = self.chain.nonce(self.payer, "latest")
         pending = self.chain.nonce(self.payer, "pending")
-        first = self.ledger.first_nonce(self.payer, latest)
+        first = self._first_nonce = self.ledger.first_nonce(self.payer, latest)
         nxt = self.ledger.next_nonce(self.payer)
         ours_next = first if nxt is None else nxt
         deepest = max((t.nonce for t in self.ledger.txs(self.payer)
@@ -233,6 +236,7 @@ class Sender:
         self._drain()
         if self.cfg.mode is Mode.BATCH:
             self._skip_paid_on_chain(m.root, m.count)
+        self._skip_paid_by_transfers(m.root)
         owed = self._check_funds(m.root)
         if self.cfg.mode is Mode.BATCH:
             self._set_allowance(owed)
@@ -335,6 +339,47 @@ class Sender:
         if paid:
             log.warning("payments_already_paid_on_chain", root=root, count=len(paid))
             self.ledger.mark_paid_elsewhere(root, paid)
+
+    def _skip_paid_by_transfers(self, root: str) -> None:
+        """A ledger that did not see the payer's first transaction (a lost ledger re-created,
+        or a payer used before) does not know what the payer paid before it. The bitmap
+        knows only batches; a direct transfer is known only to the token's Transfer logs.
+        Once per manifest in such a ledger, the payer's Transfer logs from
+        DISBURSER_FROM_BLOCK to the head that this ledger did not send are matched to the
+        queued payments by recipient and amount, as reconcile matches them, and those
+        payments are marked paid elsewhere: never sent again. Later transfers need no look:
+        every transaction of the payer after the ledger's first nonce is the ledger's own
+        (``sync_nonces`` stops on any other)."""
+        if self._first_nonce == 0 or not self.ledger.has_queued(root):
+            return
+        if self.ledger.history_checked(root):
+            return
+        from collections import Counter
+
+        from disburser.transfers import fetch_transfers
+
+        head = self.chain.head().number
+        start = min(self.cfg.from_block, head)
+        ours = self.ledger.tx_hashes()
+        foreign = Counter((t.to, t.amount) for t in fetch_transfers(
+            self.chain, self.cfg.token, [self.payer], start, head) if t.tx_hash not in ours)
+        paid: list[int] = []
+        if foreign:
+            # A transfer already explained by a payment marked paid elsewhere (the bitmap,
+            # just now) pays no other payment of the same recipient and amount.
+            for p in self.ledger.payments(root, [PaymentStatus.PAID_ELSEWHERE]):
+                key = (p.to.lower(), int(p.amount))
+                if foreign[key] > 0:
+                    foreign[key] -= 1
+            for q in self.ledger.queued(root):
+                key = (q.to.lower(), int(q.amount))
+                if foreign[key] > 0:
+                    foreign[key] -= 1
+                    paid.append(q.idx)
+        self.ledger.record_history_check(root, paid, from_block=start, to_block=head)
+        if paid:
+            log.warning("payments_already_paid_by_transfers", root=root, count=len(paid),
+                        from_block=start, to_block=head)
 
     def _owed(self, root: str) -> tuple[int, int]:
         """(payments still queued, their amount)."""
@@ -1194,7 +1239,7 @@ def config_from_settings(s: Any, mode: Mode, program: str) -> SendConfig:
         bump_after_blocks=s.bump_after_blocks, max_fee_wei=s.max_fee_wei,
         max_tx_fee_wei=s.max_tx_fee_wei,
         priority_fee_wei=s.priority_fee_wei, poll_interval=s.poll_interval,
-        ceiling=s.ceilings.for_program(program),
+        ceiling=s.ceilings.for_program(program), from_block=s.from_block,
     )
 
 

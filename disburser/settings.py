@@ -104,6 +104,9 @@ class Settings:
     keystore_password: str | None = field(default=None, repr=False)
     private_key: str | None = field(default=None, repr=False)
     allow_plain_key: bool = False
+    # First block of the payer's Transfer logs that reconcile scans by default and that
+    # send reads once per manifest in a ledger that did not see the payer's first nonce.
+    from_block: int = 0
 
 
 def _get(env: dict[str, str], name: str, default: str | None = None) -> str | None:
@@ -198,6 +201,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         keystore_password=_get(env, "KEYSTORE_PASSWORD"),
         private_key=_get(env, "PRIVATE_KEY"),
         allow_plain_key=(_get(env, "ALLOW_PLAIN_KEY", "0") or "0") in ("1", "true", "yes"),
+        from_block=_int(env, "FROM_BLOCK", 0),
     )
 
 

@@ -209,11 +209,13 @@ def test_send_without_yes_when_not_interactive(env: Env) -> None:
     _assert_refused(env, ["send", str(m)], "send needs confirmation: pass --yes")
 
 
-def test_bad_setting_names_it(env: Env) -> None:
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("DISBURSER_CONFIRMATIONS", "many", "DISBURSER_CONFIRMATIONS: 'many' is not an integer"),
+    ("DISBURSER_FROM_BLOCK", "-5", "DISBURSER_FROM_BLOCK: must be at least 0, got -5"),
+])
+def test_bad_setting_names_it(env: Env, name: str, value: str, message: str) -> None:
     m = env.signed_manifest(2)
-    _assert_refused(env, ["send", str(m), "--yes"],
-                    "DISBURSER_CONFIRMATIONS: 'many' is not an integer",
-                    extra={"DISBURSER_CONFIRMATIONS": "many"})
+    _assert_refused(env, ["send", str(m), "--yes"], message, extra={name: value})
 
 
 def test_same_user_in_a_second_manifest_of_the_program(env: Env) -> None:

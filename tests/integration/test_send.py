@@ -10,8 +10,8 @@ import pytest
 from disburser import devnet as dn
 from disburser import manifest as mf
 from disburser.domain import PaymentStatus, TxStatus
-from disburser.ledger import Ledger
-from tests.conftest import Env
+from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger
+from tests.conftest import Env, fresh_address
 
 
 def _ledger(env: Env) -> Ledger:
@@ -73,6 +73,59 @@ def test_lost_ledger_batch_mode_pays_no_one_twice(env: Env) -> None:
     led = _ledger(env)
     assert {p.status for p in led.payments(mf.load(m).root)} == {"paid_elsewhere"}
     assert [t.kind for t in led.txs()] == []  # the bitmap said all paid: nothing sent
+
+
+@pytest.mark.parametrize("again", ["direct", "batch"])
+def test_lost_ledger_direct_mode_pays_no_one_twice(env: Env, again: str) -> None:
+    """Direct transfers leave no bitmap: a re-created ledger reads the payer's Transfer logs
+    and marks the payments they paid, in either mode, before anything is sent."""
+    m = env.signed_manifest(6)
+    assert env.cli("send", str(m), "--yes", "--mode", "direct").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(m), "--yes", "--mode", again)
+    assert r.code == 0, r.err
+    assert "confirmed 6, failed 0, unpaid 0" in r.out
+    assert "in 0 new transaction(s)" in r.out
+    assert env.payer_nonce() == nonce
+    _assert_all_paid_once(env, m)
+    led = _ledger(env)
+    assert {(p.status, p.reason) for p in led.payments(mf.load(m).root)} == {
+        ("paid_elsewhere", PAID_BY_TRANSFER)}
+    assert led.txs() == []
+    (checked,) = led.events(HISTORY_CHECKED)
+    assert json.loads(checked.data)["found"] == 6
+    # reconcile reads the same logs and agrees: every payment paid once
+    r = env.cli("reconcile", "--format", "json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    assert report["counts"]["paid"] == 6 and report["discrepancies"] == []
+    assert sum(report["counts"].values()) == 6
+
+
+def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) -> None:
+    """Two payments of one recipient and amount, one of them paid by hand: one Transfer
+    pays one payment. A transfer of another amount pays none."""
+    a, b, c = (fresh_address(f"hand{i}") for i in range(3))
+    csv_path = env.tmp / "hand.csv"
+    csv_path.write_text(f"id,to,amount\nu0,{a},1\nu1,{a},1\nu2,{b},2\nu3,{c},3\n")
+    out = env.tmp / "hand.json"
+    assert env.cli("manifest", "build", str(csv_path), "--program", "p", "-o",
+                   str(out)).code == 0
+    for i in (0, 1):
+        assert env.cli("manifest", "sign", str(out), "--private-key-env",
+                       f"APPROVER_{i}").code == 0
+    for to, amount in ((a, 1_000_000), (b, 500_000), (c, 3_000_000)):
+        dn.send_as(env.chain, dn.PAYER, env.devnet.token, dn.abi_call(
+            "transfer(address,uint256)", ["address", "uint256"], [to, amount]))
+    r = env.cli("send", str(out), "--yes", "--mode", "direct")
+    assert r.code == 0, r.err
+    assert "confirmed 4, failed 0, unpaid 0" in r.out
+    assert "in 2 new transaction(s)" in r.out
+    assert (env.balance(a), env.balance(b), env.balance(c)) == (2_000_000, 2_500_000,
+                                                                 3_000_000)
+    rows = {p.idx: p.status for p in _ledger(env).payments(mf.load(out).root)}
+    assert rows == {0: "paid_elsewhere", 1: "confirmed", 2: "confirmed", 3: "paid_elsewhere"}
 
 
 def test_lost_ledger_with_a_batch_replayed_on_chain_pays_no_one_twice(env: Env) -> None:

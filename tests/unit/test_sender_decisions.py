@@ -15,10 +15,10 @@ from disburser import chain as ch
 from disburser import policy
 from disburser.broadcast import Broadcaster
 from disburser.devnet import PAYER_KEY
-from disburser.domain import Manifest, Mode, Payment
+from disburser.domain import Manifest, Mode, Payment, PaymentStatus
 from disburser.errors import FailClosed, RpcError
 from disburser.keys import Signer
-from disburser.ledger import Ledger
+from disburser.ledger import PAID_BY_TRANSFER, Ledger
 from disburser.manifest import make_manifest
 from disburser.sender import WINDOW, SendConfig, Sender
 
@@ -400,3 +400,68 @@ def test_windows_are_one_batch_first_then_four(threaded: tuple[ThreadedChain, Se
     assert windows == [1, WINDOW, 1]
     s._flush_broadcasts()
     assert len(chain.by) == 6 and {t for t, _ in chain.by} == {THREAD}
+
+
+class HistoryChain(FakeChain):
+    """Answers eth_getLogs with the given Transfer logs from the payer, and counts asks."""
+
+    def __init__(self, payer: str, logs: list[tuple[str, str, int]]) -> None:
+        super().__init__()
+        self.payer, self.logs, self.asked = payer, logs, 0
+
+    def head(self) -> ch.Head:
+        return ch.Head(50, "0x" + "11" * 32, 10**9, 30_000_000, 0)
+
+    def rpc(self, method: str, params: Any = ()) -> Any:
+        assert method == "eth_getLogs"
+        self.asked += 1
+        return [{"blockNumber": "0x5", "logIndex": hex(k), "transactionHash": tx,
+                 "topics": [ch.TRANSFER_TOPIC, "0x" + "0" * 24 + self.payer[2:].lower(),
+                            "0x" + "0" * 24 + to[2:].lower()],
+                 "data": "0x" + f"{amount:064x}"}
+                for k, (tx, to, amount) in enumerate(self.logs)]
+
+
+def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
+        tmp_path: Path) -> None:
+    """A ledger that did not see the payer's first nonce reads the payer's Transfer logs
+    once per manifest: a log of a payment's amount to its recipient that the ledger did not
+    send pays one payment (two payments of the same recipient and amount need two logs); a
+    log of another amount, or one the ledger sent itself, pays none."""
+    ours = "0x" + "cc" * 32
+    chain = HistoryChain("", [])
+    s = _sender(tmp_path, chain)
+    chain.payer = s.payer
+    pays = [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10),
+            Payment(2, "u2", TO[1], 20), Payment(3, "u3", TO[2], 30)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                      not_after=2**40, payments=pays)
+    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    s.ledger.tx_hashes = lambda: {ours: (1, m.root)}  # type: ignore[method-assign]
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10),  # pays one of payments 0 and 1
+                  ("0x" + "ab" * 32, TO[1], 19),  # not payment 2's amount
+                  (ours, TO[2], 30)]  # sent by this ledger: not a payment made elsewhere
+    s._first_nonce = 7
+    s._skip_paid_by_transfers(m.root)
+    assert chain.asked == 1
+    rows = {p.idx: (p.status, p.reason) for p in s.ledger.payments(m.root)}
+    assert rows == {0: ("paid_elsewhere", PAID_BY_TRANSFER), 1: ("queued", None),
+                    2: ("queued", None), 3: ("queued", None)}
+    # Once per manifest: what the payer sends after the ledger's first nonce is its own.
+    chain.logs.append(("0x" + "ad" * 32, TO[1], 20))
+    s._skip_paid_by_transfers(m.root)
+    assert chain.asked == 1
+    assert s.ledger.payments(m.root, [PaymentStatus.PAID_ELSEWHERE])[0].idx == 0
+
+
+def test_a_ledger_that_saw_the_payers_first_nonce_reads_no_transfer_logs(
+        tmp_path: Path) -> None:
+    chain = HistoryChain("", [])
+    s = _sender(tmp_path, chain)
+    chain.payer = s.payer
+    m = _accepted(s, 2)
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    s._first_nonce = 0
+    s._skip_paid_by_transfers(m.root)
+    assert chain.asked == 0
+    assert [p.status for p in s.ledger.payments(m.root)] == ["queued"] * 2
