@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sa_cast
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import defer
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from disburser.domain import Manifest, PaymentStatus, TxStatus
@@ -90,7 +91,11 @@ class TxRow(SQLModel, table=True):
     """One logical transaction: one nonce of the payer, one payload, many attempts."""
 
     __tablename__ = "tx"
-    __table_args__ = (UniqueConstraint("payer", "nonce"),)
+    # (payer, status): the loop counts and lists the payer's open transactions several
+    # times a second; without it each look reads every row, calldata included (~95 kB a
+    # batch), in its overflow pages.
+    __table_args__ = (UniqueConstraint("payer", "nonce"),
+                      Index("ix_tx_payer_status", "payer", "status"))
     id: int | None = Field(default=None, primary_key=True)
     payer: str
     nonce: int
@@ -215,6 +220,11 @@ class Ledger:
             self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         SQLModel.metadata.create_all(self.engine)
+        # create_all leaves a table that exists as it is: an index added since a ledger was
+        # made is created here.
+        for table in SQLModel.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
 
     @property
     def url_display(self) -> str:
@@ -664,18 +674,35 @@ class Ledger:
         if not tx_ids:
             return out
         with self.session() as s:
+            # Without the signed bytes (~95 kB a batch, read on every poll otherwise):
+            # ``attempt_raw`` reads them for a re-broadcast; touching ``raw`` here raises.
             for a in s.exec(select(AttemptRow).where(col(AttemptRow.tx_id).in_(list(tx_ids)))
+                            .options(defer(AttemptRow.raw, raiseload=True))  # type: ignore[arg-type]
                             .order_by(col(AttemptRow.id))):
                 out[a.tx_id].append(a)
         return out
 
+    def attempt_raw(self, attempt_id: int) -> str:
+        """The signed bytes of one attempt, exactly as stored before its first broadcast."""
+        with self.session() as s:
+            raw = s.exec(select(col(AttemptRow.raw)).where(col(AttemptRow.id) == attempt_id)).one()
+            return str(raw)
+
+    def tx_data(self, tx_id: int) -> str:
+        """The calldata of one transaction (every attempt's payload)."""
+        with self.session() as s:
+            return str(s.exec(select(col(TxRow.data)).where(col(TxRow.id) == tx_id)).one())
+
     def open_txs(self, payer: str) -> list[TxRow]:
-        """Transactions not yet final (pending or mined-but-shallow), by nonce."""
+        """Transactions not yet final (pending or mined-but-shallow), by nonce. Without their
+        calldata (~95 kB a batch, read on every poll otherwise): ``tx_data`` reads it for a
+        fee bump; touching ``data`` here raises."""
         with self.session() as s:
             return list(s.exec(select(TxRow).where(
                 col(TxRow.payer) == payer,
                 col(TxRow.status).in_([TxStatus.PENDING.value, TxStatus.MINED.value]),
-            ).order_by(col(TxRow.nonce))))
+            ).options(defer(TxRow.data, raiseload=True))  # type: ignore[arg-type]
+                .order_by(col(TxRow.nonce))))
 
     def pending_count(self, payer: str) -> int:
         """How many of ``payer``'s transactions are not mined yet."""

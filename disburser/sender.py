@@ -1065,7 +1065,7 @@ class Sender:
                 # Dropped from the pool (or never arrived): the same bytes again.
                 log.warning("transfer_dropped_rebroadcast", nonce=t.nonce, tx_hash=last.hash)
                 assert self._latest_nonce is not None  # a pool lookup was due (_check_due)
-                self._broadcast(t.id, t.nonce, last.raw, last.hash)
+                self._broadcast(t.id, t.nonce, self.ledger.attempt_raw(last.id), last.hash)
                 changed = True
         if self._bump_due(t, last, head, lowest_pending, record=True):
             assert self._latest_nonce is not None  # a bump is due (_check_due)
@@ -1187,7 +1187,8 @@ class Sender:
         # Not fatal here: if every attempt is refused, the next poll sees the nonce neither
         # mined nor pending and re-sends the latest, where a refusal stops the run.
         for a in reversed(attempts):
-            self._broadcast(t.id or 0, t.nonce, a.raw, a.hash, others_pending=True)
+            self._broadcast(t.id or 0, t.nonce, self.ledger.attempt_raw(a.id), a.hash,
+                            others_pending=True)
 
     def _bump(self, t: TxRow, last: Any, head: ch.Head) -> bool:
         assert t.id is not None
@@ -1200,7 +1201,8 @@ class Sender:
                             base_fee=head.base_fee, cap=self.cfg.max_fee_wei)
             return False
         signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=t.nonce, to=t.to,
-                                     data=t.data, gas=t.gas_limit, max_fee=new.max_fee,
+                                     data=self.ledger.tx_data(t.id), gas=t.gas_limit,
+                                     max_fee=new.max_fee,
                                      tip=new.tip)
         self.ledger.add_attempt(t.id, raw=signed.raw, tx_hash=signed.hash, max_fee=new.max_fee,
                                 tip=new.tip)
