@@ -3,6 +3,7 @@ guards and the exact amounts of the one-at-a-time ones, on a real SQLite file.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,41 @@ def test_mined_twice_is_refused(tmp_path: Path) -> None:
     led.mark_mined_many([Mined(i, "0xa", 10, "0xb", 1, 1)])
     with pytest.raises(DisburserError, match="pending -> mined changed 0 rows, expected 1"):
         led.mark_mined_many([Mined(i, "0xa", 10, "0xb", 1, 1)])
+
+
+def test_a_ledger_made_before_an_index_existed_gets_it_on_open(tmp_path: Path) -> None:
+    import sqlite3
+
+    led, m = _ledger(tmp_path)
+    led.record_txs([_tx(m, 0, (0, 1))])
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    db.execute("DROP INDEX ix_tx_payer_status")
+    db.commit()
+    Ledger(tmp_path / "l.sqlite")
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "ix_tx_payer_status" in names
+    plan = " ".join(str(r) for r in db.execute(
+        "EXPLAIN QUERY PLAN SELECT count(*) FROM tx WHERE payer = ? AND status = ?",
+        (PAYER, "pending")))
+    assert "COVERING INDEX ix_tx_payer_status" in plan
+    db.close()
+
+
+def test_open_transactions_come_without_their_payload_which_is_read_by_id(
+        tmp_path: Path) -> None:
+    """The poll's rows leave out the calldata and the signed bytes; a bump and a
+    re-broadcast read them by id, exactly as written ahead."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    led, m = _ledger(tmp_path)
+    new = _tx(m, 0, (0, 1))
+    new = dataclasses.replace(new, data="0x" + "ab" * 1000)
+    (tx_id,) = led.record_txs([new])
+    (t,) = led.open_txs(PAYER)
+    (a,) = led.attempts_of([tx_id])[tx_id]
+    with pytest.raises(SQLAlchemyError):
+        _ = t.data
+    with pytest.raises(SQLAlchemyError):
+        _ = a.raw
+    assert led.tx_data(tx_id) == new.data
+    assert led.attempt_raw(a.id or 0) == new.raw
