@@ -356,13 +356,23 @@ class Sender:
             return
         from collections import Counter
 
-        from disburser.transfers import fetch_transfers
+        from disburser.transfers import FETCH_WORKERS, fetch_transfers
 
         head = self.chain.head().number
         start = min(self.cfg.from_block, head)
+        log.info("reading_payer_transfers", root=root, from_block=start, to_block=head)
+        # Several ranges at once, a connection each, as reconcile reads them; one at a time
+        # through a client that cannot give a thread its own connection (tests' proxies).
+        spare = [c for c in [self.chain.for_thread()] if c is not None]
+        workers = FETCH_WORKERS if spare else 1
+
+        def connect() -> ch.RpcChain:
+            return spare.pop() if spare else self.chain.for_thread() or self.chain
+
         ours = self.ledger.tx_hashes()
         foreign = Counter((t.to, t.amount) for t in fetch_transfers(
-            self.chain, self.cfg.token, [self.payer], start, head) if t.tx_hash not in ours)
+            self.chain, self.cfg.token, [self.payer], start, head, workers=workers,
+            connect=connect) if t.tx_hash not in ours)
         paid: list[int] = []
         if foreign:
             # A transfer already explained by a payment marked paid elsewhere (the bitmap,

@@ -412,6 +412,9 @@ class HistoryChain(FakeChain):
     def head(self) -> ch.Head:
         return ch.Head(50, "0x" + "11" * 32, 10**9, 30_000_000, 0)
 
+    def for_thread(self) -> None:
+        return None  # one connection: the logs are read one range at a time
+
     def rpc(self, method: str, params: Any = ()) -> Any:
         assert method == "eth_getLogs"
         self.asked += 1
