@@ -7,6 +7,7 @@ Heavy libraries are imported inside the commands that need them, so `--help` sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -422,6 +423,10 @@ def send(
                                       help="Do not ask for confirmation.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Put payments marked "
                                                "failed back in the queue.")] = False,
+    accept_past_transfers: Annotated[bool, typer.Option(
+        "--accept-past-transfers",
+        help="Record payments that the payer's transfers this ledger did not send already "
+             "paid (a lost ledger) as paid elsewhere, instead of stopping.")] = False,
 ) -> None:
     """Verify a signed manifest, record it, pay it in batches and wait for confirmations."""
     from disburser import manifest as mf
@@ -435,7 +440,8 @@ def send(
     signer = _payer_signer(s)
     v = _verify(s, m, str(manifest), payer=signer.address)
     c = _chain(s)
-    cfg = config_from_settings(s, Mode(mode.value), m.program)
+    cfg = dataclasses.replace(config_from_settings(s, Mode(mode.value), m.program),
+                              accept_past_transfers=accept_past_transfers)
     if dry_run:
         _dry_run(s, m, cfg)
         return

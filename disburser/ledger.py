@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sa_cast
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import defer
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -135,7 +136,7 @@ class EventRow(SQLModel, table=True):
     __tablename__ = "event"
     id: int | None = Field(default=None, primary_key=True)
     ts: float
-    kind: str
+    kind: str = Field(index=True)
     data: str
 
 
@@ -224,7 +225,11 @@ class Ledger:
         # made is created here.
         for table in SQLModel.metadata.sorted_tables:
             for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
+                try:
+                    index.create(self.engine, checkfirst=True)
+                except DBAPIError as e:  # another process made it meanwhile (PostgreSQL)
+                    if "already exists" not in str(e):
+                        raise
 
     @property
     def url_display(self) -> str:
@@ -542,6 +547,16 @@ class Ledger:
                      updated_at=_now()))
             _expect(r, len(chunk), "payments queued -> paid_elsewhere")
         self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason)
+
+    def paid_elsewhere(self, payer: str, token: str) -> list[tuple[str, int]]:
+        """(recipient in lower case, amount) of every payment of ``payer``'s manifests of
+        ``token`` marked paid elsewhere: the transfers they stand for."""
+        with self.session() as s:
+            rows = s.execute(sa_select(col(PaymentRow.to), col(PaymentRow.amount)).where(
+                col(PaymentRow.root) == col(ManifestRow.root),
+                col(ManifestRow.payer) == payer, col(ManifestRow.token) == token,
+                col(PaymentRow.status) == PaymentStatus.PAID_ELSEWHERE.value))
+            return [(str(to).lower(), int(str(amount))) for to, amount in rows]
 
     def history_checked(self, root: str) -> bool:
         """Whether the payer's Transfer logs from before this ledger were read for ``root``

@@ -21,7 +21,14 @@ from disburser import chain as ch
 from disburser import policy
 from disburser.broadcast import Broadcaster, NotSent, Outgoing
 from disburser.domain import Manifest, Mode, PaymentStatus, TxStatus
-from disburser.errors import ChainMismatchError, DisburserError, FailClosed, Interrupted, RpcError
+from disburser.errors import (
+    ChainMismatchError,
+    DisburserError,
+    FailClosed,
+    Interrupted,
+    RpcError,
+    SettingsError,
+)
 from disburser.keys import Signer
 from disburser.ledger import Counts, Ledger, Mined, NewTx, Queued, TxRow
 
@@ -55,8 +62,10 @@ class SendConfig:
     priority_fee_wei: int
     poll_interval: float
     ceiling: int
-    # Where the payer's past Transfer logs are read from (see _skip_paid_by_transfers).
+    # Where the payer's past Transfer logs are read from, and whether payments they match
+    # are recorded as paid elsewhere rather than stopping the run (_skip_paid_by_transfers).
     from_block: int = 0
+    accept_past_transfers: bool = False
 
 
 @dataclass
@@ -345,11 +354,14 @@ class Sender:
         or a payer used before) does not know what the payer paid before it. The bitmap
         knows only batches; a direct transfer is known only to the token's Transfer logs.
         Once per manifest in such a ledger, the payer's Transfer logs from
-        DISBURSER_FROM_BLOCK to the head that this ledger did not send are matched to the
-        queued payments by recipient and amount, as reconcile matches them, and those
-        payments are marked paid elsewhere: never sent again. Later transfers need no look:
-        every transaction of the payer after the ledger's first nonce is the ledger's own
-        (``sync_nonces`` stops on any other)."""
+        DISBURSER_FROM_BLOCK to the head that this ledger did not send, less those that
+        payments already marked paid elsewhere explain, are matched to the queued payments
+        by recipient and amount, as reconcile matches them. A match stops the run before
+        anything is sent (it may be this fund's payment, or an unrelated transfer of the
+        same amount): ``--accept-past-transfers`` records the matched payments as paid
+        elsewhere instead. Later transfers need no look: every transaction of the payer
+        after the ledger's first nonce is the ledger's own (``sync_nonces`` stops on any
+        other)."""
         if self._first_nonce == 0 or not self.ledger.has_queued(root):
             return
         if self.ledger.history_checked(root):
@@ -359,36 +371,61 @@ class Sender:
         from disburser.transfers import FETCH_WORKERS, fetch_transfers
 
         head = self.chain.head().number
-        start = min(self.cfg.from_block, head)
+        start = self.cfg.from_block
+        if start > head:
+            raise SettingsError(
+                f"DISBURSER_FROM_BLOCK: {start} is above the chain's head {head}: the payer's "
+                "past transfers cannot be read from there")
         log.info("reading_payer_transfers", root=root, from_block=start, to_block=head)
         # Several ranges at once, a connection each, as reconcile reads them; one at a time
         # through a client that cannot give a thread its own connection (tests' proxies).
-        spare = [c for c in [self.chain.for_thread()] if c is not None]
-        workers = FETCH_WORKERS if spare else 1
+        opened = [c for c in [self.chain.for_thread()] if c is not None]
+        spare = list(opened)
 
         def connect() -> ch.RpcChain:
-            return spare.pop() if spare else self.chain.for_thread() or self.chain
+            c = spare.pop() if spare else self.chain.for_thread()
+            if c is None:
+                return self.chain
+            if c not in opened:
+                opened.append(c)
+            return c
 
         ours = self.ledger.tx_hashes()
-        foreign = Counter((t.to, t.amount) for t in fetch_transfers(
-            self.chain, self.cfg.token, [self.payer], start, head, workers=workers,
-            connect=connect) if t.tx_hash not in ours)
-        paid: list[int] = []
-        if foreign:
-            # A transfer already explained by a payment marked paid elsewhere (the bitmap,
-            # just now) pays no other payment of the same recipient and amount.
-            for p in self.ledger.payments(root, [PaymentStatus.PAID_ELSEWHERE]):
-                key = (p.to.lower(), int(p.amount))
-                if foreign[key] > 0:
-                    foreign[key] -= 1
+        try:
+            logs = [t for t in fetch_transfers(
+                self.chain, self.cfg.token, [self.payer], start, head,
+                workers=FETCH_WORKERS if opened else 1, connect=connect)
+                if t.tx_hash not in ours]
+        finally:
+            for c in opened:
+                c.close()
+        left = Counter((t.to, t.amount) for t in logs)
+        # A transfer that a payment already marked paid elsewhere explains (by the bitmap
+        # just now, or by an earlier check of another manifest) pays nothing else.
+        for key in self.ledger.paid_elsewhere(self.payer, self.cfg.token):
+            if left[key] > 0:
+                left[key] -= 1
+        matched: list[Queued] = []
+        if +left:
             for q in self.ledger.queued(root):
                 key = (q.to.lower(), int(q.amount))
-                if foreign[key] > 0:
-                    foreign[key] -= 1
-                    paid.append(q.idx)
-        self.ledger.record_history_check(root, paid, from_block=start, to_block=head)
-        if paid:
-            log.warning("payments_already_paid_by_transfers", root=root, count=len(paid),
+                if left[key] > 0:
+                    left[key] -= 1
+                    matched.append(q)
+        if matched and not self.cfg.accept_past_transfers:
+            q = matched[0]
+            t = next(t for t in logs if (t.to, t.amount) == (q.to.lower(), int(q.amount)))
+            raise FailClosed(
+                f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "
+                f"that this ledger did not send (first: payments[{q.idx}] {q.amount} base "
+                f"units to {q.to}, as transaction {t.tx_hash} in block {t.block}). If this "
+                "fund paid them (a lost ledger), run `send --accept-past-transfers` to record "
+                "them as paid elsewhere; if those transfers were for something else, set "
+                "DISBURSER_FROM_BLOCK after them. Nothing was sent")
+        idxs = [q.idx for q in matched]
+        self.ledger.record_history_check(root, idxs, from_block=start, to_block=head)
+        if idxs:
+            log.warning("payments_already_paid_by_transfers", root=root, count=len(idxs),
                         from_block=start, to_block=head)
 
     def _owed(self, root: str) -> tuple[int, int]:

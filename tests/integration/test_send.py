@@ -77,20 +77,37 @@ def test_lost_ledger_batch_mode_pays_no_one_twice(env: Env) -> None:
 
 @pytest.mark.parametrize("again", ["direct", "batch"])
 def test_lost_ledger_direct_mode_pays_no_one_twice(env: Env, again: str) -> None:
-    """Direct transfers leave no bitmap: a re-created ledger reads the payer's Transfer logs
-    and marks the payments they paid, in either mode, before anything is sent."""
+    """Direct transfers leave no bitmap: a re-created ledger reads the payer's Transfer logs,
+    stops before sending anything when they match payments, and with
+    --accept-past-transfers records those payments as paid elsewhere, in either mode."""
     m = env.signed_manifest(6)
+    manifest = mf.load(m)
     assert env.cli("send", str(m), "--yes", "--mode", "direct").code == 0
     Path(env.vars["DISBURSER_DB"]).unlink()
     nonce = env.payer_nonce()
     r = env.cli("send", str(m), "--yes", "--mode", again)
+    assert r.code == 2, r.err
+    p0 = manifest.payments[0]
+    err = r.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"disburser: error: 6 payment(s) of manifest {manifest.root} match transfers from the "
+        f"payer that this ledger did not send (first: payments[0] {p0.amount} base units to "
+        f"{p0.to}, as transaction 0x"), r.err
+    assert "run `send --accept-past-transfers`" in err[0] and err[0].endswith(
+        "Nothing was sent")
+    assert env.payer_nonce() == nonce
+    _assert_all_paid_once(env, m)
+    led = _ledger(env)
+    assert led.txs() == [] and led.events(HISTORY_CHECKED) == []
+    assert {p.status for p in led.payments(manifest.root)} == {"queued"}
+
+    r = env.cli("send", str(m), "--yes", "--mode", again, "--accept-past-transfers")
     assert r.code == 0, r.err
     assert "confirmed 6, failed 0, unpaid 0" in r.out
     assert "in 0 new transaction(s)" in r.out
     assert env.payer_nonce() == nonce
     _assert_all_paid_once(env, m)
-    led = _ledger(env)
-    assert {(p.status, p.reason) for p in led.payments(mf.load(m).root)} == {
+    assert {(p.status, p.reason) for p in led.payments(manifest.root)} == {
         ("paid_elsewhere", PAID_BY_TRANSFER)}
     assert led.txs() == []
     (checked,) = led.events(HISTORY_CHECKED)
@@ -118,7 +135,11 @@ def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) ->
     for to, amount in ((a, 1_000_000), (b, 500_000), (c, 3_000_000)):
         dn.send_as(env.chain, dn.PAYER, env.devnet.token, dn.abi_call(
             "transfer(address,uint256)", ["address", "uint256"], [to, amount]))
+    nonce = env.payer_nonce()
     r = env.cli("send", str(out), "--yes", "--mode", "direct")
+    assert r.code == 2 and "2 payment(s) of manifest" in r.err, r.err
+    assert env.payer_nonce() == nonce
+    r = env.cli("send", str(out), "--yes", "--mode", "direct", "--accept-past-transfers")
     assert r.code == 0, r.err
     assert "confirmed 4, failed 0, unpaid 0" in r.out
     assert "in 2 new transaction(s)" in r.out

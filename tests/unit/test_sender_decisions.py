@@ -16,7 +16,7 @@ from disburser import policy
 from disburser.broadcast import Broadcaster
 from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment, PaymentStatus
-from disburser.errors import FailClosed, RpcError
+from disburser.errors import FailClosed, RpcError, SettingsError
 from disburser.keys import Signer
 from disburser.ledger import PAID_BY_TRANSFER, Ledger
 from disburser.manifest import make_manifest
@@ -425,6 +425,17 @@ class HistoryChain(FakeChain):
                 for k, (tx, to, amount) in enumerate(self.logs)]
 
 
+def _history(tmp_path: Path, pays: list[Payment]) -> tuple[HistoryChain, Sender, Manifest]:
+    chain = HistoryChain("", [])
+    s = _sender(tmp_path, chain)
+    chain.payer = s.payer
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                      not_after=2**40, payments=pays)
+    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    s._first_nonce = 7
+    return chain, s, m
+
+
 def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
         tmp_path: Path) -> None:
     """A ledger that did not see the payer's first nonce reads the payer's Transfer logs
@@ -432,19 +443,14 @@ def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
     send pays one payment (two payments of the same recipient and amount need two logs); a
     log of another amount, or one the ledger sent itself, pays none."""
     ours = "0x" + "cc" * 32
-    chain = HistoryChain("", [])
-    s = _sender(tmp_path, chain)
-    chain.payer = s.payer
-    pays = [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10),
-            Payment(2, "u2", TO[1], 20), Payment(3, "u3", TO[2], 30)]
-    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
-                      not_after=2**40, payments=pays)
-    s.ledger.accept_manifest(m, ceiling=10**12, signers=[])
+    chain, s, m = _history(tmp_path, [
+        Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10),
+        Payment(2, "u2", TO[1], 20), Payment(3, "u3", TO[2], 30)])
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
     s.ledger.tx_hashes = lambda: {ours: (1, m.root)}  # type: ignore[method-assign]
     chain.logs = [("0x" + "aa" * 32, TO[0], 10),  # pays one of payments 0 and 1
                   ("0x" + "ab" * 32, TO[1], 19),  # not payment 2's amount
                   (ours, TO[2], 30)]  # sent by this ledger: not a payment made elsewhere
-    s._first_nonce = 7
     s._skip_paid_by_transfers(m.root)
     assert chain.asked == 1
     rows = {p.idx: (p.status, p.reason) for p in s.ledger.payments(m.root)}
@@ -455,6 +461,49 @@ def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
     s._skip_paid_by_transfers(m.root)
     assert chain.asked == 1
     assert s.ledger.payments(m.root, [PaymentStatus.PAID_ELSEWHERE])[0].idx == 0
+
+
+def test_a_match_stops_the_run_unless_past_transfers_are_accepted(tmp_path: Path) -> None:
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[1], 20)])
+    chain.logs = [("0x" + "aa" * 32, TO[1], 20)]
+    with pytest.raises(FailClosed) as e:
+        s._skip_paid_by_transfers(m.root)
+    assert str(e.value) == (
+        f"1 payment(s) of manifest {m.root} match transfers from the payer that this ledger "
+        f"did not send (first: payments[1] 20 base units to {TO[1]}, as transaction "
+        f"0x{'aa' * 32} in block 5). If this fund paid them (a lost ledger), run `send "
+        "--accept-past-transfers` to record them as paid elsewhere; if those transfers were "
+        "for something else, set DISBURSER_FROM_BLOCK after them. Nothing was sent")
+    assert [p.status for p in s.ledger.payments(m.root)] == ["queued"] * 2
+    assert not s.ledger.history_checked(m.root)  # asked again on the next run
+    assert chain.sent == []
+
+
+def test_a_transfer_explained_by_another_manifest_pays_nothing_here(tmp_path: Path) -> None:
+    """One transfer, two manifests paying the same recipient the same amount: the first
+    manifest's payment takes it; the second's is not taken for paid (and nothing stops)."""
+    chain, s, first = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    s._skip_paid_by_transfers(first.root)
+    second = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=s.payer,
+                           not_after=2**40, payments=[Payment(0, "v0", TO[0], 10)])
+    s.ledger.accept_manifest(second, ceiling=10**12, signers=[])
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
+    s._skip_paid_by_transfers(second.root)
+    assert [p.status for p in s.ledger.payments(first.root)] == ["paid_elsewhere"]
+    assert [p.status for p in s.ledger.payments(second.root)] == ["queued"]
+    assert s.ledger.history_checked(second.root)
+
+
+def test_a_from_block_above_the_head_is_refused(tmp_path: Path) -> None:
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.cfg = dataclasses.replace(s.cfg, from_block=51)
+    with pytest.raises(SettingsError) as e:
+        s._skip_paid_by_transfers(m.root)
+    assert str(e.value) == ("DISBURSER_FROM_BLOCK: 51 is above the chain's head 50: the "
+                            "payer's past transfers cannot be read from there")
+    assert chain.asked == 0 and not s.ledger.history_checked(m.root)
 
 
 def test_a_ledger_that_saw_the_payers_first_nonce_reads_no_transfer_logs(
