@@ -44,6 +44,7 @@ LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block co
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 DIRECT_GAS = 100_000  # an upper bound of one ERC-20 transfer, for the fee-cap check
 BATCH_FIXED_GAS = 60_000
+METER_TRIES = 3  # windows without a usable GasMeter answer before it is given up
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class Sender:
         self._lowest_since: dict[int, int] = {}
         self._head: ch.Head | None = None
         self._simulate_v1: bool | None = None  # None: not tried yet
-        self._meter: bool | None = None  # eth_call with GasMeter's code; None: not tried yet
+        self._meter: bool | None = None  # eth_call with GasMeter's code; None: not judged yet
+        self._meter_misses = 0  # windows in a row without a usable answer while undecided
         # Head hash at which each open transaction was last looked up (see _poll).
         self._looked_up: dict[int, str] = {}
         self._pool_seen_at: dict[int, float] = {}  # tx id -> when last seen in the pool
@@ -616,7 +618,10 @@ class Sender:
 
     def _measure(self, to: str, datas: Sequence[str]) -> list[tuple[bool, int, bytes] | None]:
         """GasMeter's answers for ``datas`` (see RpcChain.measure_many); all None when the
-        node cannot run it (no eth_call state overrides), which is then not asked again."""
+        node cannot run it (no eth_call state overrides), which is then not asked again.
+        Judged on the first usable answer, or on METER_TRIES windows in a row without one
+        (a node error at the first window is not taken for a node that cannot do it);
+        meanwhile each batch is simulated the exact way (slower, never less safe)."""
         if self._meter is False:
             return [None] * len(datas)
         error = "no usable answer to eth_call with a state override"
@@ -625,13 +630,15 @@ class Sender:
         except ch.NodeError as e:
             got, error = [None] * len(datas), str(e)[:120]
         if self._meter is None:
-            # Judged on the first answer; without it each batch is simulated the exact way
-            # (slower, never less safe).
-            self._meter = bool(got) and got[0] is not None
-            if not self._meter:
-                log.info("gas_meter_unavailable", error=error,
-                         simulating_with="eth_estimateGas" if self._simulate_v1 is False
-                         else "eth_simulateV1")
+            if got and got[0] is not None:
+                self._meter = True
+            else:
+                self._meter_misses += 1
+                if self._meter_misses >= METER_TRIES:
+                    self._meter = False
+                    log.info("gas_meter_unavailable", error=error,
+                             simulating_with="eth_estimateGas" if self._simulate_v1 is False
+                             else "eth_simulateV1")
         return got
 
     def _send_batch(self, m: Manifest) -> bool:

@@ -20,7 +20,7 @@ from disburser.errors import FailClosed, RpcError, SettingsError
 from disburser.keys import Signer
 from disburser.ledger import PAID_BY_TRANSFER, Ledger
 from disburser.manifest import make_manifest
-from disburser.sender import WINDOW, SendConfig, Sender
+from disburser.sender import METER_TRIES, WINDOW, SendConfig, Sender
 
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 BATCH = "0x9fE46736679d2D9a65F0992F2272dE9f3c7fa6e0"
@@ -517,3 +517,34 @@ def test_a_ledger_that_saw_the_payers_first_nonce_reads_no_transfer_logs(
     s._skip_paid_by_transfers(m.root)
     assert chain.asked == 0
     assert [p.status for p in s.ledger.payments(m.root)] == ["queued"] * 2
+
+
+def test_gas_meter_is_given_up_only_after_several_windows_without_an_answer(
+        tmp_path: Path) -> None:
+    """A node error at the first window does not turn GasMeter off for the whole run; three
+    windows in a row without a usable answer do (each of those batches is simulated the
+    exact way meanwhile)."""
+    chain = FakeChain()
+    s = _sender(tmp_path, chain)
+    answers: list[Any] = [ch.NodeError("header not found"), [(True, 100_000, b"")]]
+
+    def measure_many(payer: str, to: str, datas: Any) -> Any:
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    chain.measure_many = measure_many  # type: ignore[attr-defined]
+    assert s._measure(BATCH, ["0x"]) == [None]
+    assert s._meter is None
+    assert s._measure(BATCH, ["0x"]) == [(True, 100_000, b"")]
+    assert s._meter is True
+
+    s2 = _sender(tmp_path / "2", chain)
+    answers[:] = [ch.NodeError("no overrides")] * 3
+    for _ in range(METER_TRIES - 1):
+        s2._measure(BATCH, ["0x"])
+        assert s2._meter is None
+    s2._measure(BATCH, ["0x"])
+    assert s2._meter is False
+    assert s2._measure(BATCH, ["0x"]) == [None] and answers == []  # not asked again
