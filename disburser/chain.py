@@ -249,6 +249,8 @@ SEL_SYMBOL = "95d89b41"
 SEL_PAUSED = "5c975abb"
 SEL_IS_BLACKLISTED = "fe575a87"
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+# BatchPayout's Disbursed(address indexed payer, bytes32 indexed root, uint256, uint256, uint256)
+DISBURSED_TOPIC = "0xa0dfb0083a1f7dfb82eb0b4f2d90bc10b8c9a17b118ca412283751d50f9a1b03"
 ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
 
 

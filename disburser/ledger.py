@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     literal,
     text,
     update,
@@ -227,8 +228,11 @@ class Ledger:
             for index in table.indexes:
                 try:
                     index.create(self.engine, checkfirst=True)
-                except DBAPIError as e:  # another process made it meanwhile (PostgreSQL)
-                    if "already exists" not in str(e):
+                except DBAPIError:
+                    # Another process may have made it meanwhile (PostgreSQL reports that as
+                    # "already exists" or as a duplicate key in its catalogue).
+                    names = {i["name"] for i in inspect(self.engine).get_indexes(table.name)}
+                    if index.name not in names:
                         raise
 
     @property
@@ -538,7 +542,8 @@ class Ledger:
         with self.session() as s:
             self._paid_elsewhere(s, root, idxs, reason)
 
-    def _paid_elsewhere(self, s: Session, root: str, idxs: Sequence[int], reason: str) -> None:
+    def _paid_elsewhere(self, s: Session, root: str, idxs: Sequence[int], reason: str,
+                        transfers: Sequence[str] = ()) -> None:
         for chunk in _chunks(idxs):
             r = s.execute(update(PaymentRow).where(
                 col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(chunk)),
@@ -546,17 +551,21 @@ class Ledger:
             ).values(status=PaymentStatus.PAID_ELSEWHERE.value, reason=reason,
                      updated_at=_now()))
             _expect(r, len(chunk), "payments queued -> paid_elsewhere")
-        self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason)
+        if transfers:
+            self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason,
+                        transfers=list(transfers))
+        else:
+            self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason)
 
-    def paid_elsewhere(self, payer: str, token: str) -> list[tuple[str, int]]:
-        """(recipient in lower case, amount) of every payment of ``payer``'s manifests of
-        ``token`` marked paid elsewhere: the transfers they stand for."""
+    def explained_transfers(self) -> set[str]:
+        """The Transfer logs ("tx hash:log index") that payments were recorded paid by
+        (``record_history_check``): each pays one payment, once."""
         with self.session() as s:
-            rows = s.execute(sa_select(col(PaymentRow.to), col(PaymentRow.amount)).where(
-                col(PaymentRow.root) == col(ManifestRow.root),
-                col(ManifestRow.payer) == payer, col(ManifestRow.token) == token,
-                col(PaymentRow.status) == PaymentStatus.PAID_ELSEWHERE.value))
-            return [(str(to).lower(), int(str(amount))) for to, amount in rows]
+            out: set[str] = set()
+            for data in s.exec(select(col(EventRow.data)).where(
+                    col(EventRow.kind) == "payments_paid_elsewhere")):
+                out.update(json.loads(data).get("transfers") or ())
+            return out
 
     def history_checked(self, root: str) -> bool:
         """Whether the payer's Transfer logs from before this ledger were read for ``root``
@@ -567,14 +576,16 @@ class Ledger:
                 col(EventRow.data).contains(json.dumps({"root": root})[1:-1]),
             ).limit(1)).first() is not None
 
-    def record_history_check(self, root: str, idxs: Sequence[int], *, from_block: int,
-                             to_block: int) -> None:
-        """The payments ``idxs`` of ``root`` were found paid by Transfer logs this ledger did
-        not send (blocks ``from_block``..``to_block``): paid elsewhere, in one transaction
-        with the note that ``root`` was checked."""
+    def record_history_check(self, root: str, idxs: Sequence[int], transfers: Sequence[str],
+                             *, from_block: int, to_block: int) -> None:
+        """The payments ``idxs`` of ``root`` were found paid by the Transfer logs
+        ``transfers`` ("tx hash:log index", one each, in order) that this ledger did not send
+        (blocks ``from_block``..``to_block``): paid elsewhere, in one transaction with the
+        note that ``root`` was checked."""
+        assert len(idxs) == len(transfers)
         with self.session() as s:
             if idxs:
-                self._paid_elsewhere(s, root, idxs, PAID_BY_TRANSFER)
+                self._paid_elsewhere(s, root, idxs, PAID_BY_TRANSFER, transfers)
             self._event(s, HISTORY_CHECKED, root=root, from_block=from_block,
                         to_block=to_block, found=len(idxs))
 

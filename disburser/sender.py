@@ -123,6 +123,7 @@ class Sender:
         self._simulate_v1: bool | None = None  # None: not tried yet
         self._meter: bool | None = None  # eth_call with GasMeter's code; None: not judged yet
         self._meter_misses = 0  # windows in a row without a usable answer while undecided
+        self._bitmap: bool | None = None  # whether the batch contract's bitmap is read
         # Head hash at which each open transaction was last looked up (see _poll).
         self._looked_up: dict[int, str] = {}
         self._pool_seen_at: dict[int, float] = {}  # tx id -> when last seen in the pool
@@ -243,11 +244,11 @@ class Sender:
         self.sync_nonces()
         log.info("send_started", root=m.root, program=m.program, mode=self.cfg.mode.value,
                  payer=self.payer)
+        self._skip_paid_by_transfers(m.root)
         # Settle what an earlier run left in flight before new allowance or batches.
         self._drain()
-        if self.cfg.mode is Mode.BATCH:
+        if self._reads_bitmap():
             self._skip_paid_on_chain(m.root, m.count)
-        self._skip_paid_by_transfers(m.root)
         owed = self._check_funds(m.root)
         if self.cfg.mode is Mode.BATCH:
             self._set_allowance(owed)
@@ -333,6 +334,24 @@ class Sender:
             if not self._poll():
                 self.sleep(self.cfg.poll_interval)
 
+    def _reads_bitmap(self) -> bool:
+        """Whether this run reads the batch contract's bitmap, which says exactly which
+        payments of a manifest its transactions made: in batch mode always (``preflight``
+        verified the contract); in direct mode when DISBURSER_BATCH_CONTRACT is set and
+        holds BatchPayout (a manifest begun in batch mode and finished in direct mode)."""
+        if self._bitmap is None:
+            if self.cfg.batch_contract is None:
+                self._bitmap = False
+            elif self.cfg.mode is Mode.BATCH:
+                self._bitmap = True
+            else:
+                try:
+                    verify_batch_contract(self.chain, self.cfg.batch_contract)
+                    self._bitmap = True
+                except ChainMismatchError:
+                    self._bitmap = False
+        return self._bitmap
+
     def _skip_paid_on_chain(self, root: str, count: int) -> None:
         """With a lost or fresh ledger, the batch contract's bitmap still knows what this
         payer paid for this root: those payments are never sent again. Every word of the
@@ -353,24 +372,27 @@ class Sender:
 
     def _skip_paid_by_transfers(self, root: str) -> None:
         """A ledger that did not see the payer's first transaction (a lost ledger re-created,
-        or a payer used before) does not know what the payer paid before it. The bitmap
-        knows only batches; a direct transfer is known only to the token's Transfer logs.
-        Once per manifest in such a ledger, the payer's Transfer logs from
-        DISBURSER_FROM_BLOCK to the head that this ledger did not send, less those that
-        payments already marked paid elsewhere explain, are matched to the queued payments
-        by recipient and amount, as reconcile matches them. A match stops the run before
-        anything is sent (it may be this fund's payment, or an unrelated transfer of the
-        same amount): ``--accept-past-transfers`` records the matched payments as paid
-        elsewhere instead. Later transfers need no look: every transaction of the payer
-        after the ledger's first nonce is the ledger's own (``sync_nonces`` stops on any
-        other)."""
+        or a payer used before) does not know what the payer paid before it. Once per
+        manifest in such a ledger, the payer's Transfer logs from DISBURSER_FROM_BLOCK to the
+        head are matched to the queued payments by recipient and amount, as reconcile
+        matches them, leaving out:
+        - logs of transactions this ledger signed;
+        - where the run reads the batch contract's bitmap (``_reads_bitmap``), logs of that
+          contract's own transactions: the bitmap (``_skip_paid_on_chain``) says exactly
+          which payments they made;
+        - logs that earlier checks recorded as a payment (each pays one payment, once).
+        A match stops the run before anything is sent: it may be this fund's payment, or an
+        unrelated transfer of the same amount, and the run does not guess. Each match is
+        logged (``past_transfer_matches_payment``). ``--accept-past-transfers`` records the
+        matched payments as paid elsewhere, each with its log. Later transfers need no look:
+        every transaction of the payer after the ledger's first nonce is the ledger's own
+        (``sync_nonces`` stops on any other). Read-only until it records, and run before
+        anything in flight is settled: a refusal sends nothing."""
         if self._first_nonce == 0 or not self.ledger.has_queued(root):
             return
         if self.ledger.history_checked(root):
             return
-        from collections import Counter
-
-        from disburser.transfers import FETCH_WORKERS, fetch_transfers
+        from disburser.transfers import FETCH_WORKERS, fetch_log_txs, fetch_transfers
 
         head = self.chain.head().number
         start = self.cfg.from_block
@@ -401,33 +423,42 @@ class Sender:
         finally:
             for c in opened:
                 c.close()
-        left = Counter((t.to, t.amount) for t in logs)
-        # A transfer that a payment already marked paid elsewhere explains (by the bitmap
-        # just now, or by an earlier check of another manifest) pays nothing else.
-        for key in self.ledger.paid_elsewhere(self.payer, self.cfg.token):
-            if left[key] > 0:
-                left[key] -= 1
-        matched: list[Queued] = []
-        if +left:
+        if logs and self._reads_bitmap():
+            assert self.cfg.batch_contract is not None
+            batch_txs = fetch_log_txs(self.chain, self.cfg.batch_contract, [
+                ch.DISBURSED_TOPIC, "0x" + "0" * 24 + self.payer[2:].lower()], start, head)
+            logs = [t for t in logs if t.tx_hash not in batch_txs]
+        if logs:
+            explained = self.ledger.explained_transfers()
+            logs = [t for t in logs if f"{t.tx_hash}:{t.log_index}" not in explained]
+        by_key: dict[tuple[str, int], list[Any]] = {}
+        for t in logs:
+            by_key.setdefault((t.to, t.amount), []).append(t)
+        matched: list[tuple[Queued, Any]] = []
+        if by_key:
             for q in self.ledger.queued(root):
-                key = (q.to.lower(), int(q.amount))
-                if left[key] > 0:
-                    left[key] -= 1
-                    matched.append(q)
+                left = by_key.get((q.to.lower(), int(q.amount)))
+                if left:
+                    matched.append((q, left.pop(0)))
+        for q, t in matched:  # to the log file only: a refusal is one line on stderr
+            log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
+                        amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
         if matched and not self.cfg.accept_past_transfers:
-            q = matched[0]
-            t = next(t for t in logs if (t.to, t.amount) == (q.to.lower(), int(q.amount)))
+            q, t = matched[0]
             raise FailClosed(
                 f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "
                 f"that this ledger did not send (first: payments[{q.idx}] {q.amount} base "
-                f"units to {q.to}, as transaction {t.tx_hash} in block {t.block}). If this "
-                "fund paid them (a lost ledger), run `send --accept-past-transfers` to record "
-                "them as paid elsewhere; if those transfers were for something else, set "
-                "DISBURSER_FROM_BLOCK after them. Nothing was sent")
-        idxs = [q.idx for q in matched]
-        self.ledger.record_history_check(root, idxs, from_block=start, to_block=head)
-        if idxs:
-            log.warning("payments_already_paid_by_transfers", root=root, count=len(idxs),
+                f"units to {q.to}, as transaction {t.tx_hash} in block {t.block}; all in the "
+                "log as past_transfer_matches_payment). If this fund paid them (a lost "
+                "ledger), run `send --accept-past-transfers` to record them as paid "
+                "elsewhere; if those transfers were for something else, set "
+                "DISBURSER_FROM_BLOCK after them and before the fund's first payment. "
+                "Nothing was sent")
+        self.ledger.record_history_check(
+            root, [q.idx for q, _ in matched],
+            [f"{t.tx_hash}:{t.log_index}" for _, t in matched], from_block=start, to_block=head)
+        if matched:
+            log.warning("payments_already_paid_by_transfers", root=root, count=len(matched),
                         from_block=start, to_block=head)
 
     def _owed(self, root: str) -> tuple[int, int]:

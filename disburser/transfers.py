@@ -182,11 +182,35 @@ def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: in
     return out
 
 
+def fetch_log_txs(chain: RpcLike, address: str, topics: list[Any], start: int,
+                  end: int) -> set[str]:
+    """The transaction hashes (lower case) of the logs of ``address`` matching ``topics`` in
+    blocks ``start..end``, in chunks as ``fetch_transfers`` reads them."""
+    out: set[str] = set()
+
+    def hashes(raw: Iterable[Mapping[str, Any]], append: Callable[[Any], None]) -> int:
+        n = 0
+        for lg in raw:
+            if not lg.get("removed"):
+                append(str(lg["transactionHash"]).lower())
+                n += 1
+        return n
+
+    if start <= end:
+        _fetch_range(chain, address, topics, start, end, MAX_CHUNK, MAX_CHUNK, None, out.add,
+                     None, decode=hashes)
+    return out
+
+
 def _fetch_range(chain: RpcLike, token: str, topics: list[Any], start: int, end: int,
                  chunk: int, max_chunk: int, on_chunk: Callable[[int, int, int], None] | None,
-                 append: Callable[[Transfer], None], stop: Event | None) -> None:
+                 append: Callable[[Any], None], stop: Event | None, *,
+                 decode: Callable[[Iterable[Mapping[str, Any]], Callable[[Any], None]], int]
+                 | None = None) -> None:
     """``fetch_transfers`` for one range of blocks, chunk by chunk; ``stop`` (an Event, or
-    None) ends it early when another range failed."""
+    None) ends it early when another range failed. ``decode`` (default: Transfer logs)
+    appends what it takes from an answer and says how many."""
+    decode = decode or _decode
     size = max(1, min(chunk, max_chunk))
     limit = max_chunk
     streak = 0
@@ -202,7 +226,7 @@ def _fetch_range(chain: RpcLike, token: str, topics: list[Any], start: int, end:
             if not too_much(e):
                 raise
             if hi == lo:
-                raise RpcError(f"eth_getLogs for token {token} refuses even the single "
+                raise RpcError(f"eth_getLogs for {token} refuses even the single "
                                f"block {lo}: {e}") from None
             size = max(1, (hi - lo + 1) // 2)
             limit = size
@@ -210,7 +234,7 @@ def _fetch_range(chain: RpcLike, token: str, topics: list[Any], start: int, end:
             continue
         if not isinstance(raw, list):
             raise RpcError(f"eth_getLogs for blocks {lo}..{hi}: unexpected answer from node")
-        got = _decode(raw, append)
+        got = decode(raw, append)
         del raw  # the answer's dicts go now, not when the next one replaces them
         if on_chunk is not None:
             on_chunk(lo, hi, got)

@@ -10,7 +10,7 @@ import pytest
 from disburser import devnet as dn
 from disburser import manifest as mf
 from disburser.domain import PaymentStatus, TxStatus
-from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger
+from disburser.ledger import HISTORY_CHECKED, PAID_BY_BITMAP, PAID_BY_TRANSFER, Ledger
 from tests.conftest import Env, fresh_address
 
 
@@ -97,6 +97,10 @@ def test_lost_ledger_direct_mode_pays_no_one_twice(env: Env, again: str) -> None
         "Nothing was sent")
     assert env.payer_nonce() == nonce
     _assert_all_paid_once(env, m)
+    lines = [json.loads(x) for x in Path(env.vars["DISBURSER_LOG_FILE"]).read_text()
+             .splitlines()]
+    matches = [x for x in lines if x["event"] == "past_transfer_matches_payment"]
+    assert sorted(x["index"] for x in matches) == list(range(6))
     led = _ledger(env)
     assert led.txs() == [] and led.events(HISTORY_CHECKED) == []
     assert {p.status for p in led.payments(manifest.root)} == {"queued"}
@@ -147,6 +151,37 @@ def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) ->
                                                                  3_000_000)
     rows = {p.idx: p.status for p in _ledger(env).payments(mf.load(out).root)}
     assert rows == {0: "paid_elsewhere", 1: "confirmed", 2: "confirmed", 3: "paid_elsewhere"}
+
+
+@pytest.mark.parametrize("mode", ["batch", "direct"])
+def test_a_new_ledger_leaves_the_batch_contracts_transfers_to_its_bitmap(
+        env: Env, mode: str) -> None:
+    """Manifest A paid in batch mode, then the ledger is lost. The same manifest again pays
+    nothing, in either mode (the bitmap, read in direct mode too); manifest B of another
+    program, with A's recipients and amounts, is paid in full: A's batch transfers are not
+    taken for B's payments."""
+    a = env.signed_manifest(5, name="a.json")
+    assert env.cli("send", str(a), "--yes").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(a), "--yes", "--mode", mode)
+    assert r.code == 0, r.err
+    assert "confirmed 5, failed 0, unpaid 0" in r.out and env.payer_nonce() == nonce
+    assert {p.reason for p in _ledger(env).payments(mf.load(a).root)} == {PAID_BY_BITMAP}
+    rows = (env.tmp / "a.json.csv").read_text().splitlines()
+    csv_b = env.tmp / "b.csv"
+    csv_b.write_text("\n".join([rows[0], *("b-" + row for row in rows[1:])]) + "\n")
+    b = env.tmp / "b.json"
+    assert env.cli("manifest", "build", str(csv_b), "--program", "other", "-o",
+                   str(b)).code == 0
+    for i in (0, 1):
+        assert env.cli("manifest", "sign", str(b), "--private-key-env",
+                       f"APPROVER_{i}").code == 0
+    r = env.cli("send", str(b), "--yes", "--mode", mode)
+    assert r.code == 0, r.err
+    assert "confirmed 5, failed 0, unpaid 0" in r.out
+    for p in mf.load(a).payments:
+        assert env.balance(p.to) == 2 * p.amount
 
 
 def test_lost_ledger_with_a_batch_replayed_on_chain_pays_no_one_twice(env: Env) -> None:

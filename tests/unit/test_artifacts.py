@@ -43,3 +43,18 @@ def test_artifact_is_complete(name: str) -> None:
     assert art["compiler"].startswith("solc-0.8.")
     assert len(art["sourceHash"]) == 64
     bytes.fromhex(art["sourceHash"])
+
+
+def test_the_event_topics_the_engine_filters_on_are_the_contracts() -> None:
+    from eth_utils import keccak
+
+    from disburser.chain import DISBURSED_TOPIC, TRANSFER_TOPIC
+
+    def topic(contract: str, event: str) -> str:
+        abi = json.loads((ARTIFACTS / f"{contract}.json").read_text())["abi"]
+        (e,) = [x for x in abi if x.get("type") == "event" and x["name"] == event]
+        sig = f"{event}({','.join(i['type'] for i in e['inputs'])})"
+        return "0x" + keccak(text=sig).hex()
+
+    assert topic("BatchPayout", "Disbursed") == DISBURSED_TOPIC
+    assert topic("TestUSDC", "Transfer") == TRANSFER_TOPIC

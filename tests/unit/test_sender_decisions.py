@@ -415,8 +415,13 @@ class HistoryChain(FakeChain):
     def for_thread(self) -> None:
         return None  # one connection: the logs are read one range at a time
 
+    batch_txs: list[str] = []  # transactions of the batch contract (its Disbursed logs)
+
     def rpc(self, method: str, params: Any = ()) -> Any:
         assert method == "eth_getLogs"
+        if params[0]["address"] == BATCH:
+            assert params[0]["topics"][0] == ch.DISBURSED_TOPIC
+            return [{"transactionHash": tx} for tx in self.batch_txs]
         self.asked += 1
         return [{"blockNumber": "0x5", "logIndex": hex(k), "transactionHash": tx,
                  "topics": [ch.TRANSFER_TOPIC, "0x" + "0" * 24 + self.payer[2:].lower(),
@@ -471,9 +476,11 @@ def test_a_match_stops_the_run_unless_past_transfers_are_accepted(tmp_path: Path
     assert str(e.value) == (
         f"1 payment(s) of manifest {m.root} match transfers from the payer that this ledger "
         f"did not send (first: payments[1] 20 base units to {TO[1]}, as transaction "
-        f"0x{'aa' * 32} in block 5). If this fund paid them (a lost ledger), run `send "
-        "--accept-past-transfers` to record them as paid elsewhere; if those transfers were "
-        "for something else, set DISBURSER_FROM_BLOCK after them. Nothing was sent")
+        f"0x{'aa' * 32} in block 5; all in the log as past_transfer_matches_payment). If this "
+        "fund paid them (a lost ledger), run `send --accept-past-transfers` to record them as "
+        "paid elsewhere; if those transfers were for something else, set "
+        "DISBURSER_FROM_BLOCK after them and before the fund's first payment. Nothing was "
+        "sent")
     assert [p.status for p in s.ledger.payments(m.root)] == ["queued"] * 2
     assert not s.ledger.history_checked(m.root)  # asked again on the next run
     assert chain.sent == []
@@ -494,6 +501,47 @@ def test_a_transfer_explained_by_another_manifest_pays_nothing_here(tmp_path: Pa
     assert [p.status for p in s.ledger.payments(first.root)] == ["paid_elsewhere"]
     assert [p.status for p in s.ledger.payments(second.root)] == ["queued"]
     assert s.ledger.history_checked(second.root)
+
+
+def test_only_the_very_transfer_recorded_for_another_manifest_is_set_aside(
+        tmp_path: Path) -> None:
+    """Another manifest's payment recorded as paid by one transfer explains that transfer,
+    not every transfer of the same recipient and amount (say, one after a raised
+    DISBURSER_FROM_BLOCK): a second one still stops the run."""
+    chain, s, first = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    s._skip_paid_by_transfers(first.root)
+    second = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=s.payer,
+                           not_after=2**40, payments=[Payment(0, "v0", TO[0], 10)])
+    s.ledger.accept_manifest(second, ceiling=10**12, signers=[])
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
+    chain.logs = [("0x" + "ab" * 32, TO[0], 10)]  # the first one is before the range now
+    with pytest.raises(FailClosed, match=f"as transaction 0x{'ab' * 32} in block 5"):
+        s._skip_paid_by_transfers(second.root)
+
+
+@pytest.mark.parametrize(("mode", "contract"), [
+    (Mode.BATCH, BATCH), (Mode.DIRECT, BATCH), (Mode.DIRECT, None)])
+def test_the_batch_contracts_transfers_are_left_to_its_bitmap(
+        tmp_path: Path, mode: Mode, contract: str | None) -> None:
+    """Where the run reads the batch contract's bitmap (batch mode; direct mode with
+    DISBURSER_BATCH_CONTRACT set and verified), a log of that contract's own transaction is
+    the bitmap's to judge, exactly by manifest and index, not a match by recipient and
+    amount. Without a batch contract such a log stops the run like any other."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.cfg = dataclasses.replace(s.cfg, mode=mode, batch_contract=contract)
+    if mode is Mode.DIRECT and contract:
+        s._bitmap = True  # verify_batch_contract found BatchPayout's code there
+    chain.logs = [("0x" + "ba" * 32, TO[0], 10)]
+    chain.batch_txs = ["0x" + "BA" * 32]
+    if contract:
+        s._skip_paid_by_transfers(m.root)
+        assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
+        assert s.ledger.history_checked(m.root)
+    else:
+        with pytest.raises(FailClosed):
+            s._skip_paid_by_transfers(m.root)
 
 
 def test_a_from_block_above_the_head_is_refused(tmp_path: Path) -> None:
