@@ -392,7 +392,7 @@ class Sender:
             return
         if self.ledger.history_checked(root):
             return
-        from disburser.transfers import FETCH_WORKERS, fetch_log_txs, fetch_transfers
+        from disburser.transfers import FETCH_WORKERS, Transfer, fetch_log_txs, fetch_transfers
 
         head = self.chain.head().number
         start = self.cfg.from_block
@@ -431,10 +431,10 @@ class Sender:
         if logs:
             explained = self.ledger.explained_transfers()
             logs = [t for t in logs if f"{t.tx_hash}:{t.log_index}" not in explained]
-        by_key: dict[tuple[str, int], list[Any]] = {}
+        by_key: dict[tuple[str, int], list[Transfer]] = {}
         for t in logs:
             by_key.setdefault((t.to, t.amount), []).append(t)
-        matched: list[tuple[Queued, Any]] = []
+        matched: list[tuple[Queued, Transfer]] = []
         if by_key:
             for q in self.ledger.queued(root):
                 left = by_key.get((q.to.lower(), int(q.amount)))
@@ -442,7 +442,7 @@ class Sender:
                     matched.append((q, left.pop(0)))
         for q, t in matched:  # to the log file only: a refusal is one line on stderr
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
-                        amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
+                     amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
         if matched and not self.cfg.accept_past_transfers:
             q, t = matched[0]
             raise FailClosed(
