@@ -18,6 +18,19 @@ def _ledger(env: Env) -> Ledger:
     return Ledger(Path(env.vars["DISBURSER_DB"]))
 
 
+def _signed_from_csv(env: Env, name: str, program: str, csv_text: str) -> Path:
+    """A manifest built from ``csv_text`` (id,to,amount) and signed by two approvers."""
+    csv_path = env.tmp / f"{name}.csv"
+    csv_path.write_text(csv_text)
+    out = env.tmp / f"{name}.json"
+    assert env.cli("manifest", "build", str(csv_path), "--program", program, "-o",
+                   str(out)).code == 0
+    for i in (0, 1):
+        assert env.cli("manifest", "sign", str(out), "--private-key-env",
+                       f"APPROVER_{i}").code == 0
+    return out
+
+
 def _assert_all_paid_once(env: Env, manifest: Path) -> None:
     m = mf.load(manifest)
     for p in m.payments:
@@ -128,14 +141,8 @@ def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) ->
     """Two payments of one recipient and amount, one of them paid by hand: one Transfer
     pays one payment. A transfer of another amount pays none."""
     a, b, c = (fresh_address(f"hand{i}") for i in range(3))
-    csv_path = env.tmp / "hand.csv"
-    csv_path.write_text(f"id,to,amount\nu0,{a},1\nu1,{a},1\nu2,{b},2\nu3,{c},3\n")
-    out = env.tmp / "hand.json"
-    assert env.cli("manifest", "build", str(csv_path), "--program", "p", "-o",
-                   str(out)).code == 0
-    for i in (0, 1):
-        assert env.cli("manifest", "sign", str(out), "--private-key-env",
-                       f"APPROVER_{i}").code == 0
+    out = _signed_from_csv(env, "hand", "p",
+                           f"id,to,amount\nu0,{a},1\nu1,{a},1\nu2,{b},2\nu3,{c},3\n")
     for to, amount in ((a, 1_000_000), (b, 500_000), (c, 3_000_000)):
         dn.send_as(env.chain, dn.PAYER, env.devnet.token, dn.abi_call(
             "transfer(address,uint256)", ["address", "uint256"], [to, amount]))
@@ -169,14 +176,8 @@ def test_a_new_ledger_leaves_the_batch_contracts_transfers_to_its_bitmap(
     assert "confirmed 5, failed 0, unpaid 0" in r.out and env.payer_nonce() == nonce
     assert {p.reason for p in _ledger(env).payments(mf.load(a).root)} == {PAID_BY_BITMAP}
     rows = (env.tmp / "a.json.csv").read_text().splitlines()
-    csv_b = env.tmp / "b.csv"
-    csv_b.write_text("\n".join([rows[0], *("b-" + row for row in rows[1:])]) + "\n")
-    b = env.tmp / "b.json"
-    assert env.cli("manifest", "build", str(csv_b), "--program", "other", "-o",
-                   str(b)).code == 0
-    for i in (0, 1):
-        assert env.cli("manifest", "sign", str(b), "--private-key-env",
-                       f"APPROVER_{i}").code == 0
+    b = _signed_from_csv(env, "b", "other",
+                         "\n".join([rows[0], *("b-" + row for row in rows[1:])]) + "\n")
     r = env.cli("send", str(b), "--yes", "--mode", mode)
     assert r.code == 0, r.err
     assert "confirmed 5, failed 0, unpaid 0" in r.out

@@ -486,9 +486,10 @@ def test_a_match_stops_the_run_unless_past_transfers_are_accepted(tmp_path: Path
     assert chain.sent == []
 
 
-def test_a_transfer_explained_by_another_manifest_pays_nothing_here(tmp_path: Path) -> None:
-    """One transfer, two manifests paying the same recipient the same amount: the first
-    manifest's payment takes it; the second's is not taken for paid (and nothing stops)."""
+def _second_manifest_after_one_transfer(
+        tmp_path: Path) -> tuple[HistoryChain, Sender, Manifest, Manifest]:
+    """A first manifest whose payment (TO[0], 10) was recorded as paid by transfer 0xaa..,
+    then a second manifest of another program paying the same recipient the same amount."""
     chain, s, first = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
     s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
     chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
@@ -497,6 +498,13 @@ def test_a_transfer_explained_by_another_manifest_pays_nothing_here(tmp_path: Pa
                            not_after=2**40, payments=[Payment(0, "v0", TO[0], 10)])
     s.ledger.accept_manifest(second, ceiling=10**12, signers=[])
     s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
+    return chain, s, first, second
+
+
+def test_a_transfer_explained_by_another_manifest_pays_nothing_here(tmp_path: Path) -> None:
+    """One transfer, two manifests paying the same recipient the same amount: the first
+    manifest's payment takes it; the second's is not taken for paid (and nothing stops)."""
+    _, s, first, second = _second_manifest_after_one_transfer(tmp_path)
     s._skip_paid_by_transfers(second.root)
     assert [p.status for p in s.ledger.payments(first.root)] == ["paid_elsewhere"]
     assert [p.status for p in s.ledger.payments(second.root)] == ["queued"]
@@ -508,14 +516,7 @@ def test_only_the_very_transfer_recorded_for_another_manifest_is_set_aside(
     """Another manifest's payment recorded as paid by one transfer explains that transfer,
     not every transfer of the same recipient and amount (say, one after a raised
     DISBURSER_FROM_BLOCK): a second one still stops the run."""
-    chain, s, first = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
-    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
-    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
-    s._skip_paid_by_transfers(first.root)
-    second = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=s.payer,
-                           not_after=2**40, payments=[Payment(0, "v0", TO[0], 10)])
-    s.ledger.accept_manifest(second, ceiling=10**12, signers=[])
-    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
+    chain, s, _, second = _second_manifest_after_one_transfer(tmp_path)
     chain.logs = [("0x" + "ab" * 32, TO[0], 10)]  # the first one is before the range now
     with pytest.raises(FailClosed, match=f"as transaction 0x{'ab' * 32} in block 5"):
         s._skip_paid_by_transfers(second.root)
