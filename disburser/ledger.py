@@ -558,7 +558,7 @@ class Ledger:
             self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason)
 
     def explained_transfers(self) -> set[str]:
-        """The Transfer logs ("tx hash:log index") that payments were recorded paid by
+        """The transfers ("tx hash:place in it") that payments were recorded paid by
         (``record_history_check``): each pays one payment, once."""
         with self.session() as s:
             out: set[str] = set()
@@ -567,19 +567,19 @@ class Ledger:
                 out.update(json.loads(data).get("transfers") or ())
             return out
 
-    def history_checked(self, root: str) -> bool:
-        """Whether the payer's Transfer logs from before this ledger were read for ``root``
-        (``record_history_check``)."""
+    def history_checked(self, root: str, from_block: int) -> bool:
+        """Whether the payer's Transfer logs were read for ``root`` from ``from_block`` or
+        earlier (``record_history_check``)."""
         with self.session() as s:
-            return s.exec(select(col(EventRow.id)).where(
-                col(EventRow.kind) == HISTORY_CHECKED,
-                col(EventRow.data).contains(json.dumps({"root": root})[1:-1]),
-            ).limit(1)).first() is not None
+            return any(json.loads(data)["from_block"] <= from_block for data in s.exec(
+                select(col(EventRow.data)).where(
+                    col(EventRow.kind) == HISTORY_CHECKED,
+                    col(EventRow.data).contains(json.dumps({"root": root})[1:-1]))))
 
     def record_history_check(self, root: str, idxs: Sequence[int], transfers: Sequence[str],
                              *, from_block: int, to_block: int) -> None:
         """The payments ``idxs`` of ``root`` were found paid by the Transfer logs
-        ``transfers`` ("tx hash:log index", one each, in order) that this ledger did not send
+        ``transfers`` ("tx hash:place in it", one each, in order) that this ledger did not send
         (blocks ``from_block``..``to_block``): paid elsewhere, in one transaction with the
         note that ``root`` was checked."""
         assert len(idxs) == len(transfers)

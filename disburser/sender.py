@@ -244,7 +244,7 @@ class Sender:
         self.sync_nonces()
         log.info("send_started", root=m.root, program=m.program, mode=self.cfg.mode.value,
                  payer=self.payer)
-        self._skip_paid_by_transfers(m.root)
+        self._skip_paid_by_transfers(m.root, m.count)
         # Settle what an earlier run left in flight before new allowance or batches.
         self._drain()
         if self._reads_bitmap():
@@ -370,32 +370,38 @@ class Sender:
             log.warning("payments_already_paid_on_chain", root=root, count=len(paid))
             self.ledger.mark_paid_elsewhere(root, paid)
 
-    def _skip_paid_by_transfers(self, root: str) -> None:
+    def _skip_paid_by_transfers(self, root: str, count: int) -> None:
         """A ledger that did not see the payer's first transaction (a lost ledger re-created,
         or a payer used before) does not know what the payer paid before it. Once per
-        manifest in such a ledger, the payer's Transfer logs from DISBURSER_FROM_BLOCK to the
-        head are matched to the queued payments by recipient and amount, as reconcile
-        matches them, leaving out:
+        manifest in such a ledger (again if DISBURSER_FROM_BLOCK is lowered), the payer's
+        Transfer logs from DISBURSER_FROM_BLOCK to the head are matched to the queued
+        payments by recipient and amount, as reconcile matches them, leaving out:
         - logs of transactions this ledger signed;
-        - where the run reads the batch contract's bitmap (``_reads_bitmap``), logs of that
-          contract's own transactions: the bitmap (``_skip_paid_on_chain``) says exactly
-          which payments they made;
-        - logs that earlier checks recorded as a payment (each pays one payment, once).
+        - logs of transactions whose Disbursed logs say they paid other manifests, or, where
+          the run reads the batch contract's bitmap (``_reads_bitmap``), that contract's own
+          transactions: the bitmap, applied here first, says exactly what they paid;
+        - logs that earlier checks recorded as a payment (each pays one payment, once; known
+          by transaction and place within it, which a re-mined transaction keeps).
         A match stops the run before anything is sent: it may be this fund's payment, or an
         unrelated transfer of the same amount, and the run does not guess. Each match is
         logged (``past_transfer_matches_payment``). ``--accept-past-transfers`` records the
-        matched payments as paid elsewhere, each with its log. Later transfers need no look:
-        every transaction of the payer after the ledger's first nonce is the ledger's own
-        (``sync_nonces`` stops on any other). Read-only until it records, and run before
-        anything in flight is settled: a refusal sends nothing."""
+        matched payments as paid elsewhere, each with its transfer. Later transfers need no
+        look: every transaction of the payer after the ledger's first nonce is the ledger's
+        own (``sync_nonces`` stops on any other). It writes only the ledger, before anything
+        in flight is settled: a refusal sends nothing."""
         if self._first_nonce == 0 or not self.ledger.has_queued(root):
             return
-        if self.ledger.history_checked(root):
+        start = self.cfg.from_block
+        if self.ledger.history_checked(root, start):
             return
-        from disburser.transfers import FETCH_WORKERS, Transfer, fetch_log_txs, fetch_transfers
+        from disburser.transfers import (
+            FETCH_WORKERS,
+            Transfer,
+            fetch_disbursed,
+            fetch_transfers,
+        )
 
         head = self.chain.head().number
-        start = self.cfg.from_block
         if start > head:
             raise SettingsError(
                 f"DISBURSER_FROM_BLOCK: {start} is above the chain's head {head}: the payer's "
@@ -414,37 +420,49 @@ class Sender:
                 opened.append(c)
             return c
 
-        ours = self.ledger.tx_hashes()
         try:
-            logs = [t for t in fetch_transfers(
-                self.chain, self.cfg.token, [self.payer], start, head,
-                workers=FETCH_WORKERS if opened else 1, connect=connect)
-                if t.tx_hash not in ours]
+            found = fetch_transfers(self.chain, self.cfg.token, [self.payer], start, head,
+                                    workers=FETCH_WORKERS if opened else 1, connect=connect)
         finally:
             for c in opened:
                 c.close()
-        if logs and self._reads_bitmap():
-            assert self.cfg.batch_contract is not None
-            batch_txs = fetch_log_txs(self.chain, self.cfg.batch_contract, [
-                ch.DISBURSED_TOPIC, "0x" + "0" * 24 + self.payer[2:].lower()], start, head)
-            logs = [t for t in logs if t.tx_hash not in batch_txs]
+        # Each transfer's identity: its transaction and its place among the payer's
+        # transfers in it (block and log index change if the transaction is mined again).
+        place: dict[str, int] = {}
+        logs: list[tuple[Transfer, str]] = []
+        for t in found:
+            k = place[t.tx_hash] = place.get(t.tx_hash, -1) + 1
+            logs.append((t, f"{t.tx_hash}:{k}"))
+        ours = self.ledger.tx_hashes()
+        logs = [(t, key) for t, key in logs if t.tx_hash not in ours]
+        if self._reads_bitmap():
+            self._skip_paid_on_chain(root, count)
+        if logs:
+            trusted = (self.cfg.batch_contract or "").lower() if self._reads_bitmap() else None
+            keep: dict[str, bool] = {}
+            for d in fetch_disbursed(self.chain, ch.DISBURSED_TOPIC, self.payer, start, head):
+                # Set aside unless some Disbursed log of the transaction is for this manifest
+                # from a contract whose bitmap this run does not read.
+                keep[d.tx_hash] = keep.get(d.tx_hash, False) or (
+                    d.contract != trusted and d.root == root.lower())
+            logs = [(t, key) for t, key in logs if keep.get(t.tx_hash, True)]
         if logs:
             explained = self.ledger.explained_transfers()
-            logs = [t for t in logs if f"{t.tx_hash}:{t.log_index}" not in explained]
-        by_key: dict[tuple[str, int], list[Transfer]] = {}
-        for t in logs:
-            by_key.setdefault((t.to, t.amount), []).append(t)
-        matched: list[tuple[Queued, Transfer]] = []
+            logs = [(t, key) for t, key in logs if key not in explained]
+        by_key: dict[tuple[str, int], list[tuple[Transfer, str]]] = {}
+        for t, key in logs:
+            by_key.setdefault((t.to, t.amount), []).append((t, key))
+        matched: list[tuple[Queued, Transfer, str]] = []
         if by_key:
             for q in self.ledger.queued(root):
                 left = by_key.get((q.to.lower(), int(q.amount)))
                 if left:
-                    matched.append((q, left.pop(0)))
-        for q, t in matched:  # to the log file only: a refusal is one line on stderr
+                    matched.append((q, *left.pop(0)))
+        for q, t, _ in matched:  # to the log file only: a refusal is one line on stderr
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
                      amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
         if matched and not self.cfg.accept_past_transfers:
-            q, t = matched[0]
+            q, t, _ = matched[0]
             raise FailClosed(
                 f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "
                 f"that this ledger did not send (first: payments[{q.idx}] {q.amount} base "
@@ -455,8 +473,8 @@ class Sender:
                 "DISBURSER_FROM_BLOCK after them and before the fund's first payment. "
                 "Nothing was sent")
         self.ledger.record_history_check(
-            root, [q.idx for q, _ in matched],
-            [f"{t.tx_hash}:{t.log_index}" for _, t in matched], from_block=start, to_block=head)
+            root, [q.idx for q, _, _ in matched], [key for _, _, key in matched],
+            from_block=start, to_block=head)
         if matched:
             log.warning("payments_already_paid_by_transfers", root=root, count=len(matched),
                         from_block=start, to_block=head)

@@ -182,27 +182,40 @@ def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: in
     return out
 
 
-def fetch_log_txs(chain: RpcLike, address: str, topics: list[Any], start: int,
-                  end: int) -> set[str]:
-    """The transaction hashes (lower case) of the logs of ``address`` matching ``topics`` in
-    blocks ``start..end``, in chunks as ``fetch_transfers`` reads them."""
-    out: set[str] = set()
+class Disbursed(NamedTuple):
+    """One Disbursed log of a BatchPayout-shaped contract: which contract paid for which
+    manifest in which transaction."""
 
-    def hashes(raw: Iterable[Mapping[str, Any]], append: Callable[[Any], None]) -> int:
+    tx_hash: str  # lower-case 0x hex
+    contract: str  # lower-case 0x address
+    root: str  # lower-case 0x hex (topic 2)
+
+
+def fetch_disbursed(chain: RpcLike, topic: str, payer: str, start: int,
+                    end: int) -> list[Disbursed]:
+    """Every log with topics [``topic``, ``payer``, root] in blocks ``start..end``, from any
+    contract (an event anyone may emit: the caller decides which contracts it trusts), in
+    chunks as ``fetch_transfers`` reads them."""
+    out: list[Disbursed] = []
+
+    def decode(raw: Iterable[Mapping[str, Any]], append: Callable[[Any], None]) -> int:
         n = 0
         for lg in raw:
-            if not lg.get("removed"):
-                append(str(lg["transactionHash"]).lower())
-                n += 1
+            topics: Sequence[Any] = lg.get("topics") or []
+            if lg.get("removed") or len(topics) < 3:
+                continue
+            append(Disbursed(str(lg["transactionHash"]).lower(), str(lg["address"]).lower(),
+                             str(topics[2]).lower()))
+            n += 1
         return n
 
     if start <= end:
-        _fetch_range(chain, address, topics, start, end, MAX_CHUNK, MAX_CHUNK, None, out.add,
-                     None, decode=hashes)
+        _fetch_range(chain, None, [topic, "0x" + "0" * 24 + payer[2:].lower()], start, end,
+                     MAX_CHUNK, MAX_CHUNK, None, out.append, None, decode=decode)
     return out
 
 
-def _fetch_range(chain: RpcLike, token: str, topics: list[Any], start: int, end: int,
+def _fetch_range(chain: RpcLike, token: str | None, topics: list[Any], start: int, end: int,
                  chunk: int, max_chunk: int, on_chunk: Callable[[int, int, int], None] | None,
                  append: Callable[[Any], None], stop: Event | None, *,
                  decode: Callable[[Iterable[Mapping[str, Any]], Callable[[Any], None]], int]
@@ -220,13 +233,15 @@ def _fetch_range(chain: RpcLike, token: str, topics: list[Any], start: int, end:
             return
         hi = min(end, lo + size - 1)
         try:
-            raw = chain.rpc("eth_getLogs", [{"address": token, "topics": topics,
-                                             "fromBlock": hex(lo), "toBlock": hex(hi)}])
+            query: dict[str, Any] = {"topics": topics, "fromBlock": hex(lo), "toBlock": hex(hi)}
+            if token is not None:
+                query["address"] = token
+            raw = chain.rpc("eth_getLogs", [query])
         except DisburserError as e:
             if not too_much(e):
                 raise
             if hi == lo:
-                raise RpcError(f"eth_getLogs for {token} refuses even the single "
+                raise RpcError(f"eth_getLogs for {token or 'any contract'} refuses even the single "
                                f"block {lo}: {e}") from None
             size = max(1, (hi - lo + 1) // 2)
             limit = size

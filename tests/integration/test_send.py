@@ -160,25 +160,32 @@ def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) ->
     assert rows == {0: "paid_elsewhere", 1: "confirmed", 2: "confirmed", 3: "paid_elsewhere"}
 
 
-@pytest.mark.parametrize("mode", ["batch", "direct"])
-def test_a_new_ledger_leaves_the_batch_contracts_transfers_to_its_bitmap(
-        env: Env, mode: str) -> None:
-    """Manifest A paid in batch mode, then the ledger is lost. The same manifest again pays
-    nothing, in either mode (the bitmap, read in direct mode too); manifest B of another
-    program, with A's recipients and amounts, is paid in full: A's batch transfers are not
-    taken for B's payments."""
+@pytest.mark.parametrize(("mode", "contract"), [
+    ("batch", True), ("direct", True), ("direct", False)])
+def test_a_new_ledger_and_the_batch_contracts_transfers(
+        env: Env, mode: str, contract: bool) -> None:
+    """Manifest A paid in batch mode, then the ledger is lost. A again pays nothing: the
+    bitmap says so (read in direct mode too when DISBURSER_BATCH_CONTRACT is set); without
+    the contract setting, A's transfers in a contract's transactions for A stop the run.
+    Manifest B of another program, with A's recipients and amounts, is paid in full: A's
+    batch transfers (their Disbursed logs name A) are not taken for B's payments."""
+    extra = {} if contract else {"DISBURSER_BATCH_CONTRACT": ""}
     a = env.signed_manifest(5, name="a.json")
     assert env.cli("send", str(a), "--yes").code == 0
     Path(env.vars["DISBURSER_DB"]).unlink()
     nonce = env.payer_nonce()
-    r = env.cli("send", str(a), "--yes", "--mode", mode)
-    assert r.code == 0, r.err
-    assert "confirmed 5, failed 0, unpaid 0" in r.out and env.payer_nonce() == nonce
-    assert {p.reason for p in _ledger(env).payments(mf.load(a).root)} == {PAID_BY_BITMAP}
+    r = env.cli("send", str(a), "--yes", "--mode", mode, extra=extra)
+    if contract:
+        assert r.code == 0, r.err
+        assert "confirmed 5, failed 0, unpaid 0" in r.out
+        assert {p.reason for p in _ledger(env).payments(mf.load(a).root)} == {PAID_BY_BITMAP}
+    else:
+        assert r.code == 2 and "5 payment(s) of manifest" in r.err, r.err
+    assert env.payer_nonce() == nonce
     rows = (env.tmp / "a.json.csv").read_text().splitlines()
     b = _signed_from_csv(env, "b", "other",
                          "\n".join([rows[0], *("b-" + row for row in rows[1:])]) + "\n")
-    r = env.cli("send", str(b), "--yes", "--mode", mode)
+    r = env.cli("send", str(b), "--yes", "--mode", mode, extra=extra)
     assert r.code == 0, r.err
     assert "confirmed 5, failed 0, unpaid 0" in r.out
     for p in mf.load(a).payments:

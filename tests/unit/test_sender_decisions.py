@@ -415,13 +415,21 @@ class HistoryChain(FakeChain):
     def for_thread(self) -> None:
         return None  # one connection: the logs are read one range at a time
 
-    batch_txs: list[str] = []  # transactions of the batch contract (its Disbursed logs)
+    # Disbursed logs from the payer: (transaction, contract, manifest root)
+    disbursed: list[tuple[str, str, str]] = []
+    paid_bits: dict[int, int] = {}  # the batch contract's bitmap words of the manifest
+
+    def paid_words(self, contract: str, payer: str, root: str, words: list[int]
+                   ) -> dict[int, int]:
+        return {w: self.paid_bits.get(w, 0) for w in words}
 
     def rpc(self, method: str, params: Any = ()) -> Any:
         assert method == "eth_getLogs"
-        if params[0]["address"] == BATCH:
-            assert params[0]["topics"][0] == ch.DISBURSED_TOPIC
-            return [{"transactionHash": tx} for tx in self.batch_txs]
+        if params[0]["topics"][0] == ch.DISBURSED_TOPIC:
+            assert "address" not in params[0]  # any contract: the engine judges which
+            return [{"transactionHash": tx, "address": c,
+                     "topics": [ch.DISBURSED_TOPIC, params[0]["topics"][1], root]}
+                    for tx, c, root in self.disbursed]
         self.asked += 1
         return [{"blockNumber": "0x5", "logIndex": hex(k), "transactionHash": tx,
                  "topics": [ch.TRANSFER_TOPIC, "0x" + "0" * 24 + self.payer[2:].lower(),
@@ -456,14 +464,14 @@ def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
     chain.logs = [("0x" + "aa" * 32, TO[0], 10),  # pays one of payments 0 and 1
                   ("0x" + "ab" * 32, TO[1], 19),  # not payment 2's amount
                   (ours, TO[2], 30)]  # sent by this ledger: not a payment made elsewhere
-    s._skip_paid_by_transfers(m.root)
+    s._skip_paid_by_transfers(m.root, len(m.payments))
     assert chain.asked == 1
     rows = {p.idx: (p.status, p.reason) for p in s.ledger.payments(m.root)}
     assert rows == {0: ("paid_elsewhere", PAID_BY_TRANSFER), 1: ("queued", None),
                     2: ("queued", None), 3: ("queued", None)}
     # Once per manifest: what the payer sends after the ledger's first nonce is its own.
     chain.logs.append(("0x" + "ad" * 32, TO[1], 20))
-    s._skip_paid_by_transfers(m.root)
+    s._skip_paid_by_transfers(m.root, len(m.payments))
     assert chain.asked == 1
     assert s.ledger.payments(m.root, [PaymentStatus.PAID_ELSEWHERE])[0].idx == 0
 
@@ -472,7 +480,7 @@ def test_a_match_stops_the_run_unless_past_transfers_are_accepted(tmp_path: Path
     chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[1], 20)])
     chain.logs = [("0x" + "aa" * 32, TO[1], 20)]
     with pytest.raises(FailClosed) as e:
-        s._skip_paid_by_transfers(m.root)
+        s._skip_paid_by_transfers(m.root, len(m.payments))
     assert str(e.value) == (
         f"1 payment(s) of manifest {m.root} match transfers from the payer that this ledger "
         f"did not send (first: payments[1] 20 base units to {TO[1]}, as transaction "
@@ -482,7 +490,7 @@ def test_a_match_stops_the_run_unless_past_transfers_are_accepted(tmp_path: Path
         "DISBURSER_FROM_BLOCK after them and before the fund's first payment. Nothing was "
         "sent")
     assert [p.status for p in s.ledger.payments(m.root)] == ["queued"] * 2
-    assert not s.ledger.history_checked(m.root)  # asked again on the next run
+    assert not s.ledger.history_checked(m.root, 0)  # asked again on the next run
     assert chain.sent == []
 
 
@@ -493,7 +501,7 @@ def _second_manifest_after_one_transfer(
     chain, s, first = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
     s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
     chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
-    s._skip_paid_by_transfers(first.root)
+    s._skip_paid_by_transfers(first.root, 1)
     second = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=s.payer,
                            not_after=2**40, payments=[Payment(0, "v0", TO[0], 10)])
     s.ledger.accept_manifest(second, ceiling=10**12, signers=[])
@@ -505,10 +513,10 @@ def test_a_transfer_explained_by_another_manifest_pays_nothing_here(tmp_path: Pa
     """One transfer, two manifests paying the same recipient the same amount: the first
     manifest's payment takes it; the second's is not taken for paid (and nothing stops)."""
     _, s, first, second = _second_manifest_after_one_transfer(tmp_path)
-    s._skip_paid_by_transfers(second.root)
+    s._skip_paid_by_transfers(second.root, 1)
     assert [p.status for p in s.ledger.payments(first.root)] == ["paid_elsewhere"]
     assert [p.status for p in s.ledger.payments(second.root)] == ["queued"]
-    assert s.ledger.history_checked(second.root)
+    assert s.ledger.history_checked(second.root, 0)
 
 
 def test_only_the_very_transfer_recorded_for_another_manifest_is_set_aside(
@@ -519,40 +527,71 @@ def test_only_the_very_transfer_recorded_for_another_manifest_is_set_aside(
     chain, s, _, second = _second_manifest_after_one_transfer(tmp_path)
     chain.logs = [("0x" + "ab" * 32, TO[0], 10)]  # the first one is before the range now
     with pytest.raises(FailClosed, match=f"as transaction 0x{'ab' * 32} in block 5"):
-        s._skip_paid_by_transfers(second.root)
+        s._skip_paid_by_transfers(second.root, 1)
 
 
-@pytest.mark.parametrize(("mode", "contract"), [
-    (Mode.BATCH, BATCH), (Mode.DIRECT, BATCH), (Mode.DIRECT, None)])
-def test_the_batch_contracts_transfers_are_left_to_its_bitmap(
-        tmp_path: Path, mode: Mode, contract: str | None) -> None:
-    """Where the run reads the batch contract's bitmap (batch mode; direct mode with
-    DISBURSER_BATCH_CONTRACT set and verified), a log of that contract's own transaction is
-    the bitmap's to judge, exactly by manifest and index, not a match by recipient and
-    amount. Without a batch contract such a log stops the run like any other."""
+@pytest.mark.parametrize(("mode", "contract", "other_root", "stops"), [
+    (Mode.BATCH, BATCH, False, False),  # the bitmap judges the contract's transactions
+    (Mode.DIRECT, BATCH, False, False),  # the same: direct mode reads the bitmap too
+    (Mode.DIRECT, None, False, True),  # an unknown contract paid this manifest: a match
+    (Mode.DIRECT, None, True, False),  # it paid another manifest: not a payment of this one
+])
+def test_transfers_of_batch_transactions(tmp_path: Path, mode: Mode, contract: str | None,
+                                         other_root: bool, stops: bool) -> None:
+    """A transfer in a transaction whose Disbursed log names another manifest paid that
+    one; in the batch contract's own transaction, where the run reads its bitmap (batch
+    mode; direct mode with DISBURSER_BATCH_CONTRACT set and verified), it is the bitmap's
+    to judge, exactly by manifest and index. Otherwise it is matched like any other."""
     chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
     s.cfg = dataclasses.replace(s.cfg, mode=mode, batch_contract=contract)
     if mode is Mode.DIRECT and contract:
         s._bitmap = True  # verify_batch_contract found BatchPayout's code there
     chain.logs = [("0x" + "ba" * 32, TO[0], 10)]
-    chain.batch_txs = ["0x" + "BA" * 32]
-    if contract:
-        s._skip_paid_by_transfers(m.root)
-        assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
-        assert s.ledger.history_checked(m.root)
-    else:
+    root = "0x" + "ee" * 32 if other_root else m.root
+    chain.disbursed = [("0x" + "BA" * 32, contract or "0x" + "c0" * 20, root)]
+    if stops:
         with pytest.raises(FailClosed):
-            s._skip_paid_by_transfers(m.root)
+            s._skip_paid_by_transfers(m.root, 1)
+    else:
+        s._skip_paid_by_transfers(m.root, 1)
+        assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
+        assert s.ledger.history_checked(m.root, 0)
+
+
+def test_the_bitmap_is_applied_with_the_check(tmp_path: Path) -> None:
+    """Where the bitmap is read, its marks are written before the check is recorded: a run
+    that dies after it leaves no payment of the contract's transactions both set aside and
+    queued (a later run without the bitmap would pay it again)."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[1], 20)])
+    chain.logs = [("0x" + "ba" * 32, TO[0], 10)]
+    chain.disbursed = [("0x" + "ba" * 32, BATCH, m.root)]
+    chain.paid_bits = {0: 0b1}
+    s._skip_paid_by_transfers(m.root, 2)
+    assert [p.status for p in s.ledger.payments(m.root)] == ["paid_elsewhere", "queued"]
+    assert s.ledger.history_checked(m.root, 0)
+
+
+def test_a_lower_from_block_reads_again(tmp_path: Path) -> None:
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.cfg = dataclasses.replace(s.cfg, from_block=20)
+    s._skip_paid_by_transfers(m.root, 1)
+    s._skip_paid_by_transfers(m.root, 1)
+    assert chain.asked == 1
+    s.cfg = dataclasses.replace(s.cfg, from_block=10)
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    with pytest.raises(FailClosed):
+        s._skip_paid_by_transfers(m.root, 1)
+    assert chain.asked == 2
 
 
 def test_a_from_block_above_the_head_is_refused(tmp_path: Path) -> None:
     chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
     s.cfg = dataclasses.replace(s.cfg, from_block=51)
     with pytest.raises(SettingsError) as e:
-        s._skip_paid_by_transfers(m.root)
+        s._skip_paid_by_transfers(m.root, len(m.payments))
     assert str(e.value) == ("DISBURSER_FROM_BLOCK: 51 is above the chain's head 50: the "
                             "payer's past transfers cannot be read from there")
-    assert chain.asked == 0 and not s.ledger.history_checked(m.root)
+    assert chain.asked == 0 and not s.ledger.history_checked(m.root, 0)
 
 
 def test_a_ledger_that_saw_the_payers_first_nonce_reads_no_transfer_logs(
@@ -563,7 +602,7 @@ def test_a_ledger_that_saw_the_payers_first_nonce_reads_no_transfer_logs(
     m = _accepted(s, 2)
     chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
     s._first_nonce = 0
-    s._skip_paid_by_transfers(m.root)
+    s._skip_paid_by_transfers(m.root, len(m.payments))
     assert chain.asked == 0
     assert [p.status for p in s.ledger.payments(m.root)] == ["queued"] * 2
 
