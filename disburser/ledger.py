@@ -49,6 +49,7 @@ from disburser.manifest import to_json
 PAID_BY_BITMAP = "already paid on chain (batch contract bitmap)"
 PAID_BY_TRANSFER = "already paid on chain (a Transfer from the payer this ledger did not send)"
 HISTORY_CHECKED = "transfer_history_checked"
+MATCHES_LISTED = "past_transfer_matches_listed"
 
 
 class ProgramRow(SQLModel, table=True):
@@ -535,15 +536,23 @@ class Ledger:
                 self._event(s, "payments_requeued", root=root, count=n)
             return n
 
-    def mark_paid_elsewhere(self, root: str, idxs: Sequence[int],
-                            reason: str = PAID_BY_BITMAP) -> None:
+    def mark_paid_elsewhere(self, root: str, idxs: Sequence[int], *, contract: str) -> None:
+        """Payments ``idxs`` of ``root`` found paid by the bitmap of batch contract
+        ``contract``."""
         if not idxs:
             return
         with self.session() as s:
-            self._paid_elsewhere(s, root, idxs, reason)
+            self._paid_elsewhere(s, root, idxs, PAID_BY_BITMAP, contract=contract.lower())
+
+    def bitmap_marks(self, root: str) -> dict[int, str]:
+        """Payment index -> the batch contract whose bitmap marked it paid elsewhere."""
+        with self.session() as s:
+            return {i: data["contract"] for _, _, data in self._root_events(
+                s, ("payments_paid_elsewhere",), root)
+                if data.get("contract") for i in data["idxs"]}
 
     def _paid_elsewhere(self, s: Session, root: str, idxs: Sequence[int], reason: str,
-                        transfers: Sequence[str] = ()) -> None:
+                        transfers: Sequence[str] = (), contract: str | None = None) -> None:
         for chunk in _chunks(idxs):
             r = s.execute(update(PaymentRow).where(
                 col(PaymentRow.root) == root, col(PaymentRow.idx).in_(list(chunk)),
@@ -551,11 +560,11 @@ class Ledger:
             ).values(status=PaymentStatus.PAID_ELSEWHERE.value, reason=reason,
                      updated_at=_now()))
             _expect(r, len(chunk), "payments queued -> paid_elsewhere")
-        if transfers:
-            self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason,
-                        transfers=list(transfers))
-        else:
-            self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason)
+        by: dict[str, Any] = {"transfers": list(transfers)} if transfers else {}
+        if contract:
+            by["contract"] = contract
+        self._event(s, "payments_paid_elsewhere", root=root, idxs=list(idxs), reason=reason,
+                    **by)
 
     def explained_transfers(self) -> set[str]:
         """The transfers ("tx hash:place in it") that payments were recorded paid by
@@ -567,14 +576,39 @@ class Ledger:
                 out.update(json.loads(data).get("transfers") or ())
             return out
 
+    def _root_events(self, s: Session, kinds: Sequence[str], root: str
+                     ) -> list[tuple[int, str, dict[str, Any]]]:
+        """(id, kind, data) of the events of ``kinds`` about ``root``, oldest first."""
+        rows = s.exec(select(col(EventRow.id), col(EventRow.kind), col(EventRow.data)).where(
+            col(EventRow.kind).in_(list(kinds)),
+            col(EventRow.data).contains(json.dumps({"root": root})[1:-1]),
+        ).order_by(col(EventRow.id)))
+        return [(int(i or 0), k, json.loads(d)) for i, k, d in rows]
+
     def history_checked(self, root: str, from_block: int) -> bool:
         """Whether the payer's Transfer logs were read for ``root`` from ``from_block`` or
-        earlier (``record_history_check``)."""
+        earlier (``record_history_check``) since its failed payments were last put back in
+        the queue (a payment that was failed was not matched then)."""
         with self.session() as s:
-            return any(json.loads(data)["from_block"] <= from_block for data in s.exec(
-                select(col(EventRow.data)).where(
-                    col(EventRow.kind) == HISTORY_CHECKED,
-                    col(EventRow.data).contains(json.dumps({"root": root})[1:-1]))))
+            checked = False
+            for _, kind, data in self._root_events(s, (HISTORY_CHECKED, "payments_requeued"),
+                                                   root):
+                if kind == HISTORY_CHECKED:
+                    checked = checked or data["from_block"] <= from_block
+                else:
+                    checked = False
+            return checked
+
+    def listed_transfers(self, root: str) -> set[str]:
+        """The past transfers shown to the operator as matches for ``root`` (in a refusal
+        that named them, ``list_matches``)."""
+        with self.session() as s:
+            return {t for _, _, data in self._root_events(s, (MATCHES_LISTED,), root)
+                    for t in data["transfers"]}
+
+    def list_matches(self, root: str, transfers: Sequence[str]) -> None:
+        with self.session() as s:
+            self._event(s, MATCHES_LISTED, root=root, transfers=list(transfers))
 
     def record_history_check(self, root: str, idxs: Sequence[int], transfers: Sequence[str],
                              *, from_block: int, to_block: int) -> None:

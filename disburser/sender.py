@@ -368,32 +368,39 @@ class Sender:
         paid = [i for i in queued if bitmap[i // 256] >> (i % 256) & 1]
         if paid:
             log.warning("payments_already_paid_on_chain", root=root, count=len(paid))
-            self.ledger.mark_paid_elsewhere(root, paid)
+            self.ledger.mark_paid_elsewhere(root, paid, contract=self.cfg.batch_contract)
 
     def _skip_paid_by_transfers(self, root: str, count: int) -> None:
         """A ledger that did not see the payer's first transaction (a lost ledger re-created,
         or a payer used before) does not know what the payer paid before it. Once per
-        manifest in such a ledger (again if DISBURSER_FROM_BLOCK is lowered), the payer's
-        Transfer logs from DISBURSER_FROM_BLOCK to the head are matched to the queued
-        payments by recipient and amount, as reconcile matches them, leaving out:
+        manifest in such a ledger (again if DISBURSER_FROM_BLOCK is lowered or failed
+        payments are put back in the queue), the payer's Transfer logs from
+        DISBURSER_FROM_BLOCK to the head are matched to the queued payments by recipient and
+        amount, as reconcile matches them, leaving out:
         - logs of transactions this ledger signed;
         - logs of transactions whose Disbursed logs say they paid other manifests, or, where
           the run reads the batch contract's bitmap (``_reads_bitmap``), that contract's own
           transactions: the bitmap, applied here first, says exactly what they paid;
+        - in this manifest's batch transactions that are kept, the transfers of payments a
+          bitmap marked paid in an earlier run;
         - logs that earlier checks recorded as a payment (each pays one payment, once; known
-          by transaction and place within it, which a re-mined transaction keeps).
+          by transaction and place among the payer's transfers in it, which a plain
+          transfer keeps when it is mined again).
         A match stops the run before anything is sent: it may be this fund's payment, or an
         unrelated transfer of the same amount, and the run does not guess. Each match is
-        logged (``past_transfer_matches_payment``). ``--accept-past-transfers`` records the
-        matched payments as paid elsewhere, each with its transfer. Later transfers need no
-        look: every transaction of the payer after the ledger's first nonce is the ledger's
-        own (``sync_nonces`` stops on any other). It writes only the ledger, before anything
-        in flight is settled: a refusal sends nothing."""
+        logged (``past_transfer_matches_payment``) and listed in the ledger.
+        ``--accept-past-transfers`` records the matched payments as paid elsewhere, each
+        with its transfer, once an earlier refusal listed every one of them. Later
+        transfers need no look: every transaction of the payer after the ledger's first
+        nonce is the ledger's own (``sync_nonces`` stops on any other). It writes only the
+        ledger, before anything in flight is settled: a refusal sends nothing."""
         if self._first_nonce == 0 or not self.ledger.has_queued(root):
             return
         start = self.cfg.from_block
         if self.ledger.history_checked(root, start):
             return
+        from collections import Counter
+
         from disburser.transfers import (
             FETCH_WORKERS,
             Transfer,
@@ -439,13 +446,32 @@ class Sender:
             self._skip_paid_on_chain(root, count)
         if logs:
             trusted = (self.cfg.batch_contract or "").lower() if self._reads_bitmap() else None
-            keep: dict[str, bool] = {}
+            # Transaction -> the contract that paid this manifest in it, where this run does
+            # not read that contract's bitmap; a transaction whose Disbursed logs are all for
+            # other manifests or from the trusted contract is set aside.
+            kept: dict[str, str | None] = {}
             for d in fetch_disbursed(self.chain, ch.DISBURSED_TOPIC, self.payer, start, head):
-                # Set aside unless some Disbursed log of the transaction is for this manifest
-                # from a contract whose bitmap this run does not read.
-                keep[d.tx_hash] = keep.get(d.tx_hash, False) or (
-                    d.contract != trusted and d.root == root.lower())
-            logs = [(t, key) for t, key in logs if keep.get(t.tx_hash, True)]
+                if d.contract != trusted and d.root == root.lower():
+                    kept[d.tx_hash] = d.contract
+                else:
+                    kept.setdefault(d.tx_hash, None)
+            logs = [(t, key) for t, key in logs if kept.get(t.tx_hash, "") is not None]
+            # In a kept batch transaction of contract C, a transfer of a payment that C's
+            # bitmap marked paid in an earlier run is that payment's, not another's of the
+            # same recipient and amount.
+            marks = self.ledger.bitmap_marks(root)
+            if marks:
+                by_bitmap = Counter(
+                    (marks[p.idx], p.to.lower(), int(p.amount)) for p in self.ledger.payments(
+                        root, [PaymentStatus.PAID_ELSEWHERE]) if p.idx in marks)
+                rest = []
+                for t, key in logs:
+                    mark = (kept.get(t.tx_hash) or "", t.to, t.amount)
+                    if by_bitmap[mark] > 0:
+                        by_bitmap[mark] -= 1
+                    else:
+                        rest.append((t, key))
+                logs = rest
         if logs:
             explained = self.ledger.explained_transfers()
             logs = [(t, key) for t, key in logs if key not in explained]
@@ -461,7 +487,12 @@ class Sender:
         for q, t, _ in matched:  # to the log file only: a refusal is one line on stderr
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
                      amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
-        if matched and not self.cfg.accept_past_transfers:
+        keys = [key for _, _, key in matched]
+        listed = self.ledger.listed_transfers(root) if matched else set()
+        if matched and not (self.cfg.accept_past_transfers and listed.issuperset(keys)):
+            # Accepted only once listed: --accept-past-transfers takes the matches a refusal
+            # showed, never ones the operator has not seen (settings may change between).
+            self.ledger.list_matches(root, keys)
             q, t, _ = matched[0]
             raise FailClosed(
                 f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "
@@ -472,9 +503,8 @@ class Sender:
                 "elsewhere; if those transfers were for something else, set "
                 "DISBURSER_FROM_BLOCK after them and before the fund's first payment. "
                 "Nothing was sent")
-        self.ledger.record_history_check(
-            root, [q.idx for q, _, _ in matched], [key for _, _, key in matched],
-            from_block=start, to_block=head)
+        self.ledger.record_history_check(root, [q.idx for q, _, _ in matched], keys,
+                                         from_block=start, to_block=head)
         if matched:
             log.warning("payments_already_paid_by_transfers", root=root, count=len(matched),
                         from_block=start, to_block=head)

@@ -1,8 +1,9 @@
 """The token's Transfer logs from given payers, fetched and decoded by hand.
 
-``reconcile`` settles payments from them; ``send`` reads them once per manifest when its
-ledger did not see the payer's first transaction (a lost or new ledger), so that what was
-paid before the ledger existed is not paid again.
+``reconcile`` settles payments from them; ``send`` reads them (and the batch contracts'
+Disbursed logs) when its ledger did not see the payer's first transaction (a lost or new
+ledger), so that what was paid before the ledger existed is not paid again
+(``Sender._skip_paid_by_transfers``).
 
 ``fetch_transfers(...)``: ``eth_getLogs`` in block chunks that halve when the node says the
 range or the answer is too big and grow back on success, over a few ranges fetched at once;

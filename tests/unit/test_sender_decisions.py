@@ -449,6 +449,15 @@ def _history(tmp_path: Path, pays: list[Payment]) -> tuple[HistoryChain, Sender,
     return chain, s, m
 
 
+def _accept_past_transfers(s: Sender, m: Manifest) -> None:
+    """What an operator does: a refusal lists the matches, then --accept-past-transfers."""
+    with pytest.raises(FailClosed):
+        s._skip_paid_by_transfers(m.root, len(m.payments))
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
+    s._skip_paid_by_transfers(m.root, len(m.payments))
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
+
+
 def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
         tmp_path: Path) -> None:
     """A ledger that did not see the payer's first nonce reads the payer's Transfer logs
@@ -459,20 +468,19 @@ def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
     chain, s, m = _history(tmp_path, [
         Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10),
         Payment(2, "u2", TO[1], 20), Payment(3, "u3", TO[2], 30)])
-    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
     s.ledger.tx_hashes = lambda: {ours: (1, m.root)}  # type: ignore[method-assign]
     chain.logs = [("0x" + "aa" * 32, TO[0], 10),  # pays one of payments 0 and 1
                   ("0x" + "ab" * 32, TO[1], 19),  # not payment 2's amount
                   (ours, TO[2], 30)]  # sent by this ledger: not a payment made elsewhere
-    s._skip_paid_by_transfers(m.root, len(m.payments))
-    assert chain.asked == 1
+    _accept_past_transfers(s, m)
+    assert chain.asked == 2
     rows = {p.idx: (p.status, p.reason) for p in s.ledger.payments(m.root)}
     assert rows == {0: ("paid_elsewhere", PAID_BY_TRANSFER), 1: ("queued", None),
                     2: ("queued", None), 3: ("queued", None)}
     # Once per manifest: what the payer sends after the ledger's first nonce is its own.
     chain.logs.append(("0x" + "ad" * 32, TO[1], 20))
     s._skip_paid_by_transfers(m.root, len(m.payments))
-    assert chain.asked == 1
+    assert chain.asked == 2
     assert s.ledger.payments(m.root, [PaymentStatus.PAID_ELSEWHERE])[0].idx == 0
 
 
@@ -499,9 +507,8 @@ def _second_manifest_after_one_transfer(
     """A first manifest whose payment (TO[0], 10) was recorded as paid by transfer 0xaa..,
     then a second manifest of another program paying the same recipient the same amount."""
     chain, s, first = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
-    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
     chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
-    s._skip_paid_by_transfers(first.root, 1)
+    _accept_past_transfers(s, first)
     second = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=s.payer,
                            not_after=2**40, payments=[Payment(0, "v0", TO[0], 10)])
     s.ledger.accept_manifest(second, ceiling=10**12, signers=[])
@@ -582,6 +589,52 @@ def test_a_lower_from_block_reads_again(tmp_path: Path) -> None:
     with pytest.raises(FailClosed):
         s._skip_paid_by_transfers(m.root, 1)
     assert chain.asked == 2
+
+
+def test_past_transfers_are_accepted_only_once_a_refusal_listed_them(tmp_path: Path) -> None:
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[1], 20)])
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    with pytest.raises(FailClosed, match="^1 payment"):  # the flag alone: not yet shown
+        s._skip_paid_by_transfers(m.root, 2)
+    chain.logs.append(("0x" + "ab" * 32, TO[1], 20))  # a new match since the listing
+    with pytest.raises(FailClosed, match="^2 payment"):
+        s._skip_paid_by_transfers(m.root, 2)
+    s._skip_paid_by_transfers(m.root, 2)
+    assert [p.status for p in s.ledger.payments(m.root)] == ["paid_elsewhere"] * 2
+
+
+@pytest.mark.parametrize("same_contract", [True, False])
+def test_a_contracts_transfer_for_a_payment_its_bitmap_marked_pays_no_other(
+        tmp_path: Path, same_contract: bool) -> None:
+    """Contract C's bitmap marked payment 0 paid in an earlier run; now C is not read (the
+    setting was unset): C's transaction for this manifest still holds payment 0's transfer,
+    which must not be taken for payment 1 of the same recipient and amount. The same
+    transfer in another contract's transaction is not explained by C's marks: a match."""
+    c = "0x" + "c0" * 20
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10)])
+    s.ledger.mark_paid_elsewhere(m.root, [0], contract=c)
+    s.cfg = dataclasses.replace(s.cfg, mode=Mode.DIRECT, batch_contract=None)
+    chain.logs = [("0x" + "ba" * 32, TO[0], 10)]
+    chain.disbursed = [("0x" + "ba" * 32, c if same_contract else "0x" + "c1" * 20, m.root)]
+    if same_contract:
+        s._skip_paid_by_transfers(m.root, 2)
+        assert [p.status for p in s.ledger.payments(m.root)] == ["paid_elsewhere", "queued"]
+    else:
+        with pytest.raises(FailClosed, match=r"^1 payment\(s\) .* payments\[1\]"):
+            s._skip_paid_by_transfers(m.root, 2)
+
+
+def test_failed_payments_put_back_in_the_queue_are_looked_at_again(tmp_path: Path) -> None:
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.ledger.mark_failed(m.root, 0, "Blacklistable: account is blacklisted")
+    assert not s.ledger.has_queued(m.root)
+    s.ledger.record_history_check(m.root, [], [], from_block=0, to_block=50)
+    assert s.ledger.requeue_failed(m.root) == 1
+    assert not s.ledger.history_checked(m.root, 0)
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    with pytest.raises(FailClosed):
+        s._skip_paid_by_transfers(m.root, 1)
 
 
 def test_a_from_block_above_the_head_is_refused(tmp_path: Path) -> None:
