@@ -545,11 +545,12 @@ class Ledger:
             self._paid_elsewhere(s, root, idxs, PAID_BY_BITMAP, contract=contract.lower())
 
     def bitmap_marks(self, root: str) -> dict[int, str]:
-        """Payment index -> the batch contract whose bitmap marked it paid elsewhere."""
+        """Payment index -> the batch contract whose bitmap marked it paid elsewhere ("" when
+        a ledger written before marks named their contract does not say)."""
         with self.session() as s:
-            return {i: data["contract"] for _, _, data in self._root_events(
+            return {i: data.get("contract") or "" for _, _, data in self._root_events(
                 s, ("payments_paid_elsewhere",), root)
-                if data.get("contract") for i in data["idxs"]}
+                if data.get("reason", PAID_BY_BITMAP) == PAID_BY_BITMAP for i in data["idxs"]}
 
     def _paid_elsewhere(self, s: Session, root: str, idxs: Sequence[int], reason: str,
                         transfers: Sequence[str] = (), contract: str | None = None) -> None:
@@ -585,13 +586,17 @@ class Ledger:
         ).order_by(col(EventRow.id)))
         return [(int(i or 0), k, json.loads(d)) for i, k, d in rows]
 
+    # Events after which a manifest's payments are queued again, unchecked by an earlier
+    # look at the payer's past transfers.
+    _REQUEUED = ("payments_requeued", "tx_reverted")
+
     def history_checked(self, root: str, from_block: int) -> bool:
         """Whether the payer's Transfer logs were read for ``root`` from ``from_block`` or
-        earlier (``record_history_check``) since its failed payments were last put back in
-        the queue (a payment that was failed was not matched then)."""
+        earlier (``record_history_check``) since any of its payments were last queued again
+        (failed ones put back, or a reverted transaction's: they were not matched then)."""
         with self.session() as s:
             checked = False
-            for _, kind, data in self._root_events(s, (HISTORY_CHECKED, "payments_requeued"),
+            for _, kind, data in self._root_events(s, (HISTORY_CHECKED, *self._REQUEUED),
                                                    root):
                 if kind == HISTORY_CHECKED:
                     checked = checked or data["from_block"] <= from_block
@@ -599,16 +604,24 @@ class Ledger:
                     checked = False
             return checked
 
-    def listed_transfers(self, root: str) -> set[str]:
-        """The past transfers shown to the operator as matches for ``root`` (in a refusal
-        that named them, ``list_matches``)."""
+    def listed_transfers(self, root: str, from_block: int) -> set[str]:
+        """The past transfers that the last refusal for ``root`` listed as matches, reading
+        from ``from_block``, if nothing about ``root`` happened since (a check recorded,
+        payments queued again): what ``--accept-past-transfers`` may accept."""
         with self.session() as s:
-            return {t for _, _, data in self._root_events(s, (MATCHES_LISTED,), root)
-                    for t in data["transfers"]}
+            events = self._root_events(s, (MATCHES_LISTED, HISTORY_CHECKED, *self._REQUEUED),
+                                       root)
+            if not events:
+                return set()
+            _, kind, data = events[-1]
+            if kind != MATCHES_LISTED or data["from_block"] != from_block:
+                return set()
+            return set(data["transfers"])
 
-    def list_matches(self, root: str, transfers: Sequence[str]) -> None:
+    def list_matches(self, root: str, transfers: Sequence[str], from_block: int) -> None:
         with self.session() as s:
-            self._event(s, MATCHES_LISTED, root=root, transfers=list(transfers))
+            self._event(s, MATCHES_LISTED, root=root, transfers=list(transfers),
+                        from_block=from_block)
 
     def record_history_check(self, root: str, idxs: Sequence[int], transfers: Sequence[str],
                              *, from_block: int, to_block: int) -> None:
@@ -830,7 +843,7 @@ class Ledger:
             events: dict[str, list[dict[str, Any]]] = {"tx_confirmed": [], "tx_reverted": []}
             for part in _chunks(list(tx_ids)):
                 rows = s.execute(sa_select(t.c.id, t.c.receipt_status, t.c.nonce,
-                                           t.c.mined_hash, t.c.count).where(
+                                           t.c.mined_hash, t.c.count, t.c.root).where(
                     t.c.id.in_(part), t.c.status == TxStatus.MINED.value)).all()
                 _expect_n(len(rows), len(part), f"{len(part)} txs mined -> final")
                 for ok, final, pay in ((True, TxStatus.CONFIRMED, PaymentStatus.CONFIRMED),
@@ -852,9 +865,13 @@ class Ledger:
                     ).values(**values))
                     for g in group:
                         out[g.id] = final
+                        # A reverted one names its manifest: its payments are queued again
+                        # (``history_checked`` looks at them again).
                         events["tx_confirmed" if ok else "tx_reverted"].append(
                             {"tx_id": g.id, "nonce": g.nonce, "hash": g.mined_hash,
-                             "count": g.count if ok else 0})
+                             "count": g.count} if ok else
+                            {"tx_id": g.id, "nonce": g.nonce, "hash": g.mined_hash,
+                             "count": 0, "root": g.root})
             for kind, data in events.items():
                 self._events(s, kind, data)
         return out

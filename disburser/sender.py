@@ -466,11 +466,20 @@ class Sender:
                         root, [PaymentStatus.PAID_ELSEWHERE]) if p.idx in marks)
                 rest = []
                 for t, key in logs:
-                    mark = (kept.get(t.tx_hash) or "", t.to, t.amount)
-                    if by_bitmap[mark] > 0:
+                    contract = kept.get(t.tx_hash)
+                    mark = (contract or "", t.to, t.amount)
+                    if contract and by_bitmap[mark] > 0:
                         by_bitmap[mark] -= 1
-                    else:
-                        rest.append((t, key))
+                        continue
+                    if contract and by_bitmap[("", t.to, t.amount)] > 0:
+                        # A mark of an older ledger that does not name its contract.
+                        raise FailClosed(
+                            f"manifest {root}: payments were marked paid by a batch "
+                            "contract's bitmap in an earlier run, and transaction "
+                            f"{t.tx_hash} of contract {contract} pays the same recipient "
+                            "and amount; set DISBURSER_BATCH_CONTRACT to that contract so "
+                            "that its bitmap is read. Nothing was sent")
+                    rest.append((t, key))
                 logs = rest
         if logs:
             explained = self.ledger.explained_transfers()
@@ -488,11 +497,11 @@ class Sender:
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
                      amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
         keys = [key for _, _, key in matched]
-        listed = self.ledger.listed_transfers(root) if matched else set()
+        listed = self.ledger.listed_transfers(root, start) if matched else set()
         if matched and not (self.cfg.accept_past_transfers and listed.issuperset(keys)):
             # Accepted only once listed: --accept-past-transfers takes the matches a refusal
             # showed, never ones the operator has not seen (settings may change between).
-            self.ledger.list_matches(root, keys)
+            self.ledger.list_matches(root, keys, start)
             q, t, _ = matched[0]
             raise FailClosed(
                 f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "

@@ -152,3 +152,32 @@ def test_open_transactions_come_without_their_payload_which_is_read_by_id(
         _ = a.raw
     assert led.tx_data(tx_id) == new.data
     assert led.attempt_raw(a.id or 0) == new.raw
+
+
+def test_a_manifest_is_looked_at_again_once_payments_are_queued_again(tmp_path: Path) -> None:
+    """The look at the payer's past transfers covered the payments queued then: a reverted
+    transaction's payments, or failed ones put back, are queued again and need a new look;
+    a look from a later block does not cover an earlier one."""
+    led, m = _ledger(tmp_path)
+    (tx_id,) = led.record_txs([_tx(m, 0, (0, 1))])
+    led.record_history_check(m.root, [], [], from_block=5, to_block=50)
+    assert led.history_checked(m.root, 5) and led.history_checked(m.root, 9)
+    assert not led.history_checked(m.root, 4)
+    led.mark_mined_many([Mined(tx_id, "0xa", 10, "0xb10", 0, 50_000)])
+    assert led.finalize_many([tx_id]) == {tx_id: TxStatus.REVERTED}
+    assert not led.history_checked(m.root, 5)
+    led.record_history_check(m.root, [], [], from_block=5, to_block=60)
+    assert led.history_checked(m.root, 5)
+    led.mark_failed(m.root, 2, "Blacklistable: account is blacklisted")
+    assert led.requeue_failed(m.root) == 1
+    assert not led.history_checked(m.root, 5)
+
+
+def test_a_listing_of_matches_holds_until_anything_about_the_manifest_happens(
+        tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)
+    led.list_matches(m.root, ["0xaa:0"], 0)
+    assert led.listed_transfers(m.root, 0) == {"0xaa:0"}
+    assert led.listed_transfers(m.root, 10) == set()  # listed reading from another block
+    led.record_history_check(m.root, [], [], from_block=10, to_block=50)
+    assert led.listed_transfers(m.root, 0) == set()  # a check since: the listing is spent

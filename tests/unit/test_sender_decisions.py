@@ -625,6 +625,46 @@ def test_a_contracts_transfer_for_a_payment_its_bitmap_marked_pays_no_other(
             s._skip_paid_by_transfers(m.root, 2)
 
 
+def test_a_listing_rejected_by_a_raised_from_block_is_not_accepted_later(
+        tmp_path: Path) -> None:
+    """Transfer X was listed, then the operator judged it unrelated and raised
+    DISBURSER_FROM_BLOCK past it (a check recorded). Lowering it again with the flag does
+    not accept X on the old listing: it is listed again first."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10)]
+    with pytest.raises(FailClosed):
+        s._skip_paid_by_transfers(m.root, 1)
+    s.cfg = dataclasses.replace(s.cfg, from_block=10)
+    logs, chain.logs = chain.logs, []
+    s._skip_paid_by_transfers(m.root, 1)
+    s.cfg = dataclasses.replace(s.cfg, from_block=0, accept_past_transfers=True)
+    chain.logs = logs
+    with pytest.raises(FailClosed):
+        s._skip_paid_by_transfers(m.root, 1)
+    assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
+
+
+def test_a_bitmap_mark_that_does_not_name_its_contract_stops_a_guess(tmp_path: Path) -> None:
+    """A ledger written before bitmap marks named their contract: a batch transaction that
+    pays the marked recipient and amount is not guessed to be that payment's or another's."""
+    from disburser.ledger import PAID_BY_BITMAP
+
+    c = "0x" + "c0" * 20
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10)])
+    with s.ledger.session() as session:
+        s.ledger._paid_elsewhere(session, m.root, [0], PAID_BY_BITMAP)
+    s.cfg = dataclasses.replace(s.cfg, mode=Mode.DIRECT, batch_contract=None)
+    chain.logs = [("0x" + "ba" * 32, TO[0], 10)]
+    chain.disbursed = [("0x" + "ba" * 32, c, m.root)]
+    with pytest.raises(FailClosed) as e:
+        s._skip_paid_by_transfers(m.root, 2)
+    assert str(e.value) == (
+        f"manifest {m.root}: payments were marked paid by a batch contract's bitmap in an "
+        f"earlier run, and transaction 0x{'ba' * 32} of contract {c} pays the same recipient "
+        "and amount; set DISBURSER_BATCH_CONTRACT to that contract so that its bitmap is "
+        "read. Nothing was sent")
+
+
 def test_failed_payments_put_back_in_the_queue_are_looked_at_again(tmp_path: Path) -> None:
     chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
     s.ledger.mark_failed(m.root, 0, "Blacklistable: account is blacklisted")
