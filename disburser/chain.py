@@ -403,11 +403,16 @@ class RpcChain:
         self.url = url
         self.t = transport or Transport(url)
 
+    def own_connections(self) -> bool:
+        """Whether other threads may have connections of their own (``for_thread``): not
+        through a transport that is not a plain Transport (a scripted or fault-injecting
+        one in tests), whose requests must not be bypassed."""
+        return type(self.t) is Transport
+
     def for_thread(self) -> RpcChain | None:
-        """A client of the same node for another thread (its own connection); None when
-        the transport is not a plain Transport (a scripted or fault-injecting one in
-        tests): its requests must not bypass it."""
-        if type(self.t) is not Transport:
+        """A client of the same node for another thread (its own connection); None where
+        ``own_connections`` says no."""
+        if not self.own_connections():
             return None
         return type(self)(self.url, self.t.clone())
 

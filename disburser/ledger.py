@@ -865,13 +865,13 @@ class Ledger:
                     ).values(**values))
                     for g in group:
                         out[g.id] = final
-                        # A reverted one names its manifest: its payments are queued again
-                        # (``history_checked`` looks at them again).
-                        events["tx_confirmed" if ok else "tx_reverted"].append(
-                            {"tx_id": g.id, "nonce": g.nonce, "hash": g.mined_hash,
-                             "count": g.count} if ok else
-                            {"tx_id": g.id, "nonce": g.nonce, "hash": g.mined_hash,
-                             "count": 0, "root": g.root})
+                        ev = {"tx_id": g.id, "nonce": g.nonce, "hash": g.mined_hash,
+                              "count": g.count if ok else 0}
+                        if not ok:
+                            # Its manifest's payments are queued again: ``history_checked``
+                            # looks at them again.
+                            ev["root"] = g.root
+                        events["tx_confirmed" if ok else "tx_reverted"].append(ev)
             for kind, data in events.items():
                 self._events(s, kind, data)
         return out

@@ -416,23 +416,10 @@ class Sender:
         log.info("reading_payer_transfers", root=root, from_block=start, to_block=head)
         # Several ranges at once, a connection each, as reconcile reads them; one at a time
         # through a client that cannot give a thread its own connection (tests' proxies).
-        opened = [c for c in [self.chain.for_thread()] if c is not None]
-        spare = list(opened)
-
-        def connect() -> ch.RpcChain:
-            c = spare.pop() if spare else self.chain.for_thread()
-            if c is None:
-                return self.chain
-            if c not in opened:
-                opened.append(c)
-            return c
-
-        try:
-            found = fetch_transfers(self.chain, self.cfg.token, [self.payer], start, head,
-                                    workers=FETCH_WORKERS if opened else 1, connect=connect)
-        finally:
-            for c in opened:
-                c.close()
+        found = fetch_transfers(
+            self.chain, self.cfg.token, [self.payer], start, head,
+            workers=FETCH_WORKERS if self.chain.own_connections() else 1,
+            connect=lambda: self.chain.for_thread() or self.chain)
         # Each transfer's identity: its transaction and its place among the payer's
         # transfers in it (block and log index change if the transaction is mined again).
         place: dict[str, int] = {}
@@ -1344,8 +1331,7 @@ class Sender:
             return False
         signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=t.nonce, to=t.to,
                                      data=self.ledger.tx_data(t.id), gas=t.gas_limit,
-                                     max_fee=new.max_fee,
-                                     tip=new.tip)
+                                     max_fee=new.max_fee, tip=new.tip)
         self.ledger.add_attempt(t.id, raw=signed.raw, tx_hash=signed.hash, max_fee=new.max_fee,
                                 tip=new.tip)
         self._sent_at_block[t.id] = head.number

@@ -130,11 +130,11 @@ def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: in
 
     With ``workers`` > 1 the blocks are split into equal ranges (``_RANGES_PER_WORKER``
     per worker), each fetched as above, by ``workers`` threads with a client each
-    (``connect()``; without ``connect`` they share ``chain``, which must then be safe to
-    call from several threads): the node serialises some answers while others are decoded
-    here (100,000 logs are ~63 MB of JSON). ``on_chunk`` is then called from those threads.
-    When a range fails the others stop at their next chunk and the error is raised (the
-    earliest range's, if several).
+    (``connect()``, closed at the end if it has ``close``; without ``connect`` they share
+    ``chain``, which must then be safe to call from several threads): the node serialises
+    some answers while others are decoded here (100,000 logs are ~63 MB of JSON).
+    ``on_chunk`` is then called from those threads. When a range fails the others stop at
+    their next chunk and the error is raised (the earliest range's, if several).
     """
     out: list[Transfer] = []
     if not payers or start > end:
@@ -156,6 +156,7 @@ def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: in
         parts: list[list[Transfer]] = [[] for _ in range(ranges)]
         stop = Event()
         mine = local()  # each thread's client
+        made: list[RpcLike] = []  # clients connect() made, closed at the end
 
         def work(k: int) -> None:
             if stop.is_set():
@@ -163,6 +164,8 @@ def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: in
             client: RpcLike | None = getattr(mine, "client", None)
             if client is None:
                 client = mine.client = connect() if connect is not None else chain
+                if client is not chain:
+                    made.append(client)
             try:
                 _fetch_range(client, token, topics, edges[k], edges[k + 1] - 1, chunk,
                              max_chunk, on_chunk, parts[k].append, stop)
@@ -170,14 +173,20 @@ def fetch_transfers(chain: RpcLike, token: str, payers: Sequence[str], start: in
                 stop.set()
                 raise
 
-        with ThreadPoolExecutor(n, thread_name_prefix="getlogs") as ex:
-            futures = [ex.submit(work, k) for k in range(ranges)]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:  # Ctrl-C too: the others stop at their next chunk
-                stop.set()
-                raise
+        try:
+            with ThreadPoolExecutor(n, thread_name_prefix="getlogs") as ex:
+                futures = [ex.submit(work, k) for k in range(ranges)]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:  # Ctrl-C too: the others stop at their next chunk
+                    stop.set()
+                    raise
+        finally:
+            for c in made:
+                close = getattr(c, "close", None)
+                if close is not None:
+                    close()
         for part in parts:
             out.extend(part)
     return out

@@ -469,15 +469,21 @@ def test_parallel_ranges_give_the_same_transfers_each_block_once() -> None:
     logs = [raw_log(addr(b % 17), 1000 + b, b, b % 3) for b in range(0, 50_000, 7)]
     want = fetch_transfers(FakeNode(logs, max_range=3_000), TOKEN, [PAYER], 0, 49_999)
     clients: list[FakeNode] = []
+    closed: list[FakeNode] = []
+
+    class Client(FakeNode):
+        def close(self) -> None:
+            closed.append(self)
 
     def connect() -> FakeNode:
-        clients.append(FakeNode(logs, max_range=3_000))
+        clients.append(Client(logs, max_range=3_000))
         return clients[-1]
 
     got = fetch_transfers(FakeNode([], 0), TOKEN, [PAYER], 0, 49_999, workers=4,
                           connect=connect)
     assert got == want  # block order, as one range gives
     assert 1 <= len(clients) <= 4  # a client per thread, not per range
+    assert sorted(map(id, closed)) == sorted(map(id, clients))  # each closed once, at the end
     ok = sorted((lo, hi) for c in clients for lo, hi, success in c.calls if success)
     assert ok[0][0] == 0 and ok[-1][1] == 49_999
     assert all(b[0] == a[1] + 1 for a, b in zip(ok, ok[1:], strict=False))

@@ -412,8 +412,11 @@ class HistoryChain(FakeChain):
     def head(self) -> ch.Head:
         return ch.Head(50, "0x" + "11" * 32, 10**9, 30_000_000, 0)
 
+    def own_connections(self) -> bool:
+        return False  # one connection: the logs are read one range at a time
+
     def for_thread(self) -> None:
-        return None  # one connection: the logs are read one range at a time
+        return None
 
     # Disbursed logs from the payer: (transaction, contract, manifest root)
     disbursed: list[tuple[str, str, str]] = []
