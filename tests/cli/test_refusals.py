@@ -218,6 +218,17 @@ def test_bad_setting_names_it(env: Env, name: str, value: str, message: str) -> 
     _assert_refused(env, ["send", str(m), "--yes"], message, extra={name: value})
 
 
+def test_a_from_block_above_the_head_is_refused_before_anything_is_sent(env: Env) -> None:
+    """A ledger that did not see the payer's first nonce reads the payer's past transfers
+    from DISBURSER_FROM_BLOCK: a block the chain has not reached is refused."""
+    dn.send_as(env.chain, dn.PAYER, env.devnet.token, dn.abi_call(
+        "transfer(address,uint256)", ["address", "uint256"], [dn.OWNER, 1]))
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes", "--mode", "direct"],
+                    "DISBURSER_FROM_BLOCK: 1000000 is above the chain's head ",
+                    extra={"DISBURSER_FROM_BLOCK": "1000000"})
+
+
 def test_same_user_in_a_second_manifest_of_the_program(env: Env) -> None:
     """A re-sorted or corrected allocation has a new paymentsRoot: its users must not be
     paid a second time."""

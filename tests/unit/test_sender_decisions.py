@@ -666,6 +666,7 @@ def test_a_bitmap_mark_that_does_not_name_its_contract_stops_a_guess(tmp_path: P
         f"earlier run, and transaction 0x{'ba' * 32} of contract {c} pays the same recipient "
         "and amount; set DISBURSER_BATCH_CONTRACT to that contract so that its bitmap is "
         "read. Nothing was sent")
+    assert chain.sent == [] and not s.ledger.history_checked(m.root, 0)
 
 
 def test_failed_payments_put_back_in_the_queue_are_looked_at_again(tmp_path: Path) -> None:
