@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -30,6 +31,32 @@ if TYPE_CHECKING:
 class _ErrorBoundary(TyperGroup):
     """The only place where an error becomes a message and an exit code: one line on
     stderr, no traceback unless --debug."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        """A usage error (a missing argument, an unknown option, a bad value given on the
+        command line or in a DISBURSER_* variable) is one line too, without typer's usage
+        block: ``disburser: error: Invalid value for '--mode' (env var: ...): ...``."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **extra)
+        from typer._click.exceptions import NoArgsIsHelpError
+
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args,
+                              **extra)
+        except NoArgsIsHelpError as e:  # `disburser`, `disburser manifest`: the help
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.TyperException as e:
+            sys.stderr.write(f"disburser: error: {e.format_message()}\n")
+            sys.exit(e.exit_code)
+        except typer.Abort:  # a confirmation answered no
+            sys.stderr.write("Aborted!\n")
+            sys.exit(1)
+        # Not standalone, typer returns the code of a typer.Exit (and a command's None).
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -52,7 +79,8 @@ app = typer.Typer(
     cls=_ErrorBoundary,
     name="disburser",
     help="Pay a relief fund out on-chain from signed manifests: allocate, sign, send, "
-    "reconcile. Every option can also be set as DISBURSER_<NAME> in the environment or .env.",
+    "reconcile. Every option can also be set as DISBURSER_<NAME> in the environment or .env "
+    "(not -o/--output, nor manifest sign --keystore).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -68,6 +96,10 @@ _state: dict[str, Any] = {"debug": False}
 
 
 def _env(name: str) -> str:
+    """Every option's variable is DISBURSER_<NAME> (DESIGN.md), with two exceptions:
+    ``-o/--output`` has none, because one variable for every command's output file would let
+    one command write over another's (a report over a manifest); ``manifest sign
+    --keystore`` has none, because DISBURSER_KEYSTORE is the payer's key."""
     return "DISBURSER_" + name
 
 
@@ -147,16 +179,19 @@ def allocate(
     liquidations: Annotated[Path, typer.Argument(help="CSV user_id,time,product,loss_usd.")],
     snapshot: Annotated[Path, typer.Argument(help="CSV user_id,net_assets_usd at the "
                                              "snapshot.")],
-    compensated: Annotated[Path, typer.Option(help="CSV user_id of users already "
-                                              "reimbursed.")],
-    addresses: Annotated[Path, typer.Option(help="CSV user_id,address (payout addresses).")],
+    compensated: Annotated[Path, typer.Option(envvar=_env("COMPENSATED"),
+                                              help="CSV user_id of users already "
+                                                   "reimbursed.")],
+    addresses: Annotated[Path, typer.Option(envvar=_env("ADDRESSES"),
+                                            help="CSV user_id,address (payout addresses).")],
     program: Annotated[str, typer.Option(envvar=_env("PROGRAM"), help="Program name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Unsigned manifest to "
                                          "write.")],
-    report: Annotated[Path, typer.Option(help="Eligibility report CSV to write (one row per "
-                                         "user).")] = Path("eligibility.csv"),
+    report: Annotated[Path, typer.Option(envvar=_env("REPORT"),
+                                         help="Eligibility report CSV to write (one row per "
+                                              "user).")] = Path("eligibility.csv"),
     factors: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        help="CSV user_id,factor (default factor 1).")] = None,
+        envvar=_env("FACTORS"), help="CSV user_id,factor (default factor 1).")] = None,
     policy: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         envvar=_env("POLICY"), help="TOML amount policy and fund size.")] = None,
     payer: PayerOption = None,
@@ -246,11 +281,14 @@ def _print_summary(m: Any, decimals: int) -> None:
 def manifest_sign(
     manifest: Annotated[Path, typer.Argument(help="Manifest JSON; the signature is added "
                                              "in place.")],
+    # No DISBURSER_KEYSTORE here: that setting is the payer's key (DESIGN.md), and an
+    # approver's signature must not default to it.
     keystore: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Approver's encrypted V3 keystore.")] = None,
     password_file: Annotated[Optional[str], typer.Option(  # noqa: UP045
         envvar=_env("PASSWORD_FILE"), help="File holding the keystore password.")] = None,
     private_key_env: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        envvar=_env("PRIVATE_KEY_ENV"),
         help="Name of an environment variable holding the approver's hex key.")] = None,
 ) -> None:
     """Sign a manifest (EIP-712) as one approver."""
@@ -335,7 +373,8 @@ def _verify(s: Settings, m: Any, source: str, payer: str | None = None) -> Any:
 @manifest_app.command("proof")
 def manifest_proof(
     manifest: Annotated[Path, typer.Argument()],
-    index: Annotated[int, typer.Option("--index", help="Payment index.")],
+    index: Annotated[int, typer.Option("--index", envvar=_env("INDEX"),
+                                       help="Payment index.")],
 ) -> None:
     """Print the Merkle proof of one payment (checkable with OpenZeppelin tooling)."""
     from eth_hash.auto import keccak
@@ -417,14 +456,16 @@ def send(
     mode: Annotated[ModeOpt, typer.Option(envvar=_env("MODE"),
                                           help="batch: through the batch contract; direct: "
                                                "one transfer per payment.")] = ModeOpt.batch,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send "
-                                          "nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", envvar=_env("DRY_RUN"),
+                                          help="Show what would be sent; send "
+                                               "nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", envvar=_env("YES"),
                                       help="Do not ask for confirmation.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Put payments marked "
-                                               "failed back in the queue.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", envvar=_env("RETRY_FAILED"),
+                                               help="Put payments marked "
+                                                    "failed back in the queue.")] = False,
     accept_past_transfers: Annotated[bool, typer.Option(
-        "--accept-past-transfers",
+        "--accept-past-transfers", envvar=_env("ACCEPT_PAST_TRANSFERS"),
         help="Record payments that the payer's transfers this ledger did not send already "
              "paid (a lost ledger) as paid elsewhere, instead of stopping.")] = False,
 ) -> None:
@@ -562,7 +603,8 @@ class _ProgressPrinter:
 
 @app.command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", envvar=_env("JSON"),
+                                          help="Machine-readable output.")] = False,
 ) -> None:
     """Payments by state, amounts paid and owed, transactions in flight, and the rate."""
     from disburser import ledger as lg
@@ -581,9 +623,11 @@ def reconcile(
         help="Manifest files to reconcile (besides those in the ledger).")] = None,
     program: Annotated[Optional[str], typer.Option(envvar=_env("PROGRAM"),  # noqa: UP045
                                                    help="Only this program.")] = None,
-    no_ledger: Annotated[bool, typer.Option("--no-ledger", help="Use the manifest files and "
-                                            "the chain only.")] = False,
-    fmt: Annotated[Fmt, typer.Option("--format", help="Report format.")] = Fmt.table,
+    no_ledger: Annotated[bool, typer.Option("--no-ledger", envvar=_env("NO_LEDGER"),
+                                            help="Use the manifest files and "
+                                                 "the chain only.")] = False,
+    fmt: Annotated[Fmt, typer.Option("--format", envvar=_env("FORMAT"),
+                                     help="Report format.")] = Fmt.table,
     output: Annotated[Optional[Path], typer.Option("-o", "--output",  # noqa: UP045
                                                    help="Write the report here.")] = None,
     from_block: Annotated[Optional[int], typer.Option(  # noqa: UP045
@@ -612,7 +656,8 @@ def devnet(
     block_time: Annotated[Optional[int], typer.Option(  # noqa: UP045
         envvar=_env("BLOCK_TIME"), help="Seconds per block (default: mine on demand).")
     ] = None,
-    env_out: Annotated[Path, typer.Option("--env-out", help="Write the settings here.")]
+    env_out: Annotated[Path, typer.Option("--env-out", envvar=_env("ENV_OUT"),
+                                          help="Write the settings here.")]
     = Path(".env.devnet"),
 ) -> None:
     """Start a local Anvil chain with a USDC at the mainnet address and a funded payer.

@@ -1,4 +1,5 @@
-"""Every command has help, and --help names the DISBURSER_* variable of each option."""
+"""Every command has help, every option has its DISBURSER_<NAME> variable (DESIGN.md) and
+--help names it, and a usage error is one line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from disburser.cli import app
@@ -39,3 +41,83 @@ def test_help_does_not_import_web3() -> None:
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# Options without DISBURSER_<NAME> (cli._env says why), and one named otherwise.
+NO_ENVVAR = {("allocate", "--output"), ("manifest build", "--output"),
+             ("reconcile", "--output"), ("key new", "--output"), ("manifest sign", "--keystore")}
+OTHER_NAME = {("devnet", "--port"): "DISBURSER_DEVNET_PORT"}
+
+
+def _options() -> list[tuple[str, str, object]]:
+    """(command path, long option name, its envvar) for every option of every command."""
+    out: list[tuple[str, str, object]] = []
+
+    def walk(cmd: typer.core.TyperCommand | typer.core.TyperGroup, path: str) -> None:
+        for p in cmd.params:
+            if p.param_type_name == "option" and "--help" not in p.opts:
+                long = max(p.opts, key=len)
+                out.append((path, long, p.envvar))
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}".strip())
+
+    walk(typer.main.get_command(app), "")
+    return out
+
+
+def test_every_option_has_its_environment_variable() -> None:
+    options = _options()
+    assert len(options) > 30
+    for path, long, envvar in options:
+        if (path, long) in NO_ENVVAR:
+            assert envvar is None, (path, long)
+            continue
+        want = OTHER_NAME.get((path, long),
+                              "DISBURSER_" + long.removeprefix("--").upper().replace("-", "_"))
+        assert envvar == want, (path, long, envvar)
+    assert NO_ENVVAR | set(OTHER_NAME) <= {(p, o) for p, o, _ in options}
+
+
+@pytest.mark.parametrize("path", sorted({p for p, _, _ in _options()}), ids=lambda p: p or "root")
+def test_help_names_every_variable(path: str) -> None:
+    r = CliRunner().invoke(app, [*path.split(), "--help"], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # the help is wrapped to the terminal's width
+    for p, _long, envvar in _options():
+        if p == path and envvar:
+            assert f"env var: {envvar}" in text, (path, envvar)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["send"], {}, "Missing argument 'manifest'."),
+    (["send", "m.json", "--bogus"], {}, "No such option: --bogus"),
+    (["send", "m.json", "--mode", "sideways"], {},
+     "Invalid value for '--mode' (env var: 'DISBURSER_MODE'): Value error, 'sideways' is not "
+     "one of 'batch', 'direct'."),
+    (["send", "m.json"], {"DISBURSER_DRY_RUN": "maybe"},
+     "Invalid value for '--dry-run' (env var: 'DISBURSER_DRY_RUN'): Input should be a valid "
+     "boolean, unable to interpret input"),
+    (["reconcile"], {"DISBURSER_FORMAT": "pdf"},
+     "Invalid value for '--format' (env var: 'DISBURSER_FORMAT'): Value error, 'pdf' is not "
+     "one of 'table', 'json', 'csv', 'html'."),
+])
+def test_usage_error_is_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    """The console script's path (a real process): exit 2, one line, no usage block."""
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", *args], capture_output=True,
+                       text=True, env={**_clean_env(), **env})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"disburser: error: {message}\n"
+    assert r.stdout == ""
+
+
+def test_no_arguments_still_shows_the_help() -> None:
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", "manifest"],
+                       capture_output=True, text=True, env=_clean_env())
+    assert r.returncode == 2
+    assert r.stderr.startswith("Usage: ") and "sign" in r.stderr
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("DISBURSER_")}

@@ -44,6 +44,18 @@ def _edit(path: Path, fn: Callable[[dict], None]) -> Path:  # type: ignore[type-
     return out
 
 
+@pytest.mark.parametrize("extra, expected", [
+    ({"DISBURSER_MODE": "sideways"}, "Invalid value for '--mode' (env var: 'DISBURSER_MODE'): "
+     "Value error, 'sideways' is not one of 'batch', 'direct'."),
+    ({"DISBURSER_RETRY_FAILED": "perhaps"}, "Invalid value for '--retry-failed' (env var: "
+     "'DISBURSER_RETRY_FAILED'): Input should be a valid boolean, unable to interpret input"),
+], ids=["mode", "boolean"])
+def test_bad_option_value_in_the_environment(env: Env, extra: dict[str, str],
+                                             expected: str) -> None:
+    m = env.signed_manifest(3)
+    _assert_refused(env, ["send", str(m), "--yes"], expected, extra, exact=True)
+
+
 def test_tampered_amount(env: Env) -> None:
     m = env.signed_manifest(3)
     bad = _edit(m, lambda d: d["payments"][1].__setitem__("amount", "99999999"))

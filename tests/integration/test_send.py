@@ -261,12 +261,25 @@ def test_status_json(env: Env) -> None:
     assert p["owed"] == "0"
     assert d["in_flight"] == []
     assert d["allowance"] == "0"
+    # The same from the environment (DISBURSER_<NAME> for every option, DESIGN.md).
+    r = env.cli("status", extra={"DISBURSER_JSON": "1"})
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["programs"] == d["programs"]
+    r = env.cli("reconcile", extra={"DISBURSER_FORMAT": "json"})
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["paid_total"] == str(mf.load(m).total)
 
 
-def test_dry_run_sends_nothing(env: Env) -> None:
+@pytest.mark.parametrize("args, extra", [
+    (["--dry-run"], {}),
+    # DISBURSER_DRY_RUN must hold even beside --yes: a wrapper that sets it expects nothing
+    # to be sent.
+    (["--yes"], {"DISBURSER_DRY_RUN": "1"}),
+], ids=["flag", "environment"])
+def test_dry_run_sends_nothing(env: Env, args: list[str], extra: dict[str, str]) -> None:
     m = env.signed_manifest(10)
     nonce = env.payer_nonce()
-    r = env.cli("send", str(m), "--dry-run")
+    r = env.cli("send", str(m), *args, extra=extra)
     assert r.code == 0, r.err
     assert "dry run: would pay 10 of 10 payments, 36.5 tokens" in r.out
     assert env.payer_nonce() == nonce
