@@ -131,7 +131,7 @@ def _details(r: dict[str, Any]) -> list[str]:
             ("raw_rpc_batch", "raw ceiling: pre-signed, JSON-RPC batches + evm_mine",
              t["n_batch"]),
             ("raw_measured", "raw ceiling with each window of 16 batches simulated first "
-             "(GasMeter, one round trip)", t["n_batch"]),
+             "(GasMeter, eth_calls in JSON-RPC batches of ≤ 1 MB)", t["n_batch"]),
             ("direct", f"engine, direct mode, blocks every {bt} s, "
              f"DISBURSER_MAX_IN_FLIGHT={t['direct_in_flight']}", t["n_direct"]),
             ("raw_direct_interval", f"direct ceiling: pre-signed transfers, JSON-RPC batches "
