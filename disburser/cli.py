@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -32,31 +31,12 @@ class _ErrorBoundary(TyperGroup):
     """The only place where an error becomes a message and an exit code: one line on
     stderr, no traceback unless --debug."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             windows_expand_args: bool = True, **extra: Any) -> Any:
-        """A usage error (a missing argument, an unknown option, a bad value given on the
-        command line or in a DISBURSER_* variable) is one line too, without typer's usage
-        block: ``disburser: error: Invalid value for '--mode' (env var: ...): ...``."""
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, windows_expand_args,
-                                **extra)
-        from typer._click.exceptions import NoArgsIsHelpError
-
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: Any = None, **extra: Any) -> Any:
         try:
-            rv = super().main(args, prog_name, complete_var, False, windows_expand_args,
-                              **extra)
-        except NoArgsIsHelpError as e:  # `disburser`, `disburser manifest`: the help
-            e.show()
-            sys.exit(e.exit_code)
-        except typer.TyperException as e:
-            sys.stderr.write(f"disburser: error: {e.format_message()}\n")
-            sys.exit(e.exit_code)
-        except typer.Abort:  # a confirmation answered no
-            sys.stderr.write("Aborted!\n")
-            sys.exit(1)
-        # Not standalone, typer returns the code of a typer.Exit (and a command's None).
-        sys.exit(rv if isinstance(rv, int) else 0)
+            return super().make_context(info_name, args, parent, **extra)
+        except typer.TyperException as e:  # `disburser --bogus`
+            _usage_fail(e)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -65,6 +45,8 @@ class _ErrorBoundary(TyperGroup):
             _fail(e, e.exit_code)
         except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
             raise
+        except typer.TyperException as e:  # a subcommand's usage error (parsed in here)
+            _usage_fail(e)
         except Exception as e:
             if type(e).__module__.startswith(("typer", "click")):
                 raise
@@ -80,7 +62,7 @@ app = typer.Typer(
     name="disburser",
     help="Pay a relief fund out on-chain from signed manifests: allocate, sign, send, "
     "reconcile. Every option can also be set as DISBURSER_<NAME> in the environment or .env "
-    "(not -o/--output, nor manifest sign --keystore).",
+    "(not -o/--output, manifest sign --keystore or send --accept-past-transfers).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -96,10 +78,12 @@ _state: dict[str, Any] = {"debug": False}
 
 
 def _env(name: str) -> str:
-    """Every option's variable is DISBURSER_<NAME> (DESIGN.md), with two exceptions:
+    """Every option's variable is DISBURSER_<NAME> (DESIGN.md), with three exceptions:
     ``-o/--output`` has none, because one variable for every command's output file would let
     one command write over another's (a report over a manifest); ``manifest sign
-    --keystore`` has none, because DISBURSER_KEYSTORE is the payer's key."""
+    --keystore`` has none, because DISBURSER_KEYSTORE is the payer's key; ``send
+    --accept-past-transfers`` has none, because it accepts what the operator has read in the
+    last refusal, and a standing setting would accept it with nobody reading."""
     return "DISBURSER_" + name
 
 
@@ -123,19 +107,36 @@ class ModeOpt(str, Enum):
     direct = "direct"
 
 
+_TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off", ""}
+
+
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", envvar=_env("DEBUG"),
                                         help="Show tracebacks.")] = False,
     env_file: Annotated[Path, typer.Option("--env-file", envvar=_env("ENV_FILE"),
                                            help="Settings file read before the environment "
-                                                "defaults.")] = Path(".env"),
+                                                "defaults (from the environment only, not "
+                                                "from the file itself).")] = Path(".env"),
 ) -> None:
     _state.clear()  # one invocation, one set of settings (CliRunner reuses the process)
     _state["debug"] = debug
+    from typer._click.core import ParameterSource
+
+    from disburser.errors import SettingsError
     from disburser.settings import load_dotenv
 
-    load_dotenv(env_file)
+    keys = load_dotenv(env_file)
+    _state["dotenv"] = (env_file, keys)
+    # The subcommands' options are parsed after this and see the file's variables; these
+    # two were parsed before it was read.
+    if _env("DEBUG") in keys and ctx.get_parameter_source("debug") is ParameterSource.DEFAULT:
+        value = os.environ[_env("DEBUG")].strip().lower()
+        if value not in _TRUE | _FALSE:
+            raise SettingsError(f"{env_file}: DISBURSER_DEBUG: {value!r} is not a boolean "
+                                "(1 or 0)")
+        _state["debug"] = value in _TRUE
 
 
 def settings() -> Settings:
@@ -279,6 +280,7 @@ def _print_summary(m: Any, decimals: int) -> None:
 
 @manifest_app.command("sign")
 def manifest_sign(
+    ctx: typer.Context,
     manifest: Annotated[Path, typer.Argument(help="Manifest JSON; the signature is added "
                                              "in place.")],
     # No DISBURSER_KEYSTORE here: that setting is the payer's key (DESIGN.md), and an
@@ -292,10 +294,15 @@ def manifest_sign(
         help="Name of an environment variable holding the approver's hex key.")] = None,
 ) -> None:
     """Sign a manifest (EIP-712) as one approver."""
+    from typer._click.core import ParameterSource
+
     from disburser import keys
     from disburser import manifest as mf
 
     m = mf.load(manifest)
+    if (keystore is not None and ctx.get_parameter_source("private_key_env")
+            is ParameterSource.ENVIRONMENT):
+        private_key_env = None  # --keystore on the command line wins over a standing setting
     if (keystore is None) == (private_key_env is None):
         raise InputError("give exactly one of --keystore or --private-key-env")
     if keystore is not None:
@@ -465,7 +472,7 @@ def send(
                                                help="Put payments marked "
                                                     "failed back in the queue.")] = False,
     accept_past_transfers: Annotated[bool, typer.Option(
-        "--accept-past-transfers", envvar=_env("ACCEPT_PAST_TRANSFERS"),
+        "--accept-past-transfers",
         help="Record payments that the payer's transfers this ledger did not send already "
              "paid (a lost ledger) as paid elsewhere, instead of stopping.")] = False,
 ) -> None:
@@ -762,6 +769,23 @@ def key_address(
     from disburser import keys
 
     typer.echo(keys.keystore_address(keystore, password_file))
+
+
+def _usage_fail(e: typer.TyperException) -> NoReturn:
+    """A usage error (a missing argument, an unknown option, a bad value on the command line
+    or in a DISBURSER_* variable) as one line, without typer's usage block. A group called
+    without a command still shows its help."""
+    from typer._click.exceptions import NoArgsIsHelpError
+
+    if isinstance(e, NoArgsIsHelpError):
+        raise e
+    msg = e.format_message()
+    path, keys = _state.get("dotenv", (None, []))
+    named = [k for k in keys if f"(env var: '{k}')" in msg]
+    if named:
+        msg += f" (set in {path})"
+    sys.stderr.write(f"disburser: error: {msg}\n")
+    raise SystemExit(e.exit_code)
 
 
 def _fail(e: BaseException, code: int) -> NoReturn:

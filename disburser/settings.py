@@ -18,11 +18,12 @@ DEFAULT_CEILING_TOKENS = "300000000"
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
-def load_dotenv(path: Path = Path(".env")) -> None:
+def load_dotenv(path: Path = Path(".env")) -> list[str]:
     """Put ``KEY=VALUE`` lines of ``path`` into the environment without overriding what is
-    already set (the environment wins over the file)."""
+    already set (the environment wins over the file); the keys it set."""
+    set_here: list[str] = []
     if not path.is_file():
-        return
+        return set_here
     for lineno, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -35,7 +36,10 @@ def load_dotenv(path: Path = Path(".env")) -> None:
         key, value = key.strip(), value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            set_here.append(key)
+    return set_here
 
 
 def checksum(address: str, *, where: str) -> str:

@@ -73,3 +73,28 @@ def test_proof_checks_with_the_reference_library(tmp_path: Path) -> None:
     assert r.stdout == "true", r.stderr
     code, _, err = _cli("manifest", "proof", str(m), "--index", "9")
     assert code == 2 and "--index 9: manifest has payments 0..8" in err
+
+
+def test_keystore_on_the_command_line_wins_over_the_private_key_env_setting(
+        tmp_path: Path) -> None:
+    """DISBURSER_PRIVATE_KEY_ENV standing in the environment does not make `manifest sign
+    --keystore` a contradiction: the command line wins."""
+    m = _build(tmp_path, [f"u1,{fresh_address('ks')},1"])
+    pw = tmp_path / "pw"
+    pw.write_text("a long enough password\n")
+    ks = tmp_path / "approver.json"
+    code, out, err = _cli("key", "new", "-o", str(ks), "--password-file", str(pw))
+    assert code == 0, err
+    address = out.strip()
+    r = CliRunner().invoke(app, ["manifest", "sign", str(m), "--keystore", str(ks),
+                                 "--password-file", str(pw)],
+                           env={**ENV, "DISBURSER_PRIVATE_KEY_ENV": "APPROVER_KEY",
+                                "APPROVER_KEY": dn.DEV_KEYS[2]}, catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == f"signed by {address} (1 signature(s))"
+    # Without --keystore the setting is used.
+    r = CliRunner().invoke(app, ["manifest", "sign", str(m)],
+                           env={**ENV, "DISBURSER_PRIVATE_KEY_ENV": "APPROVER_KEY",
+                                "APPROVER_KEY": dn.DEV_KEYS[2]}, catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == f"signed by {dn.DEV_ADDRESSES[2]} (2 signature(s))"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -45,7 +46,8 @@ def test_help_does_not_import_web3() -> None:
 
 # Options without DISBURSER_<NAME> (cli._env says why), and one named otherwise.
 NO_ENVVAR = {("allocate", "--output"), ("manifest build", "--output"),
-             ("reconcile", "--output"), ("key new", "--output"), ("manifest sign", "--keystore")}
+             ("reconcile", "--output"), ("key new", "--output"), ("manifest sign", "--keystore"),
+             ("send", "--accept-past-transfers")}
 OTHER_NAME = {("devnet", "--port"): "DISBURSER_DEVNET_PORT"}
 
 
@@ -101,18 +103,25 @@ def test_help_names_every_variable(path: str) -> None:
      "Invalid value for '--format' (env var: 'DISBURSER_FORMAT'): Value error, 'pdf' is not "
      "one of 'table', 'json', 'csv', 'html'."),
 ])
-def test_usage_error_is_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+def test_usage_error_is_one_line(args: list[str], env: dict[str, str], message: str,
+                                 tmp_path: Path) -> None:
     """The console script's path (a real process): exit 2, one line, no usage block."""
     r = subprocess.run([sys.executable, "-m", "disburser.cli", *args], capture_output=True,
-                       text=True, env={**_clean_env(), **env})
+                       text=True, env={**_clean_env(), **env}, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr == f"disburser: error: {message}\n"
     assert r.stdout == ""
 
 
-def test_no_arguments_still_shows_the_help() -> None:
+def test_root_usage_error_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", "--bogus", "status"],
+                       capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (2, "disburser: error: No such option: --bogus\n")
+
+
+def test_no_arguments_still_shows_the_help(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "disburser.cli", "manifest"],
-                       capture_output=True, text=True, env=_clean_env())
+                       capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith("Usage: ") and "sign" in r.stderr
 
@@ -121,3 +130,34 @@ def _clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("DISBURSER_")}
+
+
+def test_option_variables_from_the_env_file(tmp_path: Path) -> None:
+    """The .env file feeds the options' variables too, and a bad value there says so."""
+    (tmp_path / ".env").write_text("DISBURSER_FORMAT=pdf\n")
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", "reconcile"], cwd=tmp_path,
+                       capture_output=True, text=True, env=_clean_env())
+    assert r.returncode == 2
+    assert r.stderr == ("disburser: error: Invalid value for '--format' (env var: "
+                        "'DISBURSER_FORMAT'): Value error, 'pdf' is not one of 'table', "
+                        "'json', 'csv', 'html'. (set in .env)\n")
+
+
+@pytest.mark.parametrize("value, traceback", [("1", True), ("0", False)])
+def test_debug_from_the_env_file(tmp_path: Path, value: str, traceback: bool) -> None:
+    """--debug is parsed before .env is read; its variable in the file still counts."""
+    (tmp_path / ".env").write_text(f"DISBURSER_DEBUG={value}\nDISBURSER_DB=none.sqlite\n")
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", "status"], cwd=tmp_path,
+                       capture_output=True, text=True, env=_clean_env())
+    assert r.returncode == 2
+    assert r.stderr.rstrip().endswith("disburser: error: DISBURSER_DB none.sqlite: no ledger "
+                                      "yet (nothing was sent)")
+    assert ("Traceback" in r.stderr) is traceback
+
+
+def test_bad_debug_in_the_env_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DISBURSER_DEBUG=maybe\n")
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", "status"], cwd=tmp_path,
+                       capture_output=True, text=True, env=_clean_env())
+    assert (r.returncode, r.stderr) == (
+        2, "disburser: error: .env: DISBURSER_DEBUG: 'maybe' is not a boolean (1 or 0)\n")
