@@ -54,19 +54,16 @@ def summary_rows(r: dict[str, Any], quick: bool) -> list[list[str]]:
             f"+{_n(g['above_floor_plain'])}", "report", None)
     if t := r.get("throughput"):
         b, d, ty = t["batch"], t["direct"], t["typical"]
+        measured = t.get("measured", t["raw_measured"]["rate"])
         add(f"2. Batch mode, {_n(t['n_batch'])} recipients, ledger + log on (recipients/s)",
             f"{_n(b['rate'])}/s = {100 * t['batch_vs_raw']:.0f} % of the raw ceiling "
-            f"{_n(t['raw'])}/s ({100 * t['batch_vs_measured']:.0f} % of the "
-            f"{_n(t['raw_measured']['rate'])}/s the same pushes reach when every batch is "
-            "simulated first, as issue 3 requires)", "≥ 80 % of the raw ceiling",
-            t["batch_vs_raw"] >= 0.8)
-        if "bound_rate" in t:
-            add("2. Bound: what any sender reaches that verifies the manifest before paying "
-                "and simulates every batch (issue 3), with no ledger, log or receipts",
-                f"{_n(t['bound_rate'])}/s = {100 * t['bound_vs_raw']:.0f} % of the raw "
-                f"ceiling (load and verify {t['batch']['load'] + t['batch']['verify']:.2f} s "
-                f"+ the simulated push {t['raw_measured']['elapsed']:.2f} s); batch mode "
-                f"reaches {100 * t['batch_vs_bound']:.0f} % of it", "report", None)
+            f"{_n(t['raw'])}/s (`{t['raw_best']}`); {100 * t['batch_vs_measured']:.0f} % of "
+            f"the {_n(measured)}/s the faster push reaches when every batch is simulated "
+            "first, as issue 3 requires"
+            + (f"; {100 * t['batch_vs_sequential']:.0f} % of the push in the engine's own "
+               f"conditions (automine, one request per batch: "
+               f"{_n(t['raw_sequential']['rate'])}/s)" if "batch_vs_sequential" in t else ""),
+            "≥ 80 % of the raw ceiling", t["batch_vs_raw"] >= 0.8)
         add("2. Batch mode vs the typical web3.py script",
             f"{_n(b['rate'])}/s vs {ty['rate']:,.1f}/s = {t['batch_vs_typical']:,.0f}×",
             "≥ 200×", t["batch_vs_typical"] >= 200)
@@ -130,8 +127,11 @@ def _details(r: dict[str, Any]) -> list[str]:
             ("raw_sequential", "raw ceiling: pre-signed, one request per tx", t["n_batch"]),
             ("raw_rpc_batch", "raw ceiling: pre-signed, JSON-RPC batches + evm_mine",
              t["n_batch"]),
-            ("raw_measured", "raw ceiling with each window of 16 batches simulated first "
-             "(GasMeter, eth_calls in JSON-RPC batches of ≤ 1 MB)", t["n_batch"]),
+            ("raw_measured", "raw ceiling, one request per tx, each window of 16 batches "
+             "simulated first (GasMeter, eth_calls in JSON-RPC batches of ≤ 1 MB)",
+             t["n_batch"]),
+            ("raw_measured_rpc_batch", "raw ceiling, JSON-RPC batches + evm_mine, each "
+             "request's 8 batches simulated first", t["n_batch"]),
             ("direct", f"engine, direct mode, blocks every {bt} s, "
              f"DISBURSER_MAX_IN_FLIGHT={t['direct_in_flight']}", t["n_direct"]),
             ("raw_direct_interval", f"direct ceiling: pre-signed transfers, JSON-RPC batches "
@@ -146,6 +146,8 @@ def _details(r: dict[str, Any]) -> list[str]:
             ("typical_interval", f"typical web3.py script, blocks every {bt} s",
              t["n_typical_interval"]),
         ):
+            if key not in t:  # results saved before this measurement existed
+                continue
             v = t[key]
             extra = ""
             if "run_rate" in v:
