@@ -33,6 +33,7 @@ class _ErrorBoundary(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: Any = None, **extra: Any) -> Any:
+        _state.pop("dotenv", None)  # the last invocation's (CliRunner reuses the process)
         try:
             return super().make_context(info_name, args, parent, **extra)
         except typer.TyperException as e:  # `disburser --bogus`
