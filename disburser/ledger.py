@@ -374,6 +374,11 @@ class Ledger:
                 q = q.where(col(ManifestRow.program) == program)
             return list(s.exec(q))
 
+    def manifest_roots(self) -> set[str]:
+        """Every accepted manifest's root, lower-case (without the stored documents)."""
+        with self.session() as s:
+            return {str(r).lower() for r in s.exec(select(col(ManifestRow.root)))}
+
     def manifest(self, root: str) -> ManifestRow | None:
         with self.session() as s:
             return s.get(ManifestRow, root)

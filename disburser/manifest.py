@@ -19,7 +19,7 @@ from eth_hash.auto import keccak
 from disburser.addresses import to_checksum, to_checksum_many
 from disburser.amounts import parse_units
 from disburser.domain import MANIFEST_FORMAT, ZERO_ADDRESS, Manifest, Payment
-from disburser.errors import InputError, ManifestError
+from disburser.errors import InputError, ManifestError, SettingsError
 from disburser.merkle import MerkleTree
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -465,6 +465,10 @@ def verify(
     if now > m.not_after:
         raise ManifestError(f"{source}: manifest expired at not_after={m.not_after} (now {now})")
     allowed = set(approvers)
+    if m.payer in allowed:
+        # The key that sends would be one of the M: M of N by M - 1 people.
+        raise SettingsError(f"DISBURSER_APPROVERS lists the payer {m.payer} of {source}: the "
+                            "key that sends must not approve its own payments")
     signers = signers_of(m)
     approved: list[str] = []
     for j, signer in enumerate(signers):

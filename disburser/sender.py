@@ -431,15 +431,29 @@ class Sender:
         logs = [(t, key) for t, key in logs if t.tx_hash not in ours]
         if self._reads_bitmap():
             self._skip_paid_on_chain(root, count)
+        unknown: dict[str, tuple[str, int]] = {}  # manifest root -> (first tx, its block)
         if logs:
             trusted = (self.cfg.batch_contract or "").lower() if self._reads_bitmap() else None
+            known = self.ledger.manifest_roots()
             # Transaction -> the contract that paid this manifest in it, where this run does
-            # not read that contract's bitmap; a transaction whose Disbursed logs are all for
-            # other manifests or from the trusted contract is set aside.
+            # not read that contract's bitmap ("" for a transaction that paid a manifest this
+            # ledger does not know: its transfers may be these payments under another root,
+            # the same users re-sorted, say); a transaction whose Disbursed logs are all for
+            # other manifests this ledger knows, or this one from the trusted contract, is
+            # set aside.
             kept: dict[str, str | None] = {}
             for d in fetch_disbursed(self.chain, ch.DISBURSED_TOPIC, self.payer, start, head):
-                if d.contract != trusted and d.root == root.lower():
-                    kept[d.tx_hash] = d.contract
+                if d.tx_hash in ours:
+                    continue
+                if d.root == root.lower():
+                    if d.contract != trusted:
+                        kept[d.tx_hash] = d.contract
+                    else:
+                        kept.setdefault(d.tx_hash, None)
+                elif d.root not in known:
+                    unknown.setdefault(d.root, (d.tx_hash, d.block))
+                    if kept.get(d.tx_hash) is None:
+                        kept[d.tx_hash] = ""
                 else:
                     kept.setdefault(d.tx_hash, None)
             logs = [(t, key) for t, key in logs if kept.get(t.tx_hash, "") is not None]
@@ -484,11 +498,33 @@ class Sender:
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
                      amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
         keys = [key for _, _, key in matched]
-        listed = self.ledger.listed_transfers(root, start) if matched else set()
-        if matched and not (self.cfg.accept_past_transfers and listed.issuperset(keys)):
+        # Manifests this ledger does not know that the payer paid: they may hold this
+        # program's users and count against its ceiling, which only the ledger checks. Only
+        # while this manifest has something left to pay (one the bitmap found all paid is
+        # recorded freely: that is how a re-created ledger comes to know its manifests).
+        unknown_keys = ([f"manifest:{r}" for r in sorted(unknown)]
+                        if unknown and self.ledger.has_queued(root) else [])
+        for r in sorted(unknown) if unknown_keys else ():
+            log.info("payer_paid_unknown_manifest", root=root, other=r,
+                     tx_hash=unknown[r][0], block=unknown[r][1])
+        listing = keys + unknown_keys
+        listed = self.ledger.listed_transfers(root, start) if listing else set()
+        if listing and not (self.cfg.accept_past_transfers and listed.issuperset(listing)):
             # Accepted only once listed: --accept-past-transfers takes the matches a refusal
             # showed, never ones the operator has not seen (settings may change between).
-            self.ledger.list_matches(root, keys, start)
+            self.ledger.list_matches(root, listing, start)
+            if not matched:
+                other = min(unknown_keys)[len("manifest:"):]
+                raise FailClosed(
+                    f"the payer paid {len(unknown_keys)} manifest(s) that this ledger does not "
+                    f"know (first: {other}, in transaction {unknown[other][0]} in block "
+                    f"{unknown[other][1]}; all in the log as payer_paid_unknown_manifest): "
+                    "they may hold this program's users and count against its ceiling, "
+                    "which only a ledger that knows them checks. If they are this fund's, "
+                    "send them first into a new ledger (DISBURSER_DB; their contract's paid "
+                    f"bitmap makes that pay nothing already paid), then manifest {root}; if "
+                    "they are not, run `send --accept-past-transfers` or set "
+                    "DISBURSER_FROM_BLOCK after them. Nothing was sent")
             q, t, _ = matched[0]
             raise FailClosed(
                 f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "

@@ -199,6 +199,7 @@ class Disbursed(NamedTuple):
     tx_hash: str  # lower-case 0x hex
     contract: str  # lower-case 0x address
     root: str  # lower-case 0x hex (topic 2)
+    block: int
 
 
 def fetch_disbursed(chain: RpcLike, topic: str, payer: str, start: int,
@@ -215,7 +216,7 @@ def fetch_disbursed(chain: RpcLike, topic: str, payer: str, start: int,
             if lg.get("removed") or len(topics) < 3:
                 continue
             append(Disbursed(str(lg["transactionHash"]).lower(), str(lg["address"]).lower(),
-                             str(topics[2]).lower()))
+                             str(topics[2]).lower(), int(lg["blockNumber"], 16)))
             n += 1
         return n
 

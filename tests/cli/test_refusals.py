@@ -72,6 +72,19 @@ def test_unknown_signer(env: Env) -> None:
                     f"signatures[1]: signer {dn.DEV_ADDRESSES[0]} is not a configured approver")
 
 
+def test_payer_listed_as_an_approver(env: Env) -> None:
+    """The payer's key signing as one of the M approvers would make M of N need one person
+    fewer: a payer among DISBURSER_APPROVERS is refused, whoever signed."""
+    approvers = {"DISBURSER_APPROVERS": f"{dn.DEV_ADDRESSES[2]},{dn.PAYER}"}
+    m = env.signed_manifest(3, signers=(0,))
+    r = env.cli("manifest", "sign", str(m), "--private-key-env", "PAYER_KEY_HEX",
+                extra={"PAYER_KEY_HEX": dn.PAYER_KEY, **approvers})
+    assert r.code == 0, r.err
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"DISBURSER_APPROVERS lists the payer {dn.PAYER} of {m}: the key that "
+                    "sends must not approve its own payments", approvers, exact=True)
+
+
 def test_quorum_not_met(env: Env) -> None:
     m = env.signed_manifest(3, signers=(0,))
     _assert_refused(env, ["send", str(m), "--yes"],

@@ -192,6 +192,74 @@ def test_a_new_ledger_and_the_batch_contracts_transfers(
         assert env.balance(p.to) == 2 * p.amount
 
 
+def test_a_lost_ledger_does_not_pay_a_programs_users_again_under_another_root(
+        env: Env) -> None:
+    """Manifest A paid in batch mode, the ledger lost, then the same payments re-sorted (so
+    another root, whose bitmap knows nothing): the payer's batch transfers for A, a
+    manifest this ledger does not know, match them, and the run stops with nothing sent.
+    Accepted, they are paid elsewhere. In a new ledger that records A first (its bitmap
+    pays nothing), the re-sorted manifest is refused: a user is paid once per program."""
+    a = env.signed_manifest(5, name="a.json")
+    assert env.cli("send", str(a), "--yes").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    rows = (env.tmp / "a.json.csv").read_text().splitlines()
+    rev = _signed_from_csv(env, "rev", "together-initiative-2025-10",
+                           "\n".join([rows[0], *reversed(rows[1:])]) + "\n")
+    assert mf.load(rev).root != mf.load(a).root
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(rev), "--yes")
+    assert r.code == 2, r.err
+    assert f"5 payment(s) of manifest {mf.load(rev).root} match transfers" in r.err
+    assert env.payer_nonce() == nonce
+    _assert_all_paid_once(env, a)
+    r = env.cli("send", str(rev), "--yes", "--accept-past-transfers")
+    assert r.code == 0, r.err
+    assert "confirmed 5, failed 0, unpaid 0" in r.out and "in 0 new transaction(s)" in r.out
+    assert {p.status for p in _ledger(env).payments(mf.load(rev).root)} == {"paid_elsewhere"}
+    third = {"DISBURSER_DB": str(env.tmp / "third.sqlite")}
+    r = env.cli("send", str(a), "--yes", extra=third)
+    assert r.code == 0, r.err
+    assert "in 0 new transaction(s)" in r.out
+    r = env.cli("send", str(rev), "--yes", extra=third)
+    assert r.code == 2 and "is already in manifest" in r.err, r.err
+    assert env.payer_nonce() == nonce
+    _assert_all_paid_once(env, a)
+
+
+def test_a_second_ledger_does_not_go_over_the_ceiling(env: Env) -> None:
+    """A ledger that does not know a manifest the payer paid stops before paying another:
+    only a ledger counts a program's ceiling. Recording the paid manifest first (its
+    bitmap pays nothing) brings the ceiling back into play."""
+    program = "together-initiative-2025-10"
+    first = _signed_from_csv(env, "first", program, "id,to,amount\n" + "".join(
+        f"f{i},{fresh_address(f'first{i}')},10\n" for i in range(2)))
+    second = _signed_from_csv(env, "second", program, "id,to,amount\n" + "".join(
+        f"s{i},{fresh_address(f'second{i}')},10\n" for i in range(2)))
+    ceiling = {"DISBURSER_CEILING": f"{program}=30"}
+    assert env.cli("send", str(first), "--yes", extra=ceiling).code == 0
+    other = {**ceiling, "DISBURSER_DB": str(env.tmp / "other.sqlite")}
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(second), "--yes", extra=other)
+    assert r.code == 2, r.err
+    assert r.err.startswith(
+        "disburser: error: the payer paid 1 manifest(s) that this ledger does not know "
+        f"(first: {mf.load(first).root}, in transaction 0x"), r.err
+    assert env.payer_nonce() == nonce
+    assert [env.balance(p.to) for p in mf.load(second).payments] == [0, 0]
+    lines = [json.loads(x) for x in Path(env.vars["DISBURSER_LOG_FILE"]).read_text()
+             .splitlines()]
+    assert [x["other"] for x in lines if x["event"] == "payer_paid_unknown_manifest"] == [
+        mf.load(first).root]
+    # As the refusal says: the paid manifest first, into a new ledger.
+    third = {**ceiling, "DISBURSER_DB": str(env.tmp / "third.sqlite")}
+    r = env.cli("send", str(first), "--yes", extra=third)
+    assert r.code == 0 and "in 0 new transaction(s)" in r.out, r.err
+    r = env.cli("send", str(second), "--yes", extra=third)
+    assert r.code == 2 and "exceeds the ceiling" in r.err, r.err
+    assert env.payer_nonce() == nonce
+    assert [env.balance(p.to) for p in mf.load(second).payments] == [0, 0]
+
+
 def test_lost_ledger_with_a_batch_replayed_on_chain_pays_no_one_twice(env: Env) -> None:
     """Even sending the same batch calldata again (a lost ledger and no pre-check), the
     contract's bitmap skips every payment already made."""

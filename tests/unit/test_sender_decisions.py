@@ -24,7 +24,7 @@ from disburser.sender import METER_TRIES, WINDOW, SendConfig, Sender
 
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 BATCH = "0x9fE46736679d2D9a65F0992F2272dE9f3c7fa6e0"
-TO = ["0x" + f"{i + 1:040x}" for i in range(4)]
+TO = ["0x" + f"{i + 1:040x}" for i in range(5)]
 
 
 class FakeChain:
@@ -430,7 +430,7 @@ class HistoryChain(FakeChain):
         assert method == "eth_getLogs"
         if params[0]["topics"][0] == ch.DISBURSED_TOPIC:
             assert "address" not in params[0]  # any contract: the engine judges which
-            return [{"transactionHash": tx, "address": c,
+            return [{"transactionHash": tx, "address": c, "blockNumber": "0x5",
                      "topics": [ch.DISBURSED_TOPIC, params[0]["topics"][1], root]}
                     for tx, c, root in self.disbursed]
         self.asked += 1
@@ -541,31 +541,81 @@ def test_only_the_very_transfer_recorded_for_another_manifest_is_set_aside(
 
 
 @pytest.mark.parametrize(("mode", "contract", "other_root", "stops"), [
-    (Mode.BATCH, BATCH, False, False),  # the bitmap judges the contract's transactions
-    (Mode.DIRECT, BATCH, False, False),  # the same: direct mode reads the bitmap too
-    (Mode.DIRECT, None, False, True),  # an unknown contract paid this manifest: a match
-    (Mode.DIRECT, None, True, False),  # it paid another manifest: not a payment of this one
+    (Mode.BATCH, BATCH, None, False),  # the bitmap judges the contract's transactions
+    (Mode.DIRECT, BATCH, None, False),  # the same: direct mode reads the bitmap too
+    (Mode.DIRECT, None, None, True),  # an unknown contract paid this manifest: a match
+    (Mode.DIRECT, None, "known", False),  # it paid another manifest this ledger knows
+    # ... one it does not know (a lost ledger; the same users re-sorted under another
+    # root, say): a match, from any contract
+    (Mode.DIRECT, None, "unknown", True),
+    (Mode.BATCH, BATCH, "unknown", True),
 ])
 def test_transfers_of_batch_transactions(tmp_path: Path, mode: Mode, contract: str | None,
-                                         other_root: bool, stops: bool) -> None:
-    """A transfer in a transaction whose Disbursed log names another manifest paid that
-    one; in the batch contract's own transaction, where the run reads its bitmap (batch
-    mode; direct mode with DISBURSER_BATCH_CONTRACT set and verified), it is the bitmap's
-    to judge, exactly by manifest and index. Otherwise it is matched like any other."""
+                                         other_root: str | None, stops: bool) -> None:
+    """A transfer in a transaction whose Disbursed log names another manifest this ledger
+    knows paid that one; in the batch contract's own transaction for this manifest, where
+    the run reads its bitmap (batch mode; direct mode with DISBURSER_BATCH_CONTRACT set and
+    verified), it is the bitmap's to judge, exactly by manifest and index. Otherwise it is
+    matched like any other."""
     chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
     s.cfg = dataclasses.replace(s.cfg, mode=mode, batch_contract=contract)
     if mode is Mode.DIRECT and contract:
         s._bitmap = True  # verify_batch_contract found BatchPayout's code there
     chain.logs = [("0x" + "ba" * 32, TO[0], 10)]
-    root = "0x" + "ee" * 32 if other_root else m.root
+    root = m.root
+    if other_root == "known":
+        other = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=s.payer,
+                              not_after=2**40, payments=[Payment(0, "v0", TO[3], 5)])
+        s.ledger.accept_manifest(other, ceiling=10**12, signers=[])
+        root = other.root
+    elif other_root == "unknown":
+        root = "0x" + "ee" * 32
     chain.disbursed = [("0x" + "BA" * 32, contract or "0x" + "c0" * 20, root)]
     if stops:
-        with pytest.raises(FailClosed):
+        with pytest.raises(FailClosed, match="match transfers from the payer"):
             s._skip_paid_by_transfers(m.root, 1)
+        assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
+        assert chain.sent == []
     else:
         s._skip_paid_by_transfers(m.root, 1)
         assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
         assert s.ledger.history_checked(m.root, 0)
+
+
+def test_a_manifest_the_ledger_does_not_know_stops_the_run(tmp_path: Path) -> None:
+    """The payer paid a manifest this ledger does not know (a lost ledger, a second ledger):
+    even with no payment matching, it may hold this program's users and count against its
+    ceiling, which only the ledger checks. The run stops, listing it; a manifest with
+    nothing left to pay is recorded freely (how a re-created ledger learns its manifests);
+    --accept-past-transfers goes on once the refusal listed it."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    other = "0x" + "ee" * 32
+    chain.logs = [("0x" + "ba" * 32, TO[3], 99)]  # its payment: not one of this manifest's
+    chain.disbursed = [("0x" + "ba" * 32, "0x" + "c0" * 20, other)]
+    with pytest.raises(FailClosed) as e:
+        s._skip_paid_by_transfers(m.root, 1)
+    assert str(e.value) == (
+        f"the payer paid 1 manifest(s) that this ledger does not know (first: {other}, in "
+        f"transaction 0x{'ba' * 32} in block 5; all in the log as payer_paid_unknown_manifest):"
+        " they may hold this program's users and count against its ceiling, which only a "
+        "ledger that knows them checks. If they are this fund's, send them first into a new "
+        "ledger (DISBURSER_DB; their contract's paid bitmap makes that pay nothing already "
+        f"paid), then manifest {m.root}; if they are not, run `send --accept-past-transfers` "
+        "or set DISBURSER_FROM_BLOCK after them. Nothing was sent")
+    assert not s.ledger.history_checked(m.root, 0) and chain.sent == []
+    # Accepted once listed.
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
+    s._skip_paid_by_transfers(m.root, 1)
+    assert s.ledger.history_checked(m.root, 0)
+    assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
+    # Nothing left to pay: recorded without a refusal.
+    done = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
+                         not_after=2**40, payments=[Payment(0, "w0", TO[4], 7)])
+    s.ledger.accept_manifest(done, ceiling=10**12, signers=[])
+    s.ledger.mark_paid_elsewhere(done.root, [0], contract=BATCH)
+    s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
+    s._skip_paid_by_transfers(done.root, 1)  # no queued payment: returns at once
+    assert [p.status for p in s.ledger.payments(done.root)] == ["paid_elsewhere"]
 
 
 def test_the_bitmap_is_applied_with_the_check(tmp_path: Path) -> None:
