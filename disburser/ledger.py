@@ -374,6 +374,14 @@ class Ledger:
                 q = q.where(col(ManifestRow.program) == program)
             return list(s.exec(q))
 
+    def approved_spenders(self, payer: str, token: str) -> set[str]:
+        """Every spender ``payer`` approved on ``token`` through this ledger (lower-case)."""
+        with self.session() as s:
+            datas = s.exec(select(col(TxRow.data)).where(
+                col(TxRow.payer) == payer, col(TxRow.kind) == "approve",
+                func.lower(col(TxRow.to)) == token.lower()))
+            return {"0x" + str(d)[34:74].lower() for d in datas}
+
     def manifest_roots(self) -> set[str]:
         """Every accepted manifest's root, lower-case (without the stored documents)."""
         with self.session() as s:
@@ -629,17 +637,20 @@ class Ledger:
                         from_block=from_block)
 
     def record_history_check(self, root: str, idxs: Sequence[int], transfers: Sequence[str],
-                             *, from_block: int, to_block: int) -> None:
+                             *, from_block: int, to_block: int,
+                             unknown_manifests: Sequence[str] = ()) -> None:
         """The payments ``idxs`` of ``root`` were found paid by the Transfer logs
         ``transfers`` ("tx hash:place in it", one each, in order) that this ledger did not send
         (blocks ``from_block``..``to_block``): paid elsewhere, in one transaction with the
-        note that ``root`` was checked."""
+        note that ``root`` was checked (and which manifests the payer paid that this ledger
+        did not know, accepted by the operator)."""
         assert len(idxs) == len(transfers)
         with self.session() as s:
             if idxs:
                 self._paid_elsewhere(s, root, idxs, PAID_BY_TRANSFER, transfers)
+            extra = {"unknown_manifests": list(unknown_manifests)} if unknown_manifests else {}
             self._event(s, HISTORY_CHECKED, root=root, from_block=from_block,
-                        to_block=to_block, found=len(idxs))
+                        to_block=to_block, found=len(idxs), **extra)
 
     # --- nonces and transactions -------------------------------------------------------
 

@@ -247,6 +247,7 @@ class Sender:
         self._skip_paid_by_transfers(m.root, m.count)
         # Settle what an earlier run left in flight before new allowance or batches.
         self._drain()
+        self._withdraw_unused_allowances()
         if self._reads_bitmap():
             self._skip_paid_on_chain(m.root, m.count)
         owed = self._check_funds(m.root)
@@ -442,8 +443,11 @@ class Sender:
             # other manifests this ledger knows, or this one from the trusted contract, is
             # set aside.
             kept: dict[str, str | None] = {}
+            # Anyone may emit a Disbursed log naming the payer: only a transaction with the
+            # payer's own transfers of this token (not this ledger's) paid a manifest.
+            paying = {t.tx_hash for t, _ in logs}
             for d in fetch_disbursed(self.chain, ch.DISBURSED_TOPIC, self.payer, start, head):
-                if d.tx_hash in ours:
+                if d.tx_hash in ours or d.tx_hash not in paying:
                     continue
                 if d.root == root.lower():
                     if d.contract != trusted:
@@ -513,30 +517,34 @@ class Sender:
             # Accepted only once listed: --accept-past-transfers takes the matches a refusal
             # showed, never ones the operator has not seen (settings may change between).
             self.ledger.list_matches(root, listing, start)
-            if not matched:
+            msg = []
+            if unknown_keys:
                 other = min(unknown_keys)[len("manifest:"):]
-                raise FailClosed(
+                msg.append(
                     f"the payer paid {len(unknown_keys)} manifest(s) that this ledger does not "
                     f"know (first: {other}, in transaction {unknown[other][0]} in block "
                     f"{unknown[other][1]}; all in the log as payer_paid_unknown_manifest): "
                     "they may hold this program's users and count against its ceiling, "
                     "which only a ledger that knows them checks. If they are this fund's, "
-                    "send them first into a new ledger (DISBURSER_DB; their contract's paid "
-                    f"bitmap makes that pay nothing already paid), then manifest {root}; if "
-                    "they are not, run `send --accept-past-transfers` or set "
-                    "DISBURSER_FROM_BLOCK after them. Nothing was sent")
-            q, t, _ = matched[0]
-            raise FailClosed(
-                f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "
-                f"that this ledger did not send (first: payments[{q.idx}] {q.amount} base "
-                f"units to {q.to}, as transaction {t.tx_hash} in block {t.block}; all in the "
-                "log as past_transfer_matches_payment). If this fund paid them (a lost "
-                "ledger), run `send --accept-past-transfers` to record them as paid "
-                "elsewhere; if those transfers were for something else, set "
-                "DISBURSER_FROM_BLOCK after them and before the fund's first payment. "
-                "Nothing was sent")
-        self.ledger.record_history_check(root, [q.idx for q, _, _ in matched], keys,
-                                         from_block=start, to_block=head)
+                    "send each of them with this ledger (their contract's paid bitmap makes "
+                    "that pay nothing already paid; approvers re-sign an expired one with a "
+                    f"later not_after), then manifest {root} again; if they are not, run "
+                    "`send --accept-past-transfers` or set DISBURSER_FROM_BLOCK after them.")
+            if matched:
+                q, t, _ = matched[0]
+                msg.append(
+                    f"{len(matched)} payment(s) of manifest {root} match transfers from the "
+                    f"payer that this ledger did not send (first: payments[{q.idx}] "
+                    f"{q.amount} base units to {q.to}, as transaction {t.tx_hash} in block "
+                    f"{t.block}; all in the log as past_transfer_matches_payment). If this "
+                    "fund paid them (a lost ledger), run `send --accept-past-transfers` to "
+                    "record them as paid elsewhere; if those transfers were for something "
+                    "else, set DISBURSER_FROM_BLOCK after them and before the fund's first "
+                    "payment.")
+            raise FailClosed(" Also: ".join(msg) + " Nothing was sent")
+        self.ledger.record_history_check(
+            root, [q.idx for q, _, _ in matched], keys, from_block=start, to_block=head,
+            unknown_manifests=[k[len("manifest:"):] for k in unknown_keys])
         if matched:
             log.warning("payments_already_paid_by_transfers", root=root, count=len(matched),
                         from_block=start, to_block=head)
@@ -600,6 +608,24 @@ class Sender:
                 raise Interrupted("stopped by operator while the approval was pending")
             if not self._poll():
                 self.sleep(self.cfg.poll_interval)
+
+    def _withdraw_unused_allowances(self) -> None:
+        """An allowance this run does not pay through is owed nothing (invariant 2): a batch
+        run cut short and resumed in direct mode, or with another DISBURSER_BATCH_CONTRACT,
+        left one at what was then owed. Each spender this ledger approved on the token,
+        other than the batch contract of this run, is set back to 0 (without waiting: its
+        nonce comes before any payment of this run)."""
+        using = (self.cfg.batch_contract or "").lower() if self.cfg.mode is Mode.BATCH else ""
+        for spender in sorted(self.ledger.approved_spenders(self.payer, self.cfg.token)):
+            if spender == using or self.chain.allowance(self.cfg.token, self.payer,
+                                                        spender) == 0:
+                continue
+            data = ch.enc_approve(spender, 0)
+            gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer, self.cfg.token,
+                                                                 data))
+            self._sign_and_send(kind="approve", root=None, to=self.cfg.token, data=data,
+                                gas=gas, rows=(), amount=0)
+            log.info("allowance_withdrawn", spender=spender, reason="not used by this run")
 
     def _withdraw_allowance_on_stop(self) -> None:
         """On Ctrl-C/SIGTERM in batch mode: sign and broadcast approve(0) without waiting.

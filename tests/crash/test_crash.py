@@ -64,6 +64,29 @@ def test_sigkill_at_each_point_then_resume(slow_env: Env, point: str, mode: str)
 
 
 @pytest.mark.slow
+def test_batch_run_killed_then_resumed_in_direct_mode_withdraws_the_allowance(
+        slow_env: Env) -> None:
+    """Killed in batch mode, the allowance stays at what was owed; resumed in direct mode
+    (the batch contract no longer even configured), nothing is owed through the contract
+    any more: the run sets it back to 0 (invariant 2), and pays everyone once."""
+    env = slow_env
+    m = env.signed_manifest(N)
+    r = env.proc("send", str(m), "--yes", extra={"DISBURSER_TEST_CRASH_AT": "after_broadcast:2"})
+    assert r.code == -signal.SIGKILL, (r.code, r.err)
+    deadline = time.monotonic() + 10  # the approval, broadcast before the kill, is mined
+    while env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0:
+        assert time.monotonic() < deadline, "the approval was never mined"
+        time.sleep(0.1)
+    r = env.proc("send", str(m), "--yes", "--mode", "direct",
+                 extra={"DISBURSER_BATCH_CONTRACT": ""})
+    assert r.code == 0, r.err
+    _check_exactly_once(env, m)  # allowance 0 among the rest
+    approvals = [t for t in Ledger(Path(env.vars["DISBURSER_DB"])).txs(dn.PAYER)
+                 if t.kind == "approve"]
+    assert [t.amount for t in approvals] == [str(mf.load(m).total), "0"]
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments(slow_env: Env) -> None:
     env = slow_env
     m = env.signed_manifest(N)

@@ -4,6 +4,7 @@ suites run the same loop against a real Anvil)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment, PaymentStatus
 from disburser.errors import FailClosed, RpcError, SettingsError
 from disburser.keys import Signer
-from disburser.ledger import PAID_BY_TRANSFER, Ledger
+from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger
 from disburser.manifest import make_manifest
 from disburser.sender import METER_TRIES, WINDOW, SendConfig, Sender
 
@@ -598,16 +599,19 @@ def test_a_manifest_the_ledger_does_not_know_stops_the_run(tmp_path: Path) -> No
         f"the payer paid 1 manifest(s) that this ledger does not know (first: {other}, in "
         f"transaction 0x{'ba' * 32} in block 5; all in the log as payer_paid_unknown_manifest):"
         " they may hold this program's users and count against its ceiling, which only a "
-        "ledger that knows them checks. If they are this fund's, send them first into a new "
-        "ledger (DISBURSER_DB; their contract's paid bitmap makes that pay nothing already "
-        f"paid), then manifest {m.root}; if they are not, run `send --accept-past-transfers` "
-        "or set DISBURSER_FROM_BLOCK after them. Nothing was sent")
+        "ledger that knows them checks. If they are this fund's, send each of them with this "
+        "ledger (their contract's paid bitmap makes that pay nothing already paid; approvers "
+        f"re-sign an expired one with a later not_after), then manifest {m.root} again; if "
+        "they are not, run `send --accept-past-transfers` or set DISBURSER_FROM_BLOCK after "
+        "them. Nothing was sent")
     assert not s.ledger.history_checked(m.root, 0) and chain.sent == []
-    # Accepted once listed.
+    # Accepted once listed, and the acceptance recorded.
     s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=True)
     s._skip_paid_by_transfers(m.root, 1)
     assert s.ledger.history_checked(m.root, 0)
     assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
+    (checked,) = s.ledger.events(HISTORY_CHECKED)
+    assert json.loads(checked.data)["unknown_manifests"] == [other]
     # Nothing left to pay: recorded without a refusal.
     done = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=s.payer,
                          not_after=2**40, payments=[Payment(0, "w0", TO[4], 7)])
@@ -616,6 +620,46 @@ def test_a_manifest_the_ledger_does_not_know_stops_the_run(tmp_path: Path) -> No
     s.cfg = dataclasses.replace(s.cfg, accept_past_transfers=False)
     s._skip_paid_by_transfers(done.root, 1)  # no queued payment: returns at once
     assert [p.status for p in s.ledger.payments(done.root)] == ["paid_elsewhere"]
+
+
+def test_a_disbursed_log_without_the_payers_transfers_names_no_manifest(
+        tmp_path: Path) -> None:
+    """Anyone may emit a Disbursed log naming the payer: in a transaction without the
+    payer's own transfers of the token it paid nothing, and stops nothing."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    chain.logs = [("0x" + "ba" * 32, TO[3], 99)]
+    chain.disbursed = [("0x" + "bb" * 32, "0x" + "66" * 20, "0x" + "ee" * 32)]
+    s._skip_paid_by_transfers(m.root, 1)
+    assert s.ledger.history_checked(m.root, 0)
+
+
+def test_a_manifest_all_paid_is_recorded_beside_unknown_ones(tmp_path: Path) -> None:
+    """A lost ledger re-learns its manifests by sending them again: one the bitmap finds
+    all paid is recorded without a stop, though the payer paid others it does not know
+    yet."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    s.cfg = dataclasses.replace(s.cfg, batch_contract=BATCH)
+    chain.logs = [("0x" + "ba" * 32, TO[0], 10), ("0x" + "bb" * 32, TO[3], 5)]
+    chain.disbursed = [("0x" + "ba" * 32, BATCH, m.root),
+                       ("0x" + "bb" * 32, BATCH, "0x" + "ee" * 32)]
+    chain.paid_bits = {0: 0b1}
+    s._skip_paid_by_transfers(m.root, 1)
+    assert [p.status for p in s.ledger.payments(m.root)] == ["paid_elsewhere"]
+    assert s.ledger.history_checked(m.root, 0)
+
+
+def test_matches_and_unknown_manifests_are_shown_together(tmp_path: Path) -> None:
+    """--accept-past-transfers accepts everything the refusal listed: the refusal says
+    everything it listed."""
+    chain, s, m = _history(tmp_path, [Payment(0, "u0", TO[0], 10)])
+    chain.logs = [("0x" + "aa" * 32, TO[0], 10), ("0x" + "bb" * 32, TO[3], 5)]
+    chain.disbursed = [("0x" + "bb" * 32, "0x" + "c0" * 20, "0x" + "ee" * 32)]
+    with pytest.raises(FailClosed) as e:
+        s._skip_paid_by_transfers(m.root, 1)
+    msg = str(e.value)
+    assert msg.startswith("the payer paid 1 manifest(s) that this ledger does not know")
+    assert f" Also: 1 payment(s) of manifest {m.root} match transfers" in msg
+    assert msg.endswith("Nothing was sent") and msg.count("Nothing was sent") == 1
 
 
 def test_the_bitmap_is_applied_with_the_check(tmp_path: Path) -> None:
