@@ -621,8 +621,14 @@ class Sender:
                                                         spender) == 0:
                 continue
             data = ch.enc_approve(spender, 0)
-            gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer, self.cfg.token,
-                                                                 data))
+            try:
+                gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer,
+                                                                     self.cfg.token, data))
+            except ch.NodeError as e:
+                # A paused token refuses approve: the funds check says so next; the
+                # allowance is withdrawn by a later run.
+                log.warning("allowance_not_withdrawn", spender=spender, error=str(e))
+                continue
             self._sign_and_send(kind="approve", root=None, to=self.cfg.token, data=data,
                                 gas=gas, rows=(), amount=0)
             log.info("allowance_withdrawn", spender=spender, reason="not used by this run")
