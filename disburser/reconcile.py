@@ -109,6 +109,9 @@ class Kind(enum.StrEnum):
     # The ledger says confirmed but the chain shows no transfer, or the ledger says
     # queued/failed but the chain shows one, or another transaction than the ledger's.
     LEDGER_DISAGREES = "ledger_disagrees"
+    # One user id in two manifests (two roots) of one program: a user is paid once per
+    # program, and the ledger refuses such a manifest; files (or a lost ledger) may not.
+    DUPLICATE_ID = "duplicate_id"
 
 
 # Ledger payment statuses (domain.PaymentStatus values) that claim the money went out, and
@@ -311,6 +314,27 @@ def dedupe(manifests: Iterable[Manifest | ManifestIn]) -> list[ManifestIn]:
 
 
 @bulk()
+def _duplicate_ids(results: Sequence[PaymentResult]) -> list[dict[str, Any]]:
+    """A finding for each user id found in more than one manifest of its program, at its
+    last one, with what every occurrence was paid."""
+    seen: dict[tuple[str, str], list[PaymentResult]] = {}
+    for r in results:
+        seen.setdefault((r.program, r.id), []).append(r)
+    out: list[dict[str, Any]] = []
+    for (name, pid), rs in seen.items():
+        if len({r.manifest for r in rs}) < 2:
+            continue
+        last = rs[-1]
+        others = "; ".join(f"{r.manifest} index {r.idx} paid {r.paid}" for r in rs[:-1])
+        out.append({
+            "kind": Kind.DUPLICATE_ID.value, "program": name, "manifest": last.manifest,
+            "index": last.idx, "id": pid, "to": last.to, "expected": str(last.amount),
+            "paid": str(sum(r.paid for r in rs)),
+            "detail": f"id also in {others} (a user is paid once per program)",
+        })
+    return out
+
+
 def reconcile(
     manifests: Sequence[Manifest | ManifestIn],
     transfers: Sequence[Transfer],
@@ -507,6 +531,8 @@ def reconcile(
                 "ceiling": str(ceiling), "expected": str(ceiling), "committed": str(committed),
                 "excess": str(committed - ceiling),
             })
+
+    program_findings += _duplicate_ids(results)
 
     manifest_summaries = tuple(
         ManifestSummary(

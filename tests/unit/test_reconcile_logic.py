@@ -340,6 +340,27 @@ def test_same_manifest_twice_is_counted_once() -> None:
     assert r.manifests[0].sources == ("ledger", "m.json")
 
 
+def test_one_user_in_two_manifests_of_a_program_is_a_finding() -> None:
+    """The same payments re-sorted (another root) and paid again: each manifest alone looks
+    paid; the same id in both is the finding. The same id in another program is not."""
+    a = manifest([(addr(1), 2 * U), (addr(2), 3 * U)])
+    rev = make_manifest(program="relief", chain_id=31337, token=TOKEN, payer=PAYER,
+                        not_after=2_000_000_000,
+                        payments=[Payment(0, "u-1", addr(2), 3 * U),
+                                  Payment(1, "u-0", addr(1), 2 * U)])
+    loans = manifest([(addr(1), 2 * U)], program="loans")
+    assert rev.root != a.root
+    r = run([a, rev, loans], [tr(addr(1), 2 * U), tr(addr(2), 3 * U), tr(addr(1), 2 * U),
+                              tr(addr(2), 3 * U), tr(addr(1), 2 * U)])
+    found = [d for d in r.discrepancies if d["kind"] == "duplicate_id"]
+    assert [(d["program"], d["id"], d["manifest"], d["paid"]) for d in found] == [
+        ("relief", "u-0", rev.root, str(4 * U)), ("relief", "u-1", rev.root, str(6 * U))]
+    assert found[0]["detail"] == (f"id also in {a.root} index 0 paid {2 * U} (a user is paid "
+                                  "once per program)")
+    assert r.exit_code == 1
+    assert "duplicate_id" in render(r, "table")
+
+
 def test_default_from_block_is_safe() -> None:
     m1 = manifest([(addr(1), U)], program="relief")
     m2 = manifest([(addr(1), U)], program="loans")
