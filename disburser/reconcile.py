@@ -314,12 +314,15 @@ def dedupe(manifests: Iterable[Manifest | ManifestIn]) -> list[ManifestIn]:
 
 
 @bulk()
-def _duplicate_ids(results: Sequence[PaymentResult]) -> list[dict[str, Any]]:
-    """A finding for each user id found in more than one manifest of its program, at its
-    last one, with what every occurrence was paid."""
+def _duplicate_ids(results: Sequence[PaymentResult], programs: set[str]
+                   ) -> list[dict[str, Any]]:
+    """A finding for each user id found in more than one manifest of its program (of
+    ``programs``, those with several manifests), at its last one, with what every
+    occurrence was paid."""
     seen: dict[tuple[str, str], list[PaymentResult]] = {}
     for r in results:
-        seen.setdefault((r.program, r.id), []).append(r)
+        if r.program in programs:
+            seen.setdefault((r.program, r.id), []).append(r)
     out: list[dict[str, Any]] = []
     for (name, pid), rs in seen.items():
         if len({r.manifest for r in rs}) < 2:
@@ -532,7 +535,8 @@ def reconcile(
                 "excess": str(committed - ceiling),
             })
 
-    program_findings += _duplicate_ids(results)
+    per_program = Counter(e.manifest.program for e in entries)
+    program_findings += _duplicate_ids(results, {n for n, k in per_program.items() if k > 1})
 
     manifest_summaries = tuple(
         ManifestSummary(
