@@ -913,6 +913,13 @@ class Sender:
             # the next run, so the message must not claim that nothing was sent.
             raise FailClosed(f"token {self.cfg.token} is paused; stopped before sending any "
                              "more. Run `send` again once it is unpaused")
+        spender = self.cfg.batch_contract if self.cfg.mode is Mode.BATCH else None
+        for who, what in ((self.payer, "payer"), (spender, "batch contract")):
+            # Blacklisted after the run began: every recipient would be blamed in turn.
+            if who and self.chain.blacklisted(self.cfg.token, who):
+                raise FailClosed(f"the token {self.cfg.token} blacklists the {what} {who}; "
+                                 "stopped before sending any more. Run `send` again once it "
+                                 "is lifted")
         low = reason.lower()
         if "exceeds balance" in low or "exceeds allowance" in low:
             raise FailClosed(f"token {self.cfg.token} refused the batch: {reason}; "

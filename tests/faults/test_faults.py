@@ -694,6 +694,34 @@ def test_token_paused_mid_run_stops_with_exit_2_then_a_rerun_finishes(
         [TxStatus.REVERTED.value] * 3 + [TxStatus.CONFIRMED.value] * 3
 
 
+def test_payer_blacklisted_mid_run_stops_blaming_no_recipient(
+        manual: tuple[Env, Miner]) -> None:
+    """The token blacklists the payer while its batches wait in the pool: they revert, and
+    the run stops (invariant 5) instead of marking every recipient failed in turn; once
+    lifted, a rerun pays everyone."""
+    env, miner = manual
+    m = env.signed_manifest(30)
+    eng = Engine(env, m, {"DISBURSER_CONFIRMATIONS": "2"}).start()
+    batches_in_pool(env, miner, 3)
+    tx_from(env, dn.OWNER, env.devnet.token, _token_call("blacklist(address)", dn.PAYER))
+    miner.mine()
+    miner.auto()
+    with pytest.raises(FailClosed) as exc:
+        eng.join()
+    assert exc.value.exit_code == 2
+    assert str(exc.value) == (f"the token {env.devnet.token} blacklists the payer {dn.PAYER}; "
+                              "stopped before sending any more. Run `send` again once it is "
+                              "lifted")
+    assert ledger(env).payments(mf.load(m).root, [PaymentStatus.FAILED]) == []
+    assert [env.balance(p.to) for p in mf.load(m).payments] == [0] * 30
+    h = tx_from(env, dn.OWNER, env.devnet.token, _token_call("unBlacklist(address)", dn.PAYER))
+    wait_for(lambda: env.chain.receipts([h])[h], "the unblacklist mined")
+    r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CONFIRMATIONS": "2"})
+    assert r.code == 0, r.err
+    assert "confirmed 30, failed 0, unpaid 0" in r.out
+    assert_exactly_once(env, m)
+
+
 @pytest.mark.parametrize("fault", ["paused", "token_balance", "eth_balance"])
 def test_preflight_fails_closed_before_sending_and_resumes_after_the_fix(
         env: Env, fault: str) -> None:
