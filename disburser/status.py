@@ -25,7 +25,8 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
             c.by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
         total = sum(c.by_status.values())
         rate = _rate(ledger, now)
-        left = total - done - c.by_status.get(PaymentStatus.FAILED.value, 0)
+        failed = c.by_status.get(PaymentStatus.FAILED.value, 0)
+        left = total - done - failed
         eta = now + left / rate if rate > 0 and left > 0 else (now if left == 0 else None)
         programs.append({
             "program": prog.name,
@@ -39,7 +40,8 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
             "deadline": prog.deadline,
             "rate_per_s": round(rate, 2),
             "projected_finish": int(eta) if eta is not None else None,
-            "on_track": eta is not None and eta <= prog.deadline,
+            # Failed payments are not paid by waiting: never on track while there are any.
+            "on_track": eta is not None and eta <= prog.deadline and failed == 0,
             "manifests": roots,
         })
     in_flight = []
@@ -106,7 +108,11 @@ def render_status(d: dict[str, Any]) -> str:
         fin = p["projected_finish"]
         fin_s = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(fin)) if fin else "unknown"
         dl = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(p["deadline"]))
-        lines.append(f"  finish     {fin_s} (deadline {dl}{', on track' if p['on_track'] else ''})")
+        failed = p["payments"].get(PaymentStatus.FAILED.value, 0)
+        track = (", on track" if p["on_track"] else
+                 f", NOT on track: {failed} failed (see OPERATIONS, --retry-failed)" if failed
+                 else "")
+        lines.append(f"  finish     {fin_s} (deadline {dl}{track})")
     if d.get("allowance") is not None:
         lines.append(f"allowance of the batch contract: {format_units(int(d['allowance']), dec)}")
     if d["in_flight"]:

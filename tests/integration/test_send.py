@@ -289,6 +289,11 @@ def test_blacklisted_recipient_blocks_no_one(env: Env) -> None:
     assert [(x.idx, x.reason) for x in row] == [(17, "Blacklistable: account is blacklisted")]
     # the allowance left for the failed payment is withdrawn at the end
     assert env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0
+    # a failed payment is not paid by waiting: status never says "on track" with one
+    r = env.cli("status", "--json")
+    (prog,) = json.loads(r.out)["programs"]
+    assert prog["on_track"] is False and prog["payments"]["failed"] == 1
+    assert "NOT on track: 1 failed (see OPERATIONS, --retry-failed)" in env.cli("status").out
 
 
 def test_blacklisted_recipient_direct_mode(env: Env) -> None:
