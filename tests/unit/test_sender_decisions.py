@@ -45,6 +45,9 @@ class FakeChain:
     def paused(self, token: str) -> bool:
         return False
 
+    def blacklisted(self, token: str, who: str) -> bool:
+        return False
+
     def call(self, to: str, data: str, sender: str | None = None) -> bytes:
         # A batch moving more than the allowance fails as a whole, with no culprit.
         amounts = _amounts(data)
