@@ -664,62 +664,48 @@ def test_recipient_blacklisted_after_signing_is_isolated_and_the_rest_paid(
     assert txs[-1].kind == "approve"  # the victim's unused allowance withdrawn
 
 
-def test_token_paused_mid_run_stops_with_exit_2_then_a_rerun_finishes(
-        manual: tuple[Env, Miner]) -> None:
+@pytest.mark.parametrize(("stop", "lift", "stopped", "refused"), [
+    (("pause()",), ("unpause()",),
+     "token {token} is paused; stopped before sending any more. Run `send` again once it is "
+     "unpaused", "is paused; nothing was sent"),
+    # The payer blacklisted: without the stop, every recipient would be blamed in turn.
+    (("blacklist(address)", dn.PAYER), ("unBlacklist(address)", dn.PAYER),
+     "the token {token} blacklists the payer {payer}; stopped before sending any more. Run "
+     "`send` again once it is lifted", "blacklists the payer {payer}; nothing was sent"),
+], ids=["paused", "payer_blacklisted"])
+def test_token_stops_the_payer_mid_run_then_a_rerun_finishes(
+        manual: tuple[Env, Miner], stop: tuple[str, ...], lift: tuple[str, ...],
+        stopped: str, refused: str) -> None:
+    """The token pauses, or blacklists the payer, while its batches wait in the pool: they
+    revert and the run stops with exit 2 (invariant 5), no recipient marked failed; a new
+    run refuses before sending anything until it is lifted, then pays everyone once."""
     env, miner = manual
+    fill = {"token": env.devnet.token, "payer": dn.PAYER}
     m = env.signed_manifest(30)
     eng = Engine(env, m, {"DISBURSER_CONFIRMATIONS": "2"}).start()
     batches_in_pool(env, miner, 3)
-    tx_from(env, dn.OWNER, env.devnet.token, _token_call("pause()"))
+    tx_from(env, dn.OWNER, env.devnet.token, _token_call(*stop))
     miner.mine()
     miner.auto()
     with pytest.raises(FailClosed) as exc:
         eng.join()
     assert exc.value.exit_code == 2
-    assert str(exc.value) == (f"token {env.devnet.token} is paused; stopped before sending "
-                              "any more. Run `send` again once it is unpaused")
+    assert str(exc.value) == stopped.format(**fill)
     assert [env.balance(p.to) for p in mf.load(m).payments] == [0] * 30
-    # Still paused: a new run refuses before sending anything.
+    assert ledger(env).payments(mf.load(m).root, [PaymentStatus.FAILED]) == []
+    # Still in force: a new run refuses before sending anything.
     nonce = env.payer_nonce()
     r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CONFIRMATIONS": "2"})
-    assert r.code == 2 and "is paused; nothing was sent" in r.err
+    assert r.code == 2 and refused.format(**fill) in r.err, r.err
     assert env.payer_nonce() == nonce
-    h = tx_from(env, dn.OWNER, env.devnet.token, _token_call("unpause()"))
-    wait_for(lambda: env.chain.receipts([h])[h], "the unpause mined")
+    h = tx_from(env, dn.OWNER, env.devnet.token, _token_call(*lift))
+    wait_for(lambda: env.chain.receipts([h])[h], "the token's lift mined")
     r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CONFIRMATIONS": "2"})
     assert r.code == 0, r.err
     assert "confirmed 30, failed 0, unpaid 0" in r.out
     assert_exactly_once(env, m)
     assert [t.status for t in ledger(env).txs(dn.PAYER) if t.kind == "batch"] == \
         [TxStatus.REVERTED.value] * 3 + [TxStatus.CONFIRMED.value] * 3
-
-
-def test_payer_blacklisted_mid_run_stops_blaming_no_recipient(
-        manual: tuple[Env, Miner]) -> None:
-    """The token blacklists the payer while its batches wait in the pool: they revert, and
-    the run stops (invariant 5) instead of marking every recipient failed in turn; once
-    lifted, a rerun pays everyone."""
-    env, miner = manual
-    m = env.signed_manifest(30)
-    eng = Engine(env, m, {"DISBURSER_CONFIRMATIONS": "2"}).start()
-    batches_in_pool(env, miner, 3)
-    tx_from(env, dn.OWNER, env.devnet.token, _token_call("blacklist(address)", dn.PAYER))
-    miner.mine()
-    miner.auto()
-    with pytest.raises(FailClosed) as exc:
-        eng.join()
-    assert exc.value.exit_code == 2
-    assert str(exc.value) == (f"the token {env.devnet.token} blacklists the payer {dn.PAYER}; "
-                              "stopped before sending any more. Run `send` again once it is "
-                              "lifted")
-    assert ledger(env).payments(mf.load(m).root, [PaymentStatus.FAILED]) == []
-    assert [env.balance(p.to) for p in mf.load(m).payments] == [0] * 30
-    h = tx_from(env, dn.OWNER, env.devnet.token, _token_call("unBlacklist(address)", dn.PAYER))
-    wait_for(lambda: env.chain.receipts([h])[h], "the unblacklist mined")
-    r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CONFIRMATIONS": "2"})
-    assert r.code == 0, r.err
-    assert "confirmed 30, failed 0, unpaid 0" in r.out
-    assert_exactly_once(env, m)
 
 
 @pytest.mark.parametrize("fault", ["paused", "token_balance", "eth_balance"])
