@@ -84,7 +84,9 @@ def _env(name: str) -> str:
     one command write over another's (a report over a manifest); ``manifest sign
     --keystore`` has none, because DISBURSER_KEYSTORE is the payer's key; ``send
     --accept-past-transfers`` has none, because it accepts what the operator has read in the
-    last refusal, and a standing setting would accept it with nobody reading."""
+    last refusal, and a standing setting would accept it with nobody reading. One is named
+    otherwise: ``devnet --port`` reads DISBURSER_DEVNET_PORT (a bare DISBURSER_PORT would
+    read as the node's)."""
     return "DISBURSER_" + name
 
 
