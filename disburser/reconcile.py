@@ -729,7 +729,9 @@ def _progress(results: Sequence[PaymentResult], committed: int, started_at: int 
     finished = left == 0
     on_track: bool | None = None
     if deadline is not None:
-        if finished:
+        if failed:
+            on_track = False  # failed payments are not paid by waiting
+        elif finished:
             on_track = True
         elif projected is not None:
             on_track = projected <= deadline

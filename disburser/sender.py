@@ -247,10 +247,12 @@ class Sender:
         self._skip_paid_by_transfers(m.root, m.count)
         # Settle what an earlier run left in flight before new allowance or batches.
         self._drain()
-        self._withdraw_unused_allowances()
         if self._reads_bitmap():
             self._skip_paid_on_chain(m.root, m.count)
         owed = self._check_funds(m.root)
+        # After the funds check: a refusal there (no gas, a paused token) stays a refusal
+        # with nothing sent; a later run withdraws what is left.
+        self._withdraw_unused_allowances()
         if self.cfg.mode is Mode.BATCH:
             self._set_allowance(owed)
         started = time.monotonic()  # the progress line's clock, as Progress's own

@@ -390,6 +390,14 @@ def test_progress_against_the_deadline() -> None:
     late = run([m], logs, LedgerInfo({}, {"relief": ProgramInfo(start, start + 4 * 3600, 1)}),
                now=start + 2 * 3600)
     assert late.progress.on_track is False
+    # Everything paid but one payment failed: finished, and not on track (a failed payment
+    # is not paid by waiting).
+    two = manifest([(addr(1), U), (addr(2), U)])
+    failed = run([two], [tr(addr(1), U)], LedgerInfo(
+        {(two.root, 0): lpay("confirmed"), (two.root, 1): lpay("failed", reason="x")},
+        {"relief": ProgramInfo(start, start + 96 * 3600, 1)}), now=start + 3600)
+    assert failed.progress.finished is True and failed.progress.payments_failed == 1
+    assert failed.progress.on_track is False
 
 
 # --- decoding and chunking ---------------------------------------------------------------
