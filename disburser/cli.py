@@ -85,8 +85,8 @@ def _env(name: str) -> str:
     --keystore`` has none, because DISBURSER_KEYSTORE is the payer's key; ``send
     --accept-past-transfers`` has none, because it accepts what the operator has read in the
     last refusal, and a standing setting would accept it with nobody reading. One is named
-    otherwise: ``devnet --port`` reads DISBURSER_DEVNET_PORT (a bare DISBURSER_PORT would
-    read as the node's)."""
+    otherwise: ``devnet --port`` reads DISBURSER_DEVNET_PORT (the bare name would read as
+    the node's port)."""
     return "DISBURSER_" + name
 
 
