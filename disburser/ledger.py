@@ -380,6 +380,8 @@ class Ledger:
             datas = s.exec(select(col(TxRow.data)).where(
                 col(TxRow.payer) == payer, col(TxRow.kind) == "approve",
                 func.lower(col(TxRow.to)) == token.lower()))
+            # chain.enc_approve's calldata: "0x", the 4-byte selector, then the spender
+            # left-padded to 32 bytes (its last 20 are characters 34..74).
             return {"0x" + str(d)[34:74].lower() for d in datas}
 
     def manifest_roots(self) -> set[str]:

@@ -508,22 +508,21 @@ class Sender:
         # program's users and count against its ceiling, which only the ledger checks. Only
         # while this manifest has something left to pay (one the bitmap found all paid is
         # recorded freely: that is how a re-created ledger comes to know its manifests).
-        unknown_keys = ([f"manifest:{r}" for r in sorted(unknown)]
-                        if unknown and self.ledger.has_queued(root) else [])
-        for r in sorted(unknown) if unknown_keys else ():
+        unknown_roots = sorted(unknown) if unknown and self.ledger.has_queued(root) else []
+        for r in unknown_roots:
             log.info("payer_paid_unknown_manifest", root=root, other=r,
                      tx_hash=unknown[r][0], block=unknown[r][1])
-        listing = keys + unknown_keys
+        listing = keys + [f"manifest:{r}" for r in unknown_roots]
         listed = self.ledger.listed_transfers(root, start) if listing else set()
         if listing and not (self.cfg.accept_past_transfers and listed.issuperset(listing)):
             # Accepted only once listed: --accept-past-transfers takes the matches a refusal
             # showed, never ones the operator has not seen (settings may change between).
             self.ledger.list_matches(root, listing, start)
             msg = []
-            if unknown_keys:
-                other = min(unknown_keys)[len("manifest:"):]
+            if unknown_roots:
+                other = unknown_roots[0]
                 msg.append(
-                    f"the payer paid {len(unknown_keys)} manifest(s) that this ledger does not "
+                    f"the payer paid {len(unknown_roots)} manifest(s) that this ledger does not "
                     f"know (first: {other}, in transaction {unknown[other][0]} in block "
                     f"{unknown[other][1]}; all in the log as payer_paid_unknown_manifest): "
                     "they may hold this program's users and count against its ceiling, "
@@ -546,7 +545,7 @@ class Sender:
             raise FailClosed(" Also: ".join(msg) + " Nothing was sent")
         self.ledger.record_history_check(
             root, [q.idx for q, _, _ in matched], keys, from_block=start, to_block=head,
-            unknown_manifests=[k[len("manifest:"):] for k in unknown_keys])
+            unknown_manifests=unknown_roots)
         if matched:
             log.warning("payments_already_paid_by_transfers", root=root, count=len(matched),
                         from_block=start, to_block=head)
@@ -557,6 +556,14 @@ class Sender:
         q = PaymentStatus.QUEUED.value
         return c.by_status.get(q, 0), c.amount_by_status.get(q, 0)
 
+    def _blacklisted(self, contract: str | None) -> str | None:
+        """"payer 0x…" or "batch contract 0x…" when the token blacklists it (the payer
+        first), else None: every recipient would otherwise be marked failed, one by one."""
+        for who, what in ((self.payer, "payer"), (contract, "batch contract")):
+            if who and self.chain.blacklisted(self.cfg.token, who):
+                return f"{what} {who}"
+        return None
+
     def _check_funds(self, root: str) -> int:
         """What is still owed, once the payer is known to be able to pay it."""
         n, owed = self._owed(root)
@@ -565,11 +572,9 @@ class Sender:
         if self.chain.paused(self.cfg.token):
             raise FailClosed(f"token {self.cfg.token} is paused; nothing was sent. Run `send` "
                              "again once it is unpaused")
-        for who, what in ((self.payer, "payer"), (self.cfg.batch_contract, "batch contract")):
-            # Otherwise every recipient would be marked failed, one by one.
-            if who and self.chain.blacklisted(self.cfg.token, who):
-                raise FailClosed(f"the token {self.cfg.token} blacklists the {what} {who}; "
-                                 "nothing was sent")
+        if hit := self._blacklisted(self.cfg.batch_contract):
+            raise FailClosed(f"the token {self.cfg.token} blacklists the {hit}; nothing was "
+                             "sent")
         bal = self.chain.token_balance(self.cfg.token, self.payer)
         if bal < owed:
             raise FailClosed(
@@ -588,6 +593,13 @@ class Sender:
 
     # --- allowance ------------------------------------------------------------------------
 
+    def _approve_call(self, spender: str, amount: int) -> tuple[str, int]:
+        """Calldata and gas limit of the payer's ``approve(spender, amount)`` on the token
+        (the node's estimate: NodeError, Reverted among them, when it refuses)."""
+        data = ch.enc_approve(spender, amount)
+        return data, policy.batch_gas_limit(self.chain.estimate_gas(self.payer,
+                                                                    self.cfg.token, data))
+
     def _set_allowance(self, amount: int) -> None:
         """Allowance of the batch contract = exactly what is still to be sent, never more;
         waits until the approval is mined so that batch simulations see it."""
@@ -595,9 +607,8 @@ class Sender:
         current = self.chain.allowance(self.cfg.token, self.payer, self.cfg.batch_contract)
         if current == amount:
             return
-        data = ch.enc_approve(self.cfg.batch_contract, amount)
         try:
-            gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer, self.cfg.token, data))
+            data, gas = self._approve_call(self.cfg.batch_contract, amount)
         except ch.Reverted as e:
             raise FailClosed(f"token {self.cfg.token} refuses approve: "
                              f"{ch.decode_revert(e.data)[1]}") from None
@@ -622,10 +633,8 @@ class Sender:
             if spender == using or self.chain.allowance(self.cfg.token, self.payer,
                                                         spender) == 0:
                 continue
-            data = ch.enc_approve(spender, 0)
             try:
-                gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer,
-                                                                     self.cfg.token, data))
+                data, gas = self._approve_call(spender, 0)
             except ch.NodeError as e:
                 # A paused token refuses approve: the funds check says so next; the
                 # allowance is withdrawn by a later run.
@@ -646,9 +655,7 @@ class Sender:
                 return
             if any(t.kind == "approve" for t in self.ledger.open_txs(self.payer)):
                 return
-            data = ch.enc_approve(self.cfg.batch_contract, 0)
-            gas = policy.batch_gas_limit(self.chain.estimate_gas(self.payer, self.cfg.token,
-                                                                 data))
+            data, gas = self._approve_call(self.cfg.batch_contract, 0)
             self._sign_and_send(kind="approve", root=None, to=self.cfg.token, data=data,
                                 gas=gas, rows=(), amount=0)
             log.info("allowance_withdrawn_on_stop", spender=self.cfg.batch_contract)
@@ -915,13 +922,11 @@ class Sender:
             # the next run, so the message must not claim that nothing was sent.
             raise FailClosed(f"token {self.cfg.token} is paused; stopped before sending any "
                              "more. Run `send` again once it is unpaused")
-        spender = self.cfg.batch_contract if self.cfg.mode is Mode.BATCH else None
-        for who, what in ((self.payer, "payer"), (spender, "batch contract")):
-            # Blacklisted after the run began: every recipient would be blamed in turn.
-            if who and self.chain.blacklisted(self.cfg.token, who):
-                raise FailClosed(f"the token {self.cfg.token} blacklists the {what} {who}; "
-                                 "stopped before sending any more. Run `send` again once it "
-                                 "is lifted")
+        # Blacklisted after the run began: every recipient would be blamed in turn.
+        if hit := self._blacklisted(self.cfg.batch_contract if self.cfg.mode is Mode.BATCH
+                                    else None):
+            raise FailClosed(f"the token {self.cfg.token} blacklists the {hit}; stopped "
+                             "before sending any more. Run `send` again once it is lifted")
         low = reason.lower()
         if "exceeds balance" in low or "exceeds allowance" in low:
             raise FailClosed(f"token {self.cfg.token} refused the batch: {reason}; "
