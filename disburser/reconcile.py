@@ -267,6 +267,9 @@ class Result:
     paid_by_block: tuple[tuple[int, int], ...] = ()  # (block, amount) attributed in scope
     tx_logs: tuple[tuple[str, int, int], ...] = ()  # (tx hash, block, logs) attributed in scope
     charts: Charts | None = None
+    # The scan began at the program's first block in the ledger (no --from-block given):
+    # earlier transfers from the payer, a hand payment before the fund say, are not counted.
+    from_ledger_start: bool = False
 
     @property
     def remaining(self) -> int:
@@ -1058,6 +1061,8 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     result = reconcile(entries, transfers, info, s.ceilings, s.confirmations, head.number,
                        now=head.timestamp, program=program, decimals=s.decimals,
                        from_block=start, chain_id=cid, token=s.token)
+    if from_block is None and start > 0:
+        result = replace(result, from_ledger_start=True)
     if fmt == "html":
         result = replace(result, charts=chart_data(result, chain, info))
     return report.render(result, fmt), result.exit_code

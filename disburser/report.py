@@ -283,6 +283,10 @@ def _grid(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> list[str]
     return out
 
 
+FROM_LEDGER_START = ("the scan starts at the program's first block in the ledger: earlier "
+                     "transfers from the payer are not counted (--from-block 0 counts them)")
+
+
 def to_table(r: Result) -> str:
     """A human summary and the findings, amounts in tokens."""
     dec = r.decimals
@@ -293,6 +297,8 @@ def to_table(r: Result) -> str:
     lines.append(f"scanned blocks {r.from_block}..{r.head_block} (head {when(r.head_time)}): "
                  f"{r.transfers_scanned} Transfer log(s) from the payer; "
                  f"confirmations {r.confirmations}")
+    if r.from_ledger_start:
+        lines.append(FROM_LEDGER_START)
     lines.append("")
     rows = [["PROGRAM", "CEILING", "COMMITTED", "PAID", "REMAINING", "PAYMENTS"]]
     for s in r.programs:
@@ -546,7 +552,8 @@ def to_html(r: Result) -> str:
         f'<span class="mono">{escape(str(r.token))}</span> · payer '
         f'<span class="mono">{escape(payer)}</span><br>blocks {r.from_block}..{r.head_block} '
         f"(head at {escape(when(r.head_time))}) · {r.transfers_scanned:,} Transfer log(s) "
-        f"from the payer · confirmations {r.confirmations}</div>",
+        f"from the payer · confirmations {r.confirmations}"
+        + (f"<br>{escape(FROM_LEDGER_START)}" if r.from_ledger_start else "") + "</div>",
     ]
     if r.consistent:
         out.append('<div class="banner ok">Consistent: every payment paid at depth, nothing '

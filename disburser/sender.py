@@ -556,6 +556,11 @@ class Sender:
         q = PaymentStatus.QUEUED.value
         return c.by_status.get(q, 0), c.amount_by_status.get(q, 0)
 
+    def _paying_through(self) -> str | None:
+        """The batch contract this run pays through: none in direct mode, where a
+        blacklisted batch contract (configured or not) stops nothing."""
+        return self.cfg.batch_contract if self.cfg.mode is Mode.BATCH else None
+
     def _blacklisted(self, contract: str | None) -> str | None:
         """"payer 0x…" or "batch contract 0x…" when the token blacklists it (the payer
         first), else None: every recipient would otherwise be marked failed, one by one."""
@@ -572,7 +577,7 @@ class Sender:
         if self.chain.paused(self.cfg.token):
             raise FailClosed(f"token {self.cfg.token} is paused; nothing was sent. Run `send` "
                              "again once it is unpaused")
-        if hit := self._blacklisted(self.cfg.batch_contract):
+        if hit := self._blacklisted(self._paying_through()):
             raise FailClosed(f"the token {self.cfg.token} blacklists the {hit}; nothing was "
                              "sent")
         bal = self.chain.token_balance(self.cfg.token, self.payer)
@@ -628,7 +633,7 @@ class Sender:
         left one at what was then owed. Each spender this ledger approved on the token,
         other than the batch contract of this run, is set back to 0 (without waiting: its
         nonce comes before any payment of this run)."""
-        using = (self.cfg.batch_contract or "").lower() if self.cfg.mode is Mode.BATCH else ""
+        using = (self._paying_through() or "").lower()
         for spender in sorted(self.ledger.approved_spenders(self.payer, self.cfg.token)):
             if spender == using or self.chain.allowance(self.cfg.token, self.payer,
                                                         spender) == 0:
@@ -923,8 +928,7 @@ class Sender:
             raise FailClosed(f"token {self.cfg.token} is paused; stopped before sending any "
                              "more. Run `send` again once it is unpaused")
         # Blacklisted after the run began: every recipient would be blamed in turn.
-        if hit := self._blacklisted(self.cfg.batch_contract if self.cfg.mode is Mode.BATCH
-                                    else None):
+        if hit := self._blacklisted(self._paying_through()):
             raise FailClosed(f"the token {self.cfg.token} blacklists the {hit}; stopped "
                              "before sending any more. Run `send` again once it is lifted")
         low = reason.lower()

@@ -35,6 +35,9 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
             "paid": str(paid),
             "owed": str(committed - paid),
             "remaining_under_ceiling": str(int(prog.ceiling) - paid),
+            # What a new manifest of this program may still total: acceptance checks the
+            # ceiling against everything accepted, paid or not (invariant 2).
+            "uncommitted": str(int(prog.ceiling) - committed),
             "payments": {st.value: c.by_status.get(st.value, 0) for st in PaymentStatus},
             "started_at": prog.started_at,
             "deadline": prog.deadline,
@@ -102,6 +105,8 @@ def render_status(d: dict[str, Any]) -> str:
         lines.append(f"  committed  {format_units(int(p['committed']), dec)}")
         lines.append(f"  paid       {format_units(int(p['paid']), dec)}")
         lines.append(f"  owed       {format_units(int(p['owed']), dec)}")
+        lines.append(f"  uncommitted {format_units(int(p['uncommitted']), dec)} "
+                     "(what a new manifest of this program may still total)")
         pay = ", ".join(f"{k} {v}" for k, v in p["payments"].items() if v)
         lines.append(f"  payments   {pay or 'none'}")
         lines.append(f"  rate       {p['rate_per_s']}/s")

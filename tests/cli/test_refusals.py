@@ -211,6 +211,21 @@ def test_paused_token_stops_before_sending(env: Env) -> None:
     assert "confirmed 3, failed 0, unpaid 0" in r.out
 
 
+def test_blacklisted_batch_contract_stops_batch_mode_only(env: Env) -> None:
+    """Every recipient would fail through a batch contract the token blacklists: batch mode
+    refuses before sending; direct mode does not pay through it and pays everyone."""
+    m = env.signed_manifest(3)
+    contract = env.devnet.batch_contract
+    dn.send_as(env.chain, dn.OWNER, env.devnet.token,
+               dn.abi_call("blacklist(address)", ["address"], [contract]))
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"the token {env.devnet.token} blacklists the batch contract {contract}; "
+                    "nothing was sent", exact=True)
+    r = env.cli("send", str(m), "--yes", "--mode", "direct")
+    assert r.code == 0, r.err
+    assert "confirmed 3, failed 0, unpaid 0" in r.out
+
+
 def test_too_little_balance_stops_before_sending(env: Env) -> None:
     m = env.signed_manifest(3)
     bal = env.balance(dn.PAYER)

@@ -242,6 +242,30 @@ def test_a_recreated_ledger_scans_from_the_start(env: Env) -> None:
     assert doc["paid_total"] == str(mf.load(path).total)
 
 
+def test_the_report_says_when_the_scan_starts_at_the_ledger(env: Env) -> None:
+    """With a ledger, the scan starts at the program's first block: a hand payment before
+    the fund (left out of `send`'s history check with DISBURSER_FROM_BLOCK) is not counted,
+    and the report says so; --from-block 0 counts it (paid twice)."""
+    path = env.signed_manifest(3, program=RELIEF)
+    first = mf.load(path).payments[0]
+    hand_transfer(env, first.to, first.amount)
+    env.chain.rpc("evm_mine")
+    after = str(env.chain.head().number)
+    assert env.cli("send", str(path), "--yes",
+                   extra={"DISBURSER_FROM_BLOCK": after}).code == 0
+    r = env.cli("reconcile", extra={"DISBURSER_CEILING": CEILINGS})
+    assert r.code == 0, r.err
+    assert ("the scan starts at the program's first block in the ledger: earlier transfers "
+            "from the payer are not counted (--from-block 0 counts them)") in r.out
+    html = env.cli("reconcile", "--format", "html", extra={"DISBURSER_CEILING": CEILINGS})
+    assert "the scan starts at the program&#x27;s first block in the ledger" in html.out
+    code, doc = reconcile(env, "--from-block", "0")
+    assert code == 1 and doc["from_block"] == 0
+    assert by_id(doc)[f"{RELIEF}/{first.id}"]["status"] == "paid_twice"
+    r = env.cli("reconcile", "--from-block", "0", extra={"DISBURSER_CEILING": CEILINGS})
+    assert "the scan starts at the program's first block" not in r.out
+
+
 def test_bad_input_is_refused(env: Env) -> None:
     path = env.signed_manifest(2, program=RELIEF)
     bad = env.tmp / "bad.json"

@@ -9,6 +9,7 @@ import pytest
 
 from disburser import devnet as dn
 from disburser import manifest as mf
+from disburser.amounts import format_units
 from disburser.domain import PaymentStatus, TxStatus
 from disburser.ledger import HISTORY_CHECKED, PAID_BY_BITMAP, PAID_BY_TRANSFER, Ledger
 from tests.conftest import Env, fresh_address
@@ -293,7 +294,14 @@ def test_blacklisted_recipient_blocks_no_one(env: Env) -> None:
     r = env.cli("status", "--json")
     (prog,) = json.loads(r.out)["programs"]
     assert prog["on_track"] is False and prog["payments"]["failed"] == 1
-    assert "NOT on track: 1 failed (see OPERATIONS, --retry-failed)" in env.cli("status").out
+    text = env.cli("status").out
+    assert "NOT on track: 1 failed (see OPERATIONS, --retry-failed)" in text
+    # the failed payment is still committed: a new manifest may total only what is left
+    failed = manifest.payments[17].amount
+    assert int(prog["uncommitted"]) == int(prog["ceiling"]) - manifest.total
+    assert int(prog["remaining_under_ceiling"]) == int(prog["uncommitted"]) + failed
+    assert (f"uncommitted {format_units(int(prog['uncommitted']), 6)} (what a new manifest "
+            "of this program may still total)") in text
 
 
 def test_blacklisted_recipient_direct_mode(env: Env) -> None:
@@ -329,6 +337,8 @@ def test_status_json(env: Env) -> None:
     assert p["payments"]["confirmed"] == 10
     assert p["paid"] == p["committed"] == str(mf.load(m).total)
     assert p["owed"] == "0"
+    assert p["uncommitted"] == str(int(p["ceiling"]) - mf.load(m).total)
+    assert p["remaining_under_ceiling"] == p["uncommitted"]  # all paid
     assert d["in_flight"] == []
     assert d["allowance"] == "0"
     # The same from the environment (DISBURSER_<NAME> for every option, DESIGN.md).
