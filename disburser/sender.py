@@ -378,38 +378,24 @@ class Sender:
         or a payer used before) does not know what the payer paid before it. Once per
         manifest in such a ledger (again if DISBURSER_FROM_BLOCK is lowered or failed
         payments are put back in the queue), the payer's Transfer logs from
-        DISBURSER_FROM_BLOCK to the head are matched to the queued payments by recipient and
-        amount, as reconcile matches them, leaving out:
-        - logs of transactions this ledger signed;
-        - logs of transactions whose Disbursed logs say they paid other manifests, or, where
-          the run reads the batch contract's bitmap (``_reads_bitmap``), that contract's own
-          transactions: the bitmap, applied here first, says exactly what they paid;
-        - in this manifest's batch transactions that are kept, the transfers of payments a
-          bitmap marked paid in an earlier run;
-        - logs that earlier checks recorded as a payment (each pays one payment, once; known
-          by transaction and place among the payer's transfers in it, which a plain
-          transfer keeps when it is mined again).
-        A match stops the run before anything is sent: it may be this fund's payment, or an
-        unrelated transfer of the same amount, and the run does not guess. Each match is
-        logged (``past_transfer_matches_payment``) and listed in the ledger.
-        ``--accept-past-transfers`` records the matched payments as paid elsewhere, each
-        with its transfer, once an earlier refusal listed every one of them. Later
-        transfers need no look: every transaction of the payer after the ledger's first
-        nonce is the ledger's own (``sync_nonces`` stops on any other). It writes only the
-        ledger, before anything in flight is settled: a refusal sends nothing."""
+        DISBURSER_FROM_BLOCK to the head are matched to the queued payments (``history``
+        says how, and which logs are left out). A match, or a manifest the payer paid that
+        this ledger does not know, stops the run before anything is sent: it may be this
+        fund's payment, or an unrelated transfer of the same amount, and the run does not
+        guess. Each is logged (``past_transfer_matches_payment``,
+        ``payer_paid_unknown_manifest``) and listed in the ledger. ``--accept-past-transfers``
+        records the matched payments as paid elsewhere, each with its transfer, once an
+        earlier refusal listed every one of them. Later transfers need no look: every
+        transaction of the payer after the ledger's first nonce is the ledger's own
+        (``sync_nonces`` stops on any other). It writes only the ledger, before anything in
+        flight is settled: a refusal sends nothing."""
         if self._first_nonce == 0 or not self.ledger.has_queued(root):
             return
         start = self.cfg.from_block
         if self.ledger.history_checked(root, start):
             return
-        from collections import Counter
-
-        from disburser.transfers import (
-            FETCH_WORKERS,
-            Transfer,
-            fetch_disbursed,
-            fetch_transfers,
-        )
+        from disburser import history
+        from disburser.transfers import FETCH_WORKERS, fetch_disbursed, fetch_transfers
 
         head = self.chain.head().number
         if start > head:
@@ -423,87 +409,28 @@ class Sender:
             self.chain, self.cfg.token, [self.payer], start, head,
             workers=FETCH_WORKERS if self.chain.own_connections() else 1,
             connect=lambda: self.chain.for_thread() or self.chain)
-        # Each transfer's identity: its transaction and its place among the payer's
-        # transfers in it (block and log index change if the transaction is mined again).
-        place: dict[str, int] = {}
-        logs: list[tuple[Transfer, str]] = []
-        for t in found:
-            k = place[t.tx_hash] = place.get(t.tx_hash, -1) + 1
-            logs.append((t, f"{t.tx_hash}:{k}"))
-        ours = self.ledger.tx_hashes()
-        logs = [(t, key) for t, key in logs if t.tx_hash not in ours]
+        logs = history.keyed(found, self.ledger.tx_hashes())
         if self._reads_bitmap():
+            # First: what the bitmap says this payer paid for this root is settled by it.
             self._skip_paid_on_chain(root, count)
-        unknown: dict[str, tuple[str, int]] = {}  # manifest root -> (first tx, its block)
+        unknown: dict[str, history.Unknown] = {}
         if logs:
-            trusted = (self.cfg.batch_contract or "").lower() if self._reads_bitmap() else None
-            known = self.ledger.manifest_roots()
-            # Transaction -> the contract that paid this manifest in it, where this run does
-            # not read that contract's bitmap ("" for a transaction that paid a manifest this
-            # ledger does not know: its transfers may be these payments under another root,
-            # the same users re-sorted, say); a transaction whose Disbursed logs are all for
-            # other manifests this ledger knows, or this one from the trusted contract, is
-            # set aside.
-            kept: dict[str, str | None] = {}
-            # Anyone may emit a Disbursed log naming the payer: only a transaction with the
-            # payer's own transfers of this token (not this ledger's) paid a manifest.
-            paying = {t.tx_hash for t, _ in logs}
-            for d in fetch_disbursed(self.chain, ch.DISBURSED_TOPIC, self.payer, start, head):
-                if d.tx_hash in ours or d.tx_hash not in paying:
-                    continue
-                if d.root == root.lower():
-                    if d.contract != trusted:
-                        kept[d.tx_hash] = d.contract
-                    else:
-                        kept.setdefault(d.tx_hash, None)
-                elif d.root not in known:
-                    unknown.setdefault(d.root, (d.tx_hash, d.block))
-                    if kept.get(d.tx_hash) is None:
-                        kept[d.tx_hash] = ""
-                else:
-                    kept.setdefault(d.tx_hash, None)
-            logs = [(t, key) for t, key in logs if kept.get(t.tx_hash, "") is not None]
-            # In a kept batch transaction of contract C, a transfer of a payment that C's
-            # bitmap marked paid in an earlier run is that payment's, not another's of the
-            # same recipient and amount.
+            logs, kept, unknown = history.set_aside(
+                logs, fetch_disbursed(self.chain, ch.DISBURSED_TOPIC, self.payer, start, head),
+                root, trusted=(self.cfg.batch_contract or "").lower() if self._reads_bitmap()
+                else None, known=self.ledger.manifest_roots())
             marks = self.ledger.bitmap_marks(root)
             if marks:
-                by_bitmap = Counter(
-                    (marks[p.idx], p.to.lower(), int(p.amount)) for p in self.ledger.payments(
-                        root, [PaymentStatus.PAID_ELSEWHERE]) if p.idx in marks)
-                rest = []
-                for t, key in logs:
-                    contract = kept.get(t.tx_hash)
-                    mark = (contract or "", t.to, t.amount)
-                    if contract and by_bitmap[mark] > 0:
-                        by_bitmap[mark] -= 1
-                        continue
-                    if contract and by_bitmap[("", t.to, t.amount)] > 0:
-                        # A mark of an older ledger that does not name its contract.
-                        raise FailClosed(
-                            f"manifest {root}: payments were marked paid by a batch "
-                            "contract's bitmap in an earlier run, and transaction "
-                            f"{t.tx_hash} of contract {contract} pays the same recipient "
-                            "and amount; set DISBURSER_BATCH_CONTRACT to that contract so "
-                            "that its bitmap is read. Nothing was sent")
-                    rest.append((t, key))
-                logs = rest
+                logs = history.drop_bitmap_paid(logs, kept, root, marks, [
+                    Queued(root, p.idx, p.to, p.amount) for p in self.ledger.payments(
+                        root, [PaymentStatus.PAID_ELSEWHERE]) if p.idx in marks])
         if logs:
             explained = self.ledger.explained_transfers()
             logs = [(t, key) for t, key in logs if key not in explained]
-        by_key: dict[tuple[str, int], list[tuple[Transfer, str]]] = {}
-        for t, key in logs:
-            by_key.setdefault((t.to, t.amount), []).append((t, key))
-        matched: list[tuple[Queued, Transfer, str]] = []
-        if by_key:
-            for q in self.ledger.queued(root):
-                left = by_key.get((q.to.lower(), int(q.amount)))
-                if left:
-                    matched.append((q, *left.pop(0)))
+        matched = history.match(logs, self.ledger.queued(root)) if logs else []
         for q, t, _ in matched:  # to the log file only: a refusal is one line on stderr
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
                      amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
-        keys = [key for _, _, key in matched]
         # Manifests this ledger does not know that the payer paid: they may hold this
         # program's users and count against its ceiling, which only the ledger checks. Only
         # while this manifest has something left to pay (one the bitmap found all paid is
@@ -511,40 +438,17 @@ class Sender:
         unknown_roots = sorted(unknown) if unknown and self.ledger.has_queued(root) else []
         for r in unknown_roots:
             log.info("payer_paid_unknown_manifest", root=root, other=r,
-                     tx_hash=unknown[r][0], block=unknown[r][1])
-        listing = keys + [f"manifest:{r}" for r in unknown_roots]
+                     tx_hash=unknown[r].tx_hash, block=unknown[r].block)
+        listing = history.listing(matched, unknown_roots)
         listed = self.ledger.listed_transfers(root, start) if listing else set()
         if listing and not (self.cfg.accept_past_transfers and listed.issuperset(listing)):
             # Accepted only once listed: --accept-past-transfers takes the matches a refusal
             # showed, never ones the operator has not seen (settings may change between).
             self.ledger.list_matches(root, listing, start)
-            msg = []
-            if unknown_roots:
-                other = unknown_roots[0]
-                msg.append(
-                    f"the payer paid {len(unknown_roots)} manifest(s) that this ledger does not "
-                    f"know (first: {other}, in transaction {unknown[other][0]} in block "
-                    f"{unknown[other][1]}; all in the log as payer_paid_unknown_manifest): "
-                    "they may hold this program's users and count against its ceiling, "
-                    "which only a ledger that knows them checks. If they are this fund's, "
-                    "send each of them with this ledger (their contract's paid bitmap makes "
-                    "that pay nothing already paid; approvers re-sign an expired one with a "
-                    f"later not_after), then manifest {root} again; if they are not, run "
-                    "`send --accept-past-transfers` or set DISBURSER_FROM_BLOCK after them.")
-            if matched:
-                q, t, _ = matched[0]
-                msg.append(
-                    f"{len(matched)} payment(s) of manifest {root} match transfers from the "
-                    f"payer that this ledger did not send (first: payments[{q.idx}] "
-                    f"{q.amount} base units to {q.to}, as transaction {t.tx_hash} in block "
-                    f"{t.block}; all in the log as past_transfer_matches_payment). If this "
-                    "fund paid them (a lost ledger), run `send --accept-past-transfers` to "
-                    "record them as paid elsewhere; if those transfers were for something "
-                    "else, set DISBURSER_FROM_BLOCK after them and before the fund's first "
-                    "payment.")
-            raise FailClosed(" Also: ".join(msg) + " Nothing was sent")
+            raise FailClosed(history.refusal(root, matched, unknown_roots, unknown))
+        keys = [m.key for m in matched]
         self.ledger.record_history_check(
-            root, [q.idx for q, _, _ in matched], keys, from_block=start, to_block=head,
+            root, [m.payment.idx for m in matched], keys, from_block=start, to_block=head,
             unknown_manifests=unknown_roots)
         if matched:
             log.warning("payments_already_paid_by_transfers", root=root, count=len(matched),

@@ -15,8 +15,9 @@ LAYER = {
     "artifacts": 1, "broadcast": 1,
     "settings": 2, "manifest": 2, "logging": 2, "chain": 2, "keys": 2,
     "ledger": 3, "locks": 3, "transfers": 3, "allocate": 3, "devnet": 3,
-    "sender": 4, "reconcile": 4, "report": 4, "status": 4,
-    "cli": 5,
+    "history": 4,
+    "sender": 5, "reconcile": 5, "report": 5, "status": 5,
+    "cli": 6,
 }
 SAME_LAYER_OK = {("report", "reconcile"), ("reconcile", "report")}
 
