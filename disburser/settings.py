@@ -55,19 +55,31 @@ def checksum(address: str, *, where: str) -> str:
 
 @dataclass(frozen=True)
 class Ceilings:
-    """Ceiling per program in base units; ``default`` applies to programs not named."""
+    """Ceiling per program in base units; ``default`` applies to programs not named (None:
+    a program not named has no ceiling, and is refused)."""
 
-    default: int
+    default: int | None
     per_program: dict[str, int] = field(default_factory=dict)
 
     def for_program(self, program: str) -> int:
-        return self.per_program.get(program, self.default)
+        if program in self.per_program:
+            return self.per_program[program]
+        if self.default is None:
+            # A list of programs is a list of what may be paid: a mistyped program name
+            # must not get a fresh ceiling of its own.
+            raise SettingsError(
+                f"{PREFIX}CEILING: no ceiling for program {program!r} (it names "
+                f"{', '.join(sorted(self.per_program))}); add {program}=<whole tokens>, or "
+                "*=<whole tokens> for every program it does not name")
+        return self.default
 
 
 def parse_ceilings(text: str, decimals: int) -> Ceilings:
-    """``300000000`` or ``together-2025=300000000,loans=100000000[,*=0]`` (whole tokens)."""
+    """``300000000`` (every program), or ``together-2025=300000000,loans=100000000`` (only
+    the programs named: any other is refused), or the same with ``*=N`` for the others
+    (whole tokens). Nothing at all: 300000000 for every program."""
     where = f"{PREFIX}CEILING"
-    default = parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where)
+    default: int | None = None
     per: dict[str, int] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if "=" in part:
@@ -79,6 +91,8 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
                 per[name.strip()] = amount
         else:
             default = parse_units(part, decimals, where=where)
+    if default is None and not per:
+        default = parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where)
     return Ceilings(default, per)
 
 

@@ -151,6 +151,23 @@ def test_over_the_ceiling(env: Env) -> None:
                     extra={"DISBURSER_CEILING": "10"})
 
 
+def test_a_program_the_ceiling_list_does_not_name_is_refused(env: Env) -> None:
+    """A list of programs in DISBURSER_CEILING is what may be paid: a mistyped program name
+    does not get a fresh ceiling of its own (300,000,000 by default)."""
+    m = env.signed_manifest(3, program="together-initiative-2025-1O")
+    ceilings = {"DISBURSER_CEILING": "together-initiative-2025-10=300000000,loans=100000000"}
+    expected = ("DISBURSER_CEILING: no ceiling for program 'together-initiative-2025-1O' (it "
+                "names loans, together-initiative-2025-10); add "
+                "together-initiative-2025-1O=<whole tokens>, or *=<whole tokens> for every "
+                "program it does not name")
+    _assert_refused(env, ["send", str(m), "--yes"], expected, ceilings, exact=True)
+    _assert_refused(env, ["manifest", "verify", str(m)], expected, ceilings, exact=True)
+    # `*=N` gives every other program a ceiling, as a plain number does.
+    r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CEILING": "loans=1,*=10"})
+    assert r.code == 0, r.err
+    assert "confirmed 3, failed 0, unpaid 0" in r.out
+
+
 def test_over_the_ceiling_across_manifests(env: Env) -> None:
     first = env.signed_manifest(3, name="a.json", seed="a")  # 1.25+2.25+3.25 = 6.75
     r = env.cli("send", str(first), "--yes", extra={"DISBURSER_CEILING": "10"})

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from disburser import settings as st
-from disburser.errors import InputError
+from disburser.errors import InputError, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,6 +33,14 @@ def test_defaults_and_ceilings() -> None:
     assert c.for_program("relief") == 3 * 10**14
     assert c.for_program("loans") == 10**14
     assert c.for_program("other") == 0
+    # Named programs only: any other is refused, not given the default.
+    c = st.parse_ceilings("relief=300000000,loans=100000000", 6)
+    assert c.for_program("loans") == 10**14
+    with pytest.raises(SettingsError, match="DISBURSER_CEILING: no ceiling for program "
+                       "'releif' \\(it names loans, relief\\)"):
+        c.for_program("releif")
+    assert st.parse_ceilings("loans=1,7", 6).for_program("x") == 7 * 10**6
+    assert st.parse_ceilings("", 6).for_program("x") == 300_000_000 * 10**6
 
 
 @pytest.mark.parametrize("env, message", [
