@@ -86,7 +86,10 @@ def _env(name: str) -> str:
     --accept-past-transfers`` has none, because it accepts what the operator has read in the
     last refusal, and a standing setting would accept it with nobody reading. One is named
     otherwise: ``devnet --port`` reads DISBURSER_DEVNET_PORT (the bare name would read as
-    the node's port)."""
+    the node's port); and DISBURSER_PASSWORD_FILE, the payer's password, is read by the
+    commands about the payer's key only: ``manifest sign --password-file`` reads
+    DISBURSER_APPROVER_PASSWORD_FILE and ``key new --password-file``
+    DISBURSER_NEW_KEY_PASSWORD_FILE."""
     return "DISBURSER_" + name
 
 
@@ -290,8 +293,10 @@ def manifest_sign(
     # approver's signature must not default to it.
     keystore: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Approver's encrypted V3 keystore.")] = None,
+    # Not DISBURSER_PASSWORD_FILE: that is the payer's password (as with --keystore).
     password_file: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        envvar=_env("PASSWORD_FILE"), help="File holding the keystore password.")] = None,
+        envvar=_env("APPROVER_PASSWORD_FILE"),
+        help="File holding the keystore password.")] = None,
     private_key_env: Annotated[Optional[str], typer.Option(  # noqa: UP045
         envvar=_env("PRIVATE_KEY_ENV"),
         help="Name of an environment variable holding the approver's hex key.")] = None,
@@ -742,8 +747,10 @@ def _fork_token(c: Any) -> str:
 @key_app.command("new")
 def key_new(
     output: Annotated[Path, typer.Option("-o", "--output", help="Keystore file to write.")],
+    # Not DISBURSER_PASSWORD_FILE: a new key must not be given the payer's password
+    # silently because a .env names it.
     password_file: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        envvar=_env("PASSWORD_FILE"), help="File holding the new password.")] = None,
+        envvar=_env("NEW_KEY_PASSWORD_FILE"), help="File holding the new password.")] = None,
 ) -> None:
     """Create a new key in an encrypted V3 keystore (scrypt) and print its address."""
     from disburser import keys

@@ -98,3 +98,27 @@ def test_keystore_on_the_command_line_wins_over_the_private_key_env_setting(
                                 "APPROVER_KEY": dn.DEV_KEYS[2]}, catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     assert r.stdout.strip() == f"signed by {dn.DEV_ADDRESSES[2]} (2 signature(s))"
+
+
+def test_the_payers_password_file_is_not_an_approvers_or_a_new_keys(tmp_path: Path) -> None:
+    """DISBURSER_PASSWORD_FILE is the payer's: `key new` does not give a new key that
+    password because a .env names it, and `manifest sign` does not try it on an approver's
+    keystore; they read their own variables."""
+    payer_pw, approver_pw = tmp_path / "payer.pw", tmp_path / "approver.pw"
+    payer_pw.write_text("the payer's own password\n")
+    approver_pw.write_text("the approver's password\n")
+    ks = tmp_path / "approver.json"
+    standing = {**ENV, "DISBURSER_PASSWORD_FILE": str(payer_pw)}
+    r = CliRunner().invoke(app, ["key", "new", "-o", str(ks)], env=standing)
+    assert r.exit_code == 2 and not ks.exists()
+    assert r.stderr.strip() == ("disburser: error: key new needs --password-file (or a "
+                                "terminal to prompt)")
+    r = CliRunner().invoke(app, ["key", "new", "-o", str(ks)], env={
+        **standing, "DISBURSER_NEW_KEY_PASSWORD_FILE": str(approver_pw)})
+    assert r.exit_code == 0, r.stderr
+    address = r.stdout.strip()
+    m = _build(tmp_path, [f"u1,{fresh_address('pw')},1"])
+    r = CliRunner().invoke(app, ["manifest", "sign", str(m), "--keystore", str(ks)], env={
+        **standing, "DISBURSER_APPROVER_PASSWORD_FILE": str(approver_pw)})
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == f"signed by {address} (1 signature(s))"

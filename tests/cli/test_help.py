@@ -44,11 +44,13 @@ def test_help_does_not_import_web3() -> None:
     assert r.returncode == 0, r.stderr
 
 
-# Options without DISBURSER_<NAME> (cli._env says why), and one named otherwise.
+# Options without DISBURSER_<NAME> (cli._env says why), and those named otherwise.
 NO_ENVVAR = {("allocate", "--output"), ("manifest build", "--output"),
              ("reconcile", "--output"), ("key new", "--output"), ("manifest sign", "--keystore"),
              ("send", "--accept-past-transfers")}
-OTHER_NAME = {("devnet", "--port"): "DISBURSER_DEVNET_PORT"}
+OTHER_NAME = {("devnet", "--port"): "DISBURSER_DEVNET_PORT",
+              ("manifest sign", "--password-file"): "DISBURSER_APPROVER_PASSWORD_FILE",
+              ("key new", "--password-file"): "DISBURSER_NEW_KEY_PASSWORD_FILE"}
 
 
 def _options() -> list[tuple[str, str, object]]:
