@@ -42,6 +42,10 @@ PROGRESS_EVERY = 1.0
 WINDOW = 4  # batches measured and written ahead together, with a broadcasting thread
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
+# Seconds the chain's nonce may stay at or below a nonce the ledger holds final before the
+# run stops (a node behind a load balancer may lag a moment; a rolled-back chain does not
+# come back).
+NONCE_BEHIND_WAIT = 30.0
 DIRECT_GAS = 100_000  # an upper bound of one ERC-20 transfer, for the fee-cap check
 BATCH_FIXED_GAS = 60_000
 METER_TRIES = 3  # windows without a usable GasMeter answer before it is given up
@@ -146,6 +150,8 @@ class Sender:
         self.broadcast_any = False
         self._preflight_done = False
         self._first_nonce: int | None = None  # the ledger's first nonce of the payer
+        self._final_nonce: int | None = None  # the highest nonce the ledger holds final
+        self._behind_since: float | None = None  # when the chain's nonce fell to or below it
         self._head_seen, self._head_since, self._stall_logged = -1, clock(), False
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
         # n-th time the loop passes `point`. Never set in production.
@@ -199,6 +205,7 @@ class Sender:
         deepest = max((t.nonce for t in self.ledger.txs(self.payer)
                        if t.status in (TxStatus.CONFIRMED.value, TxStatus.REVERTED.value)),
                       default=None)
+        self._final_nonce = deepest
         if deepest is not None and deepest >= latest:
             # Confirmed at depth in this ledger, absent from this chain: the ledger belongs to
             # another chain (or the chain was reset). Sending would open a nonce gap.
@@ -1101,6 +1108,8 @@ class Sender:
                   for t in pending)
         self._latest_nonce: int | None = (self.chain.nonce(self.payer, "latest")
                                           if due else None)
+        if self._latest_nonce is not None:
+            self._check_not_rolled_back(self._latest_nonce)
         hashes = [a.hash for t in pending
                   if self._latest_nonce is None or t.nonce < self._latest_nonce
                   for a in attempts[t.id or 0]]
@@ -1245,6 +1254,9 @@ class Sender:
                 self._deep_now.append(t)
         deep = self._deep_now
         finals = self.ledger.finalize_many([t.id or 0 for t in deep])
+        if deep:
+            self._final_nonce = max(self._final_nonce if self._final_nonce is not None else -1,
+                                    *(t.nonce for t in deep))
         for t in deep:
             self._crash_point("after_confirm")
             final = finals[t.id or 0]
@@ -1252,6 +1264,31 @@ class Sender:
                      else "transfer_reverted",
                      nonce=t.nonce, tx_hash=t.mined_hash, count=t.count, amount=t.amount)
         self._mined_now, self._deep_now = [], []
+
+    def _check_not_rolled_back(self, latest: int) -> None:
+        """The chain's nonce at or below a nonce this ledger holds final (confirmed at depth)
+        means the chain went back deeper than the confirmations: a node reset or restored
+        from an old state, or a deep reorg. What the lost transactions paid is not known
+        here, and the pending ones behind the gap can never be mined: stop, rather than
+        bump them up to the fee cap and wait for ever (``sync_nonces`` refuses the next
+        run the same way). Only once it lasts NONCE_BEHIND_WAIT seconds: a node behind a
+        load balancer may answer from behind for a moment."""
+        final = self._final_nonce
+        if final is None or latest > final:
+            self._behind_since = None
+            return
+        if self._behind_since is None:
+            self._behind_since = self.clock()
+            log.warning("chain_nonce_behind_ledger", nonce=latest, final_nonce=final)
+        if self.clock() - self._behind_since >= NONCE_BEHIND_WAIT:
+            raise FailClosed(
+                f"payer {self.payer}: the chain's nonce went back to {latest}, at or below "
+                f"nonce {final} that this ledger holds confirmed at depth "
+                f"{self.cfg.confirmations}: the chain was rolled back deeper than "
+                "DISBURSER_CONFIRMATIONS (a node reset or restored from an old state, or a "
+                "deep reorg). Stopped rather than guessing; the transactions in flight stay "
+                "in the ledger. Check the node; `disburser reconcile` shows what the chain "
+                "paid")
 
     def _watch_head(self, number: int, open_txs: Sequence[TxRow]) -> None:
         """Say so when the chain stops producing blocks while we wait for depth (a devnet
@@ -1350,8 +1387,9 @@ def _parse_crash_point(spec: str) -> list[Any] | None:
     return [name, int(n or "1")]
 
 
-def config_from_settings(s: Any, mode: Mode, program: str) -> SendConfig:
-    """SendConfig from validated Settings, for one program's ceiling."""
+def config_from_settings(s: Any, mode: Mode, program: str | None) -> SendConfig:
+    """SendConfig from validated Settings, for one program's ceiling (None: no payment is
+    made, as for `deploy`: ceiling 0)."""
     return SendConfig(
         mode=mode, chain_id=s.chain_id, token=s.token, decimals=s.decimals,
         batch_contract=s.batch_contract, confirmations=s.confirmations,
@@ -1359,7 +1397,8 @@ def config_from_settings(s: Any, mode: Mode, program: str) -> SendConfig:
         bump_after_blocks=s.bump_after_blocks, max_fee_wei=s.max_fee_wei,
         max_tx_fee_wei=s.max_tx_fee_wei,
         priority_fee_wei=s.priority_fee_wei, poll_interval=s.poll_interval,
-        ceiling=s.ceilings.for_program(program), from_block=s.from_block,
+        ceiling=s.ceilings.for_program(program) if program is not None else 0,
+        from_block=s.from_block,
     )
 
 
@@ -1371,7 +1410,7 @@ def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s:
 
     from disburser.artifacts import load_artifact
 
-    sender = Sender(ledger, chain, signer, config_from_settings(s, Mode.DIRECT, "-"))
+    sender = Sender(ledger, chain, signer, config_from_settings(s, Mode.DIRECT, None))
     sender.preflight_chain_only()
     sender.sync_nonces()
     sender._drain()

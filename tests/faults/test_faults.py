@@ -21,6 +21,7 @@ from eth_utils import keccak
 from disburser import chain as ch
 from disburser import devnet as dn
 from disburser import manifest as mf
+from disburser import sender as sender_mod
 from disburser import settings as st
 from disburser.domain import Mode, PaymentStatus, TxStatus
 from disburser.errors import FailClosed, Interrupted
@@ -604,6 +605,43 @@ def test_reorg_while_the_engine_is_stopped_is_noticed_by_the_next_run(
     assert_exactly_once(env, m)
     assert_never_resigned(env)
     assert {e["nonce"] for e in events(env, "transfer_reorged")} == {t.nonce for t in batches}
+
+
+def test_chain_rolled_back_below_a_confirmed_nonce_mid_run_stops_the_run(
+        manual: tuple[Env, Miner], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node reset or restored from an old state mid-run takes away a transaction the
+    ledger holds confirmed: the batches behind the gap can never be mined. The run stops
+    (instead of bumping them to the fee cap and waiting for ever), and so does the next."""
+    monkeypatch.setattr(sender_mod, "NONCE_BEHIND_WAIT", 1.0)
+    env, miner = manual
+    m = env.signed_manifest(30)
+    eng = Engine(env, m).start()
+    wait_for(lambda: ledger(env).txs(dn.PAYER) and in_pool(env, ledger(env).txs(dn.PAYER)[:1]),
+             "the approval in the pool")
+    approval = ledger(env).txs(dn.PAYER)[0]
+    before = env.chain.rpc("evm_snapshot")
+    miner.mine()
+    wait_for(lambda: len(open_batches(env)) == 3 and in_pool(env, open_batches(env)),
+             "three batches in the pool")
+    assert ledger(env).txs(dn.PAYER)[0].status == TxStatus.CONFIRMED.value
+    # The node goes back to before the approval, and its pool is lost.
+    assert env.chain.rpc("evm_revert", [before]) is True
+    env.chain.rpc("anvil_dropAllTransactions")
+    assert env.payer_nonce() == approval.nonce
+    miner.auto()
+    with pytest.raises(FailClosed) as e:
+        eng.join()
+    assert str(e.value).startswith(
+        f"payer {dn.PAYER}: the chain's nonce went back to {approval.nonce}, at or below nonce "
+        f"{approval.nonce} that this ledger holds confirmed at depth 1: the chain was rolled "
+        "back deeper than DISBURSER_CONFIRMATIONS")
+    assert events(env, "chain_nonce_behind_ledger")
+    assert [env.balance(p.to) for p in mf.load(m).payments] == [0] * 30
+    # The batches stay in the ledger, in flight; the next run refuses at once.
+    assert len(open_batches(env)) == 3
+    with pytest.raises(FailClosed, match=f"the ledger has nonce {approval.nonce} confirmed "
+                       f"but the chain's nonce is {approval.nonce}"):
+        Engine(env, m).start().join()
 
 
 # --- 6. failures isolated ------------------------------------------------------------------

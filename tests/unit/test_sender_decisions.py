@@ -21,7 +21,7 @@ from disburser.errors import FailClosed, RpcError, SettingsError
 from disburser.keys import Signer
 from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger
 from disburser.manifest import make_manifest
-from disburser.sender import METER_TRIES, WINDOW, SendConfig, Sender
+from disburser.sender import METER_TRIES, NONCE_BEHIND_WAIT, WINDOW, SendConfig, Sender
 
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 BATCH = "0x9fE46736679d2D9a65F0992F2272dE9f3c7fa6e0"
@@ -242,6 +242,29 @@ def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
                        "this ledger did not send"):
         s._poll()
     assert nonce_reads  # read this time (and again by the check of the used nonce)
+
+
+def test_a_chain_nonce_behind_a_final_one_stops_the_run_only_if_it_stays_behind(
+        tmp_path: Path) -> None:
+    """A node behind a load balancer may answer an old nonce for a moment; a chain rolled
+    back below a confirmed transaction stays there. NONCE_BEHIND_WAIT tells them apart."""
+    now = [1000.0]
+    chain = FakeChain()
+    s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
+               Signer(bytes.fromhex(PAYER_KEY[2:])), _sender(tmp_path, chain).cfg,
+               clock=lambda: now[0])
+    s._check_not_rolled_back(0)  # nothing final yet: any nonce will do
+    s._final_nonce = 5
+    s._check_not_rolled_back(5)  # behind: the wait begins
+    now[0] += NONCE_BEHIND_WAIT - 1
+    s._check_not_rolled_back(6)  # caught up: the wait is over
+    s._check_not_rolled_back(3)  # behind again: a new wait
+    now[0] += NONCE_BEHIND_WAIT - 0.5
+    s._check_not_rolled_back(3)
+    now[0] += 0.5
+    with pytest.raises(FailClosed, match="the chain's nonce went back to 3, at or below nonce "
+                       "5 that this ledger holds confirmed at depth 1"):
+        s._check_not_rolled_back(3)
 
 
 def test_a_priced_out_or_overdue_transaction_is_due_for_a_check_though_just_seen(
