@@ -101,6 +101,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from disburser import csvcell
 from disburser.addresses import checksum_address
 from disburser.amounts import format_units, parse_units
 from disburser.domain import Payment
@@ -709,7 +710,7 @@ def write_report(allocation: Allocation, path: Path, decimals: int) -> None:
 
 def _report_row(d: Decision, decimals: int) -> tuple[str, ...]:
     return (
-        d.user_id,
+        csvcell.text(d.user_id),  # a spreadsheet must not take an id for a formula
         "eligible" if d.eligible else "ineligible",
         str(d.reason),
         format_units(d.total_loss, USD_DECIMALS),

@@ -152,7 +152,7 @@ class Transport:
                     raise RpcError(
                         f"node at {display_url(self.url)} unreachable after "
                         f"{self.retries + 1} tries: "
-                        f"{_short(e)}"
+                        f"{_short(e, self.url)}"
                     ) from None
                 # Full jitter: spreads retries of many clients (and of our batches).
                 self._sleep(delay * (0.5 + self._rand()))
@@ -226,15 +226,28 @@ def display_url(url: str) -> str:
 
     parts = urlsplit(url)
     host = parts.hostname or "?"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    try:
+        port = parts.port
+    except ValueError:  # not a number: say nothing of it
+        port = None
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
 class _Retryable(Exception):
     pass
 
 
-def _short(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
+def _short(e: BaseException, url: str) -> str:
+    """The first line of a transport error, without the parts of ``url`` that may carry
+    secrets (requests quotes the path and query: "Max retries exceeded with url: /v3/KEY")."""
+    from urllib.parse import urlsplit
+
+    text = (str(e) or type(e).__name__).replace(url, display_url(url))
+    parts = urlsplit(url)
+    for secret in (parts.path + ("?" + parts.query if parts.query else ""), parts.query,
+                   parts.netloc.rpartition("@")[0], parts.path):
+        if secret and secret != "/":
+            text = text.replace(secret, "…")
     return text.splitlines()[0][:200]
 
 

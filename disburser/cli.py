@@ -222,7 +222,9 @@ def allocate(
         raise CeilingError(f"allocation total {a.total} base units exceeds the ceiling "
                            f"{ceiling} of program {program}")
     m = mf.make_manifest(program=program, chain_id=s.chain_id, token=s.token, payer=payer_addr,
-                         not_after=not_after or _now() + 96 * 3600, payments=a.payments)
+                         not_after=not_after or _now() + 96 * 3600, payments=a.payments,
+                         source=str(addresses))
+    _refuse_batch_contract(s, m, str(addresses))
     al.write_report(a, report, s.decimals)
     mf.write(m, output)
     eligible = sum(1 for d in a.decisions if d.eligible)
@@ -257,8 +259,18 @@ def manifest_build(
     m = mf.build_from_csv(payments, program=program, chain_id=s.chain_id, token=s.token,
                           payer=payer_addr, not_after=not_after or _now() + 96 * 3600,
                           decimals=s.decimals)
+    _refuse_batch_contract(s, m, str(payments))
     mf.write(m, output)
     _print_summary(m, s.decimals)
+
+
+def _refuse_batch_contract(s: Settings, m: Any, source: str) -> None:
+    """Built manifests pay nothing to the batch contract (``verify`` refuses it again)."""
+    from disburser import manifest as mf
+
+    if s.batch_contract is not None:
+        mf.refuse_recipients(m.payments, source, {
+            s.batch_contract: "the batch contract (DISBURSER_BATCH_CONTRACT)"})
 
 
 def _payer_address(s: Settings, explicit: str | None) -> str:
@@ -377,7 +389,8 @@ def _verify(s: Settings, m: Any, source: str, payer: str | None = None) -> Any:
     require_approvers(s)
     v = mf.verify(m, source=source, approvers=s.approvers, quorum=s.quorum,
                   chain_id=s.chain_id, token=s.token,
-                  payer=payer or os.environ.get(_env("PAYER")) or None, now=_now())
+                  payer=payer or os.environ.get(_env("PAYER")) or None, now=_now(),
+                  batch_contract=s.batch_contract)
     ceiling = s.ceilings.for_program(m.program)
     if m.total > ceiling:
         raise CeilingError(f"{source}: total {m.total} base units exceeds the ceiling "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def _parse_hex_key(text: str, where: str) -> bytes:
 
 
 def from_env_var(var: str) -> Signer:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+        # Never echoed: a key pasted where its variable's name belongs is the usual cause.
+        raise SettingsError("--private-key-env: not the name of an environment variable "
+                            "(give the name of the variable that holds the key, not the key)")
     value = os.environ.get(var)
     if not value:
         raise SettingsError(f"environment variable {var} is not set")
@@ -107,6 +112,8 @@ def _read_keystore(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise SettingsError(f"keystore {path}: no such file") from None
+    except OSError as e:
+        raise SettingsError(f"keystore {path}: cannot be read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
 
@@ -134,6 +141,9 @@ def read_password(value: str | None, file: str | None) -> str | None:
             return Path(file).read_text().rstrip("\r\n")
         except FileNotFoundError:
             raise SettingsError(f"password file {file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not text"
+            raise SettingsError(f"password file {file}: cannot be read ({why})") from None
     return None
 
 

@@ -55,6 +55,18 @@ def check_address(value: object, where: str, *, strict_checksum: bool = True) ->
     return cs
 
 
+def refuse_recipients(payments: Iterable[Payment], source: str,
+                      refused: dict[str, str]) -> None:
+    """No payment to an address of ``refused`` (checksummed address -> what it is): tokens
+    sent to the token contract or the batch contract cannot be moved again (BatchPayout has
+    no way out, by design), and a payment to the payer pays no one."""
+    for p in payments:
+        if p.to in refused:
+            raise ManifestError(
+                f"{source}: payments[{p.index}] (id {p.id!r}).to: {p.to} is "
+                f"{refused[p.to]}; it cannot be a recipient")
+
+
 def check_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
         raise ManifestError(f"{where}: id must be 1-128 printable characters, got {value!r}")
@@ -70,10 +82,18 @@ def make_manifest(
     not_after: int,
     payments: Sequence[Payment],
     signatures: Sequence[str] = (),
+    source: str = "manifest",
 ) -> Manifest:
-    """Assemble a manifest from validated parts, computing its paymentsRoot."""
+    """Assemble a manifest from validated parts, computing its paymentsRoot. Refused: no
+    payments, a total that does not fit the signature's uint256, and a payment to the token
+    contract or to the payer (``source`` names it in errors)."""
     if not payments:
-        raise ManifestError("manifest has no payments")
+        raise ManifestError(f"{source}: no payments")
+    total = sum(p.amount for p in payments)
+    if total > MAX_UINT256:
+        raise ManifestError(f"{source}: the payments total {total} base units, more than the "
+                            "signature's uint256 total can hold")
+    refuse_recipients(payments, source, {token: "the token contract", payer: "the payer"})
     return Manifest(
         program=program,
         chain_id=chain_id,
@@ -145,6 +165,7 @@ def parse(text: str, source: str) -> Manifest:
         not_after=doc["not_after"],
         payments=payments,
         signatures=[s.lower() for s in sigs],
+        source=source,
     )
 
 
@@ -274,6 +295,9 @@ def build_from_csv(
         if header is None:
             raise InputError(f"{path}: empty file")
         cols = [h.strip() for h in header]
+        if dup := next((c for i, c in enumerate(cols) if c in cols[:i]), None):
+            raise InputError(f"{path}: column '{dup}' appears twice in the header "
+                             f"({','.join(cols)})")
         for c in ("id", "to", "amount"):
             if c not in cols:
                 raise InputError(f"{path}: missing column '{c}' (header: {','.join(cols)})")
@@ -294,6 +318,8 @@ def build_from_csv(
             amount = parse_units(row[ca], decimals, where=f"{where}: amount")
             if amount <= 0:
                 raise InputError(f"{where}: amount must be greater than zero")
+            if amount > MAX_UINT256:
+                raise InputError(f"{where}: amount does not fit in uint256")
             payments.append(Payment(len(payments), pid, to, amount))
     if not payments:
         raise InputError(f"{path}: no payment rows")
@@ -304,6 +330,7 @@ def build_from_csv(
         payer=payer,
         not_after=not_after,
         payments=payments,
+        source=str(path),
     )
 
 
@@ -450,9 +477,11 @@ def verify(
     token: str,
     payer: str | None,
     now: int,
+    batch_contract: str | None = None,
 ) -> Verification:
     """Refuse the manifest unless it is for this chain, token and payer, has not expired,
-    and carries ``quorum`` distinct approver signatures. Returns who signed."""
+    pays nothing to ``batch_contract``, and carries ``quorum`` distinct approver
+    signatures. Returns who signed."""
     if m.chain_id != chain_id:
         raise ManifestError(
             f"{source}: manifest is for chain {m.chain_id}, this is chain {chain_id}"
@@ -464,6 +493,9 @@ def verify(
             f"{source}: manifest payer is {m.payer}, the configured payer is {payer}")
     if now > m.not_after:
         raise ManifestError(f"{source}: manifest expired at not_after={m.not_after} (now {now})")
+    if batch_contract is not None:
+        refuse_recipients(m.payments, source, {
+            batch_contract: "the batch contract (DISBURSER_BATCH_CONTRACT)"})
     allowed = set(approvers)
     if m.payer in allowed:
         # The key that sends would be one of the M: M of N by M - 1 people.

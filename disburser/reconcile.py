@@ -1003,7 +1003,7 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     from disburser import ledger as lg
     from disburser import manifest as mf
     from disburser import report
-    from disburser.chain import RpcChain
+    from disburser.chain import RpcChain, display_url
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt}: one of {', '.join(FORMATS)}")
@@ -1047,8 +1047,9 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     chain = RpcChain(s.rpc_url)
     cid = chain.chain_id()
     if cid != s.chain_id:
-        raise ChainMismatchError(f"node at {s.rpc_url} is chain {cid}, the settings say "
-                                 f"{s.chain_id} (DISBURSER_CHAIN_ID / DISBURSER_NETWORK)")
+        raise ChainMismatchError(f"node at {display_url(s.rpc_url)} is chain {cid}, the "
+                                 f"settings say {s.chain_id} (DISBURSER_CHAIN_ID / "
+                                 "DISBURSER_NETWORK)")
     if not chain.code(s.token):
         raise ChainMismatchError(f"DISBURSER_TOKEN {s.token}: no contract on chain {cid}")
     head = chain.head()

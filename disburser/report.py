@@ -17,6 +17,7 @@ from html import escape
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
+from disburser import csvcell
 from disburser.amounts import format_units
 from disburser.errors import InputError
 
@@ -165,13 +166,14 @@ def _payment_json(p: PaymentResult) -> str:
 
 
 def to_csv(r: Result) -> str:
-    """One row per payment; amounts in base units; tx hashes separated by spaces."""
+    """One row per payment; amounts in base units; tx hashes separated by spaces; an id or
+    reason a spreadsheet would take for a formula begins with ' (``csvcell``)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for p in r.payments:
-        w.writerow((p.manifest, p.idx, p.id, p.to, p.amount, p.paid, p.status,
-                    p.reason or "", " ".join(p.tx_hashes)))
+        w.writerow((p.manifest, p.idx, csvcell.text(p.id), p.to, p.amount, p.paid, p.status,
+                    csvcell.text(p.reason or ""), " ".join(p.tx_hashes)))
     return buf.getvalue()
 
 

@@ -20,11 +20,19 @@ _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 def load_dotenv(path: Path = Path(".env")) -> list[str]:
     """Put ``KEY=VALUE`` lines of ``path`` into the environment without overriding what is
-    already set (the environment wins over the file); the keys it set."""
+    already set (the environment wins over the file); the keys it set. A key given twice is
+    refused: the shell would take the last, a reader of the file may see the first, and for
+    a ceiling or a fee cap the difference is money."""
     set_here: list[str] = []
     if not path.is_file():
         return set_here
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+    seen: dict[str, int] = {}
+    try:
+        # utf-8-sig: a byte-order mark from a Windows editor must not hide the first key.
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path}: cannot be read ({type(e).__name__})") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -34,6 +42,9 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
             raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE")
         key, _, value = line.partition("=")
         key, value = key.strip(), value.strip()
+        if key in seen:
+            raise SettingsError(f"{path}:{lineno}: {key} is already set on line {seen[key]}")
+        seen[key] = lineno
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         if key not in os.environ:
@@ -86,10 +97,17 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
             name, _, value = part.partition("=")
             amount = parse_units(value.strip(), decimals, where=f"{where} ({name.strip()})")
             if name.strip() == "*":
+                if default is not None:
+                    raise SettingsError(f"{where}: gives the ceiling of every other program "
+                                        "twice")
                 default = amount
             else:
+                if name.strip() in per:
+                    raise SettingsError(f"{where}: names program {name.strip()!r} twice")
                 per[name.strip()] = amount
         else:
+            if default is not None:
+                raise SettingsError(f"{where}: gives the ceiling of every other program twice")
             default = parse_units(part, decimals, where=where)
     if default is None and not per:
         default = parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where)
@@ -156,10 +174,29 @@ def _seconds(env: dict[str, str], name: str, default: str) -> float:
     return value
 
 
-def _gwei(env: dict[str, str], name: str, default: str) -> int:
+def _gwei(env: dict[str, str], name: str, default: str, *, positive: bool = False) -> int:
     raw = _get(env, name, default)
     assert raw is not None
-    return parse_units(raw, 9, where=f"{PREFIX}{name}")
+    wei = parse_units(raw, 9, where=f"{PREFIX}{name}")
+    if positive and wei == 0:
+        # A cap of 0 signs transactions no block will ever take, then waits for ever.
+        raise SettingsError(f"{PREFIX}{name}: must be greater than 0")
+    return wei
+
+
+def _rpc_url(raw: str) -> str:
+    """An http(s) URL (the only transport): anything else is refused here, naming the
+    setting, never echoing the URL (it may carry a password or an API key)."""
+    if not re.match(r"^https?://[^/\s]+", raw, re.IGNORECASE):
+        raise SettingsError(f"{PREFIX}RPC_URL: not an http:// or https:// URL")
+    return raw
+
+
+def _max_tx_fee(raw: str) -> int:
+    wei = parse_units(raw, 18, where=f"{PREFIX}MAX_TX_FEE_ETH")
+    if wei == 0:
+        raise SettingsError(f"{PREFIX}MAX_TX_FEE_ETH: must be greater than 0")
+    return wei
 
 
 def load(env: dict[str, str] | None = None) -> Settings:
@@ -191,7 +228,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     keystore = _get(env, "KEYSTORE")
     return Settings(
         network=prof,
-        rpc_url=_get(env, "RPC_URL", prof.default_rpc) or "",
+        rpc_url=_rpc_url(_get(env, "RPC_URL", prof.default_rpc) or ""),
         db=_get(env, "DB", "disburser.sqlite") or "",
         chain_id=_int(env, "CHAIN_ID", prof.chain_id, minimum=1),
         token=token,
@@ -205,10 +242,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
             else None
         ),
         confirmations=_int(env, "CONFIRMATIONS", prof.confirmations, minimum=1),
-        max_fee_wei=_gwei(env, "MAX_FEE_GWEI", prof.max_fee_gwei),
+        max_fee_wei=_gwei(env, "MAX_FEE_GWEI", prof.max_fee_gwei, positive=True),
         priority_fee_wei=_gwei(env, "PRIORITY_FEE_GWEI", prof.priority_fee_gwei),
-        max_tx_fee_wei=parse_units(_get(env, "MAX_TX_FEE_ETH", "1") or "1", 18,
-                                   where=f"{PREFIX}MAX_TX_FEE_ETH"),
+        max_tx_fee_wei=_max_tx_fee(_get(env, "MAX_TX_FEE_ETH", "1") or "1"),
         max_in_flight=_int(env, "MAX_IN_FLIGHT", 16, minimum=1),
         batch_size=_int(env, "BATCH_SIZE", 500, minimum=1),
         bump_after_blocks=_int(env, "BUMP_AFTER_BLOCKS", 3, minimum=1),

@@ -11,7 +11,7 @@ import pytest
 
 from disburser import devnet as dn
 from disburser.ledger import Ledger
-from tests.conftest import Env
+from tests.conftest import Env, fresh_address
 
 
 def _assert_refused(env: Env, args: list[str], expected: str,
@@ -269,10 +269,73 @@ def test_send_without_yes_when_not_interactive(env: Env) -> None:
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("DISBURSER_CONFIRMATIONS", "many", "DISBURSER_CONFIRMATIONS: 'many' is not an integer"),
     ("DISBURSER_FROM_BLOCK", "-5", "DISBURSER_FROM_BLOCK: must be at least 0, got -5"),
+    # A cap of 0 would sign transactions no block takes, then wait for ever.
+    ("DISBURSER_MAX_FEE_GWEI", "0", "DISBURSER_MAX_FEE_GWEI: must be greater than 0"),
+    ("DISBURSER_MAX_TX_FEE_ETH", "0", "DISBURSER_MAX_TX_FEE_ETH: must be greater than 0"),
+    ("DISBURSER_CEILING", "relief=1,relief=2",
+     "DISBURSER_CEILING: names program 'relief' twice"),
+    # Never echoed: the URL may carry a password or an API key.
+    ("DISBURSER_RPC_URL", "notaurl-s3cret", "DISBURSER_RPC_URL: not an http:// or https:// URL"),
+    ("DISBURSER_RPC_URL", "ftp://user:s3cret@host/",
+     "DISBURSER_RPC_URL: not an http:// or https:// URL"),
+    ("DISBURSER_KEYSTORE", "/tmp", "keystore /tmp: cannot be read (Is a directory)"),
 ])
 def test_bad_setting_names_it(env: Env, name: str, value: str, message: str) -> None:
     m = env.signed_manifest(2)
-    _assert_refused(env, ["send", str(m), "--yes"], message, extra={name: value})
+    extra = {name: value}
+    if name == "DISBURSER_KEYSTORE":
+        extra.update(DISBURSER_PRIVATE_KEY="", DISBURSER_KEYSTORE_PASSWORD="pw")
+    _assert_refused(env, ["send", str(m), "--yes"], message, extra=extra, exact=True)
+
+
+def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
+    """The shell takes the last value, a reader of the file may see the first: for a
+    ceiling the difference is money. A byte-order mark does not hide the first line."""
+    m = env.signed_manifest(2)
+    dotenv = env.tmp / "twice.env"
+    dotenv.write_text("\ufeffDISBURSER_CEILING=300000000\n# lowered for the pilot\n"
+                      "DISBURSER_CEILING=10\n", encoding="utf-8")
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"{dotenv}:3: DISBURSER_CEILING is already set on line 1",
+                    extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
+
+
+def test_a_private_key_given_for_its_variables_name_is_not_echoed(env: Env) -> None:
+    m = env.signed_manifest(1, signers=())
+    key = env.vars["APPROVER_0"]
+    r = env.cli("manifest", "sign", str(m), "--private-key-env", key)
+    assert r.code == 2 and key not in r.out + r.err and key.removeprefix("0x") not in r.err
+    assert r.err == ("disburser: error: --private-key-env: not the name of an environment "
+                     "variable (give the name of the variable that holds the key, not the "
+                     "key)\n")
+
+
+@pytest.mark.parametrize("who", ["token", "payer", "batch contract"])
+def test_the_token_the_payer_and_the_batch_contract_are_never_paid(env: Env, who: str) -> None:
+    """Tokens sent to the token contract or to BatchPayout (which has no way out) are lost
+    for good; a payment to the payer pays no one. Refused at build and again at send."""
+    address = {"token": env.devnet.token, "payer": dn.PAYER,
+               "batch contract": env.devnet.batch_contract}[who]
+    what = {"token": "the token contract", "payer": "the payer",
+            "batch contract": "the batch contract (DISBURSER_BATCH_CONTRACT)"}[who]
+    csv_path = env.tmp / "p.csv"
+    csv_path.write_text(f"id,to,amount\nu1,{fresh_address('ok')},1\nu2,{address},2\n")
+    out = env.tmp / "m.json"
+    _assert_refused(env, ["manifest", "build", str(csv_path), "--program", "p", "-o", str(out)],
+                    f"{csv_path}: payments[1] (id 'u2').to: {address} is {what}; it cannot be "
+                    "a recipient", exact=True)
+    assert not out.exists()
+    if who != "batch contract":
+        return
+    # Built where no batch contract is configured, signed, then sent where one is.
+    unset = {"DISBURSER_BATCH_CONTRACT": ""}
+    assert env.cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(out),
+                   extra=unset).code == 0
+    for i in (0, 1):
+        assert env.cli("manifest", "sign", str(out), "--private-key-env", f"APPROVER_{i}").code == 0
+    _assert_refused(env, ["send", str(out), "--yes"],
+                    f"{out}: payments[1] (id 'u2').to: {address} is {what}; it cannot be a "
+                    "recipient", exact=True)
 
 
 def test_a_from_block_above_the_head_is_refused_before_anything_is_sent(env: Env) -> None:

@@ -276,6 +276,16 @@ def test_bad_input_is_refused(env: Env) -> None:
     assert r.code == 2 and "needs at least one MANIFEST" in r.err
     r = env.cli("reconcile", "--no-ledger", str(path), "--program", "grants")
     assert r.code == 2 and "--program grants" in r.err and RELIEF in r.err
+    # another chain: named by scheme, host and port, never the URL's password or key
+    port = env.devnet.url.rsplit(":", 1)[1]
+    chain1 = env.tmp / "chain1.json"
+    assert env.cli("manifest", "build", str(env.write_payments(2)), "--program", RELIEF,
+                   "-o", str(chain1), extra={"DISBURSER_CHAIN_ID": "1"}).code == 0
+    r = env.cli("reconcile", "--no-ledger", str(chain1), extra={
+        "DISBURSER_RPC_URL": f"http://user:pw-s3cret@127.0.0.1:{port}/?apikey=K-s3cret",
+        "DISBURSER_CHAIN_ID": "1"})
+    assert r.code == 2 and "s3cret" not in r.err
+    assert f"node at http://127.0.0.1:{port} is chain 31337, the settings say 1" in r.err
     # a manifest for another token is refused, not reported as all unpaid
     r = env.cli("reconcile", "--no-ledger", str(path),
                 extra={"DISBURSER_TOKEN": "0x" + "11" * 20})

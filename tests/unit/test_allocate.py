@@ -348,12 +348,15 @@ def test_report_columns_and_values(files: Files) -> None:
     files.user("a", (IN, "futures", "60.5"), (IN, "spot", "7"), factor="1.5", net="200")
     files.user("b", (IN, "futures", "10"), net=None, address="0xnope")
     files.user("c", (IN, "spot", "99"), net="-1", address=addr("c").lower())
+    # an id a spreadsheet would run as a formula is written as text (csvcell)
+    files.user("=d", (IN, "futures", "10"), net=None)
     alloc = files.run()
     path = files.root / "report.csv"
     write_report(alloc, path, 6)
     assert path.read_text().splitlines() == [
         "user_id,decision,reason,total_loss_usd,net_assets_usd,loss_ratio,factor,"
         "amount_before,amount_after,address",
+        f"'=d,ineligible,below_min_loss,10,,,1,0,0,{addr('=d')}",
         f"a,eligible,in_manifest,60.5,200,0.302500,1.5,72.6,72.6,{addr('a')}",
         "b,ineligible,below_min_loss,10,,,1,0,0,0xnope",
         f"c,ineligible,no_futures_or_margin,0,-1,,1,0,0,{addr('c')}",

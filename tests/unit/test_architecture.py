@@ -11,7 +11,8 @@ PKG = Path(__file__).resolve().parents[2] / "disburser"
 # A module may import only modules of a strictly lower layer (or its own layer's peers
 # listed explicitly below).
 LAYER = {
-    "errors": 0, "domain": 0, "addresses": 0, "amounts": 1, "profiles": 1, "policy": 1, "merkle": 1,
+    "errors": 0, "domain": 0, "addresses": 0, "csvcell": 0,
+    "amounts": 1, "profiles": 1, "policy": 1, "merkle": 1,
     "artifacts": 1, "broadcast": 1,
     "settings": 2, "manifest": 2, "logging": 2, "chain": 2, "keys": 2,
     "ledger": 3, "locks": 3, "transfers": 3, "allocate": 3, "devnet": 3,

@@ -19,6 +19,7 @@ from disburser.errors import InputError, ManifestError
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 PAYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 TO = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
+TO2 = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 KEYS = [bytes.fromhex(k) for k in (
     "5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
     "7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
@@ -32,7 +33,7 @@ def doc(**over: object) -> dict[str, object]:
         "format": "disburser.manifest/1", "program": "p", "chain_id": 31337, "token": TOKEN,
         "payer": PAYER, "not_after": 2_000_000_000,
         "payments": [{"id": "a", "to": TO, "amount": "1250000"},
-                     {"id": "b", "to": PAYER, "amount": "7"}],
+                     {"id": "b", "to": TO2, "amount": "7"}],
         "signatures": [],
     }
     d.update(over)
@@ -159,22 +160,28 @@ def test_structural_refusals(text_or_doc: object, message: str) -> None:
 
 def test_build_from_csv_converts_exactly_and_refuses_bad_rows(tmp_path: Path) -> None:
     p = tmp_path / "p.csv"
-    p.write_text(f"id,to,amount\nu1,{TO.lower()},1.25\nu2,{PAYER},300000000\n")
+    p.write_text(f"id,to,amount\nu1,{TO.lower()},1.25\nu2,{TO2},300000000\n")
     m = mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER,
                           not_after=5, decimals=6)
-    assert [(x.to, x.amount) for x in m.payments] == [(TO, 1_250_000), (PAYER, 3 * 10**14)]
+    assert [(x.to, x.amount) for x in m.payments] == [(TO, 1_250_000), (TO2, 3 * 10**14)]
     for row, msg in [
         (f"u1,{TO},1.2500001", f"{p}:2: amount: amount '1.2500001' has more than 6 decimal places"),
         (f"u1,{TO},0", f"{p}:2: amount must be greater than zero"),
         (f"u1,{TO},-1", f"{p}:2: amount: amount '-1' is not a plain decimal number"),
         (f"u1,{TO},1e3", f"{p}:2: amount: amount '1e3' is not a plain decimal number"),
         (f"u1,{BAD_ADDR},1", f"{p}:2: to: {BAD_ADDR} fails its EIP-55 checksum (expected {TO})"),
+        (f"u1,{TO},1{'0' * 80}", f"{p}:2: amount does not fit in uint256"),
     ]:
         p.write_text(f"id,to,amount\n{row}\n")
         with pytest.raises(InputError) as e:
             mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER,
                               not_after=5, decimals=6)
         assert str(e.value) == msg
+    p.write_text("id,to,amount,amount\nu1,{TO},1,5\n")
+    with pytest.raises(InputError, match=f"{p}: column 'amount' appears twice in the header "
+                       r"\(id,to,amount,amount\)"):
+        mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=5,
+                          decimals=6)
     p.write_text("id,amount\nu1,1\n")
     with pytest.raises(InputError, match=r"missing column 'to' \(header: id,amount\)"):
         mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=5,
@@ -197,7 +204,7 @@ def test_any_change_of_amount_changes_the_digest(amounts: list[int]) -> None:
 # parse checks every payment at once with C loops and falls back to the payment-by-payment
 # loop for anything unusual: a fault anywhere must still be named, with the same message.
 
-LONG = [{"id": f"u{i}", "to": TO if i % 2 else PAYER, "amount": str(i + 1)} for i in range(50)]
+LONG = [{"id": f"u{i}", "to": TO if i % 2 else TO2, "amount": str(i + 1)} for i in range(50)]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -237,11 +244,30 @@ def test_a_fault_deep_in_a_long_manifest_is_named(bad: object, message: str) -> 
 def test_long_manifest_edge_values_are_accepted() -> None:
     assert mf._payments_fast(LONG) is not None  # a plain manifest takes the fast path
     payments = [*LONG]
-    payments[10] = {"id": "x" * 128, "to": TO, "amount": str(2**256 - 1)}  # 78 digits
-    payments[11] = {"id": "é ☃ 𝄞", "to": TO, "amount": "9" * 77}
+    payments[10] = {"id": "x" * 128, "to": TO, "amount": str(10**77)}  # 78 digits
+    payments[11] = {"id": "é ☃ 𝄞", "to": TO, "amount": "9" * 76}
     m = parse(doc(payments=payments))
     assert [(p.index, p.id, p.to, p.amount) for p in m.payments] == [
         (i, p["id"], p["to"], int(p["amount"])) for i, p in enumerate(payments)]
+
+
+def test_a_total_past_uint256_is_refused() -> None:
+    """Each amount fits, their sum does not: the signature's uint256 total could not carry
+    it (and its Merkle leaves could not be hashed)."""
+    payments = [{"id": "a", "to": TO, "amount": str(2**255)},
+                {"id": "b", "to": TO2, "amount": str(2**255)}]
+    with pytest.raises(ManifestError, match=f"^m.json: the payments total {2**256} base "
+                       "units, more than the signature's uint256 total can hold$"):
+        parse(doc(payments=payments))
+
+
+@pytest.mark.parametrize("to, what", [(TOKEN, "the token contract"), (PAYER, "the payer")])
+def test_the_token_contract_and_the_payer_are_never_recipients(to: str, what: str) -> None:
+    payments = [{"id": "a", "to": TO, "amount": "1"}, {"id": "b", "to": to, "amount": "2"}]
+    with pytest.raises(ManifestError) as e:
+        parse(doc(payments=payments))
+    assert str(e.value) == (f"m.json: payments[1] (id 'b').to: {to} is {what}; it cannot be a "
+                            "recipient")
 
 
 _id = st.sampled_from(["a", "b", "", "x" * 128, "x" * 129, "é", "a\nb", 7])
