@@ -219,7 +219,8 @@ class Sender:
             raise FailClosed(
                 f"payer {self.payer}: nonce {foreign} was used by transaction "
                 f"{h or '(hash not found in recent blocks)'} that this ledger did not send; "
-                "stopping rather than guessing (another wallet or process uses this key)")
+                "stopping rather than guessing (another wallet or process uses this key, or "
+                "this ledger is an older copy of the one that sent it)")
         if pending > max(latest, ours_next):
             # Name the transaction, not just the nonce: the operator has to find who else
             # signs with this key before anything more is sent from it.

@@ -323,7 +323,9 @@ def test_foreign_nonce_fails_closed(env: Env) -> None:
     nonce = env.payer_nonce()
     r = env.cli("send", str(second), "--yes")
     assert r.code == 2
-    assert f"nonce {nonce - 1} was used by transaction {h} that this ledger did not send" in r.err
+    assert (f"nonce {nonce - 1} was used by transaction {h} that this ledger did not send; "
+            "stopping rather than guessing (another wallet or process uses this key, or this "
+            "ledger is an older copy of the one that sent it)") in r.err
     assert env.payer_nonce() == nonce
 
 
