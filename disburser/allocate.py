@@ -545,6 +545,11 @@ def _read_liquidations(path: Path, policy: Policy) -> tuple[dict[str, int], dict
             raise InputError(
                 f"{_where(path, line, 'time')}: {time_text!r} is not an ISO-8601 time"
             ) from None
+        if t.tzinfo is utc and not time_text.endswith(_UTC_SUFFIXES):
+            # Python 3.11 reads "+00:00:00.5" as UTC, dropping the fraction of the offset.
+            raise InputError(
+                f"{_where(path, line, 'time')}: {time_text!r} has an offset with seconds "
+                "(write Z or +00:00)")
         if t.tzinfo is not utc:  # fromisoformat returns the utc singleton for Z / +00:00
             if t.tzinfo is None:
                 raise InputError(
@@ -569,6 +574,9 @@ def _read_liquidations(path: Path, policy: Policy) -> tuple[dict[str, int], dict
     return seen, losses
 
 
+_UTC_SUFFIXES = ("Z", "+00:00", "-00:00", "+0000", "-0000", "+00", "-00")
+
+
 def _where(path: Path, line: int, column: str | None = None) -> str:
     """``FILE:LINE`` or ``FILE:LINE: COLUMN``, the prefix of every input error."""
     return f"{path}:{line}" if column is None else f"{path}:{line}: {column}"
@@ -590,7 +598,8 @@ def _usd(text: str, path: Path, line: int, column: str) -> int:
         # Fast path for the usual "1234.56" (a million rows): the same numbers parse_units
         # accepts, without a regex match per row. Anything else takes the full path.
         whole, dot, frac = text.partition(".")
-        if whole.isdigit() and (not dot or (frac.isdigit() and len(frac) <= USD_DECIMALS)):
+        if whole.isdigit() and len(whole) <= 60 and (
+                not dot or (frac.isdigit() and len(frac) <= USD_DECIMALS)):
             return int(whole) * ONE_USD + (int(frac.ljust(USD_DECIMALS, "0")) if frac else 0)
     try:
         return _signed(text, USD_DECIMALS, "")
@@ -719,5 +728,5 @@ def _report_row(d: Decision, decimals: int) -> tuple[str, ...]:
         format_units(d.factor, FACTOR_DECIMALS),
         format_units(d.amount_before, decimals),
         format_units(d.amount_after, decimals),
-        d.address or "",
+        csvcell.text(d.address or ""),  # as written when invalid: it comes from users
     )

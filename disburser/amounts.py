@@ -7,6 +7,7 @@ import re
 from disburser.errors import InputError
 
 # [0-9], not \d: \d also matches other scripts' digits ("٣").
+MAX_DIGITS = 120  # characters of a decimal amount: integer part, point and places
 _DECIMAL = re.compile(r"^(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?$")
 
 
@@ -17,6 +18,11 @@ def parse_units(text: str, decimals: int, *, where: str) -> int:
     ``where`` names the file/row/field in the error message.
     """
     s = text.strip()
+    if len(s) > MAX_DIGITS:
+        # No amount is this long (a uint256 has 78 digits); Python refuses to convert
+        # integers of over 4,300 digits anyway. The text is not echoed whole.
+        raise InputError(f"{where}: amount {s[:20]!r}... has {len(s)} characters, more "
+                         "than any amount")
     m = _DECIMAL.match(s)
     if m is None:
         raise InputError(f"{where}: amount {text!r} is not a plain decimal number")

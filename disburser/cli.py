@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -170,7 +171,10 @@ def _out(text: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"{output}: cannot write ({e.strerror})") from None
         typer.echo(f"wrote {output}", err=True)
 
 
@@ -213,6 +217,8 @@ def allocate(
 
     s = settings()
     payer_addr = _payer_address(s, payer)
+    _check_outputs([output, report], [liquidations, snapshot, compensated, addresses, factors,
+                                      policy])
     pol = al.load_policy(policy)
     a = al.allocate(liquidations, snapshot, compensated, addresses, factors, pol, s.decimals)
     if not a.payments:
@@ -222,16 +228,18 @@ def allocate(
         raise CeilingError(f"allocation total {a.total} base units exceeds the ceiling "
                            f"{ceiling} of program {program}")
     m = mf.make_manifest(program=program, chain_id=s.chain_id, token=s.token, payer=payer_addr,
-                         not_after=not_after or _now() + 96 * 3600, payments=a.payments,
+                         not_after=_not_after(not_after), payments=a.payments,
                          source=str(addresses))
     _refuse_batch_contract(s, m, str(addresses))
     al.write_report(a, report, s.decimals)
     mf.write(m, output)
     eligible = sum(1 for d in a.decisions if d.eligible)
+    by_reason = Counter(d.reason for d in a.decisions if d.eligible)
+    no_address = by_reason[al.Reason.NO_ADDRESS] + by_reason[al.Reason.INVALID_ADDRESS]
     typer.echo(f"users seen      {len(a.decisions)}")
     typer.echo(f"eligible        {eligible}")
-    typer.echo(f"in manifest     {m.count} (others eligible but without a valid address: "
-               f"{eligible - m.count})")
+    typer.echo(f"in manifest     {m.count} (others eligible: {no_address} without a valid "
+               f"address, {by_reason[al.Reason.ZERO_AMOUNT]} with an amount of 0)")
     typer.echo(f"owed            {format_units(a.owed, s.decimals)} tokens"
                + (" (scaled down to fit the fund)" if a.scaled else ""))
     typer.echo(f"manifest total  {format_units(m.total, s.decimals)} tokens")
@@ -256,12 +264,37 @@ def manifest_build(
 
     s = settings()
     payer_addr = _payer_address(s, payer)
+    _check_outputs([output], [payments])
     m = mf.build_from_csv(payments, program=program, chain_id=s.chain_id, token=s.token,
-                          payer=payer_addr, not_after=not_after or _now() + 96 * 3600,
+                          payer=payer_addr, not_after=_not_after(not_after),
                           decimals=s.decimals)
     _refuse_batch_contract(s, m, str(payments))
     mf.write(m, output)
     _print_summary(m, s.decimals)
+
+
+def _not_after(given: int | None) -> int:
+    """--not-after as given (0 or less is refused with the manifest), else 96 hours on."""
+    return given if given is not None else _now() + 96 * 3600
+
+
+def _check_outputs(outputs: list[Path], inputs: list[Path | None]) -> None:
+    """Files a command is about to write: each in an existing directory, not a directory,
+    not one of its inputs, not twice. Checked before anything is written, so that a bad
+    path does not leave one file written and the other not."""
+    seen: dict[Path, Path] = {}
+    ins = {p.resolve() for p in inputs if p is not None}
+    for out in outputs:
+        full = out.resolve()
+        if full in seen:
+            raise InputError(f"{out}: given for two outputs (also {seen[full]})")
+        seen[full] = out
+        if full in ins:
+            raise InputError(f"{out}: is also an input; refusing to write over it")
+        if out.is_dir():
+            raise InputError(f"{out}: is a directory")
+        if not out.parent.is_dir():
+            raise InputError(f"{out}: no such directory {out.parent}")
 
 
 def _refuse_batch_contract(s: Settings, m: Any, source: str) -> None:

@@ -67,6 +67,12 @@ def refuse_recipients(payments: Iterable[Payment], source: str,
                 f"{refused[p.to]}; it cannot be a recipient")
 
 
+def check_program(value: object, source: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
+        raise ManifestError(f"{source}: program must be 1-128 printable characters")
+    return value
+
+
 def check_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
         raise ManifestError(f"{where}: id must be 1-128 printable characters, got {value!r}")
@@ -89,6 +95,10 @@ def make_manifest(
     contract or to the payer (``source`` names it in errors)."""
     if not payments:
         raise ManifestError(f"{source}: no payments")
+    check_program(program, source)
+    if not 0 < not_after <= MAX_UINT256:
+        raise ManifestError(f"{source}: not_after must be a positive unix time, got "
+                            f"{not_after}")
     total = sum(p.amount for p in payments)
     if total > MAX_UINT256:
         raise ManifestError(f"{source}: the payments total {total} base units, more than the "
@@ -137,11 +147,10 @@ def parse(text: str, source: str) -> Manifest:
         raise ManifestError(
             f"{source}: format is {doc['format']!r}, expected {MANIFEST_FORMAT!r}"
         )
-    program = doc["program"]
-    if not isinstance(program, str) or not 1 <= len(program) <= 128 or not program.isprintable():
-        raise ManifestError(f"{source}: program must be 1-128 printable characters")
+    program = check_program(doc["program"], source)
     for f in ("chain_id", "not_after"):
-        if not isinstance(doc[f], int) or isinstance(doc[f], bool) or doc[f] <= 0:
+        if not isinstance(doc[f], int) or isinstance(doc[f], bool) or not (
+                0 < doc[f] <= MAX_UINT256):
             raise ManifestError(f"{source}: {f} must be a positive integer, got {doc[f]!r}")
     token = check_address(doc["token"], f"{source}: token")
     payer = check_address(doc["payer"], f"{source}: payer")
@@ -269,9 +278,15 @@ def to_json(m: Manifest) -> str:
 
 
 def write(m: Manifest, path: Path) -> None:
+    """Write atomically (a temporary file, then a rename): a reader never sees half a
+    manifest. A path that cannot be written is refused, leaving nothing behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(m), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(to_json(m), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({e.strerror})") from None
 
 
 def build_from_csv(

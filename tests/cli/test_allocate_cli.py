@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from disburser import devnet as dn
@@ -85,3 +86,76 @@ def test_allocate_over_the_ceiling_is_refused(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert "exceeds the ceiling 100000000 of program p" in r.stderr
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    # Python 3.11 reads a zero offset with a fraction of a second as UTC, dropping it
+    ("2025-10-10T00:00:00+00:00:00.000001,futures,100",
+     "time: '2025-10-10T00:00:00+00:00:00.000001' has an offset with seconds (write Z or "
+     "+00:00)"),
+    # past Python's 4,300-digit limit of int(): a located refusal, not an internal error
+    (f"2025-10-10T12:00:00Z,futures,{'9' * 5000}",
+     "loss_usd: amount '99999999999999999999'... has 5000 characters, more than any amount"),
+])
+def test_allocate_odd_values_are_located_refusals(tmp_path: Path, row: str,
+                                                  message: str) -> None:
+    data = _gen(tmp_path / "data")
+    liq = data / "liquidations.csv"
+    lines = liq.read_text().splitlines()
+    user = lines[3].split(",")[0]
+    lines[3] = f"{user},{row}"
+    liq.write_text("\n".join(lines) + "\n")
+    code, _, err = _allocate(data, tmp_path)
+    assert (code, err) == (2, f"disburser: error: {liq}:4: {message}\n")
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("output, report, message", [
+    ("nodir/m.json", "rep.csv", "{out}/nodir/m.json: no such directory {out}/nodir"),
+    ("d", "rep.csv", "{out}/d: is a directory"),
+    ("m.json", "m.json", "{out}/m.json: given for two outputs (also {out}/m.json)"),
+    ("m.json", "../data/addresses.csv",
+     "{out}/../data/addresses.csv: is also an input; refusing to write over it"),
+], ids=["missing-directory", "directory", "twice", "an-input"])
+def test_allocate_checks_both_outputs_before_writing_either(
+        tmp_path: Path, output: str, report: str, message: str) -> None:
+    data = _gen(tmp_path / "data")
+    out = tmp_path / "out"
+    (out / "d").mkdir(parents=True)
+    before = (data / "addresses.csv").read_bytes()
+    r = CliRunner().invoke(app, [
+        "allocate", str(data / "liquidations.csv"), str(data / "snapshot.csv"),
+        "--compensated", str(data / "compensated.csv"), "--addresses",
+        str(data / "addresses.csv"), "--program", "p", "-o", str(out / output),
+        "--report", str(out / report)], env=ENV, catch_exceptions=False)
+    assert (r.exit_code, r.stderr) == (2, f"disburser: error: {message.format(out=out)}\n")
+    assert sorted(p.name for p in out.iterdir()) == ["d"]  # nothing written, no .tmp left
+    assert (data / "addresses.csv").read_bytes() == before
+
+
+def test_allocate_summary_counts_zero_amounts_apart(tmp_path: Path) -> None:
+    """A user eligible with a factor of 0 is not 'without a valid address'."""
+    data = _gen(tmp_path / "data")
+    rows = list(csv.DictReader((tmp_path / "data" / "expected.csv").open()))
+    code, out, err = _allocate(data, tmp_path)
+    assert code == 0, err
+    report = list(csv.DictReader((tmp_path / "eligibility.csv").open()))
+    counts = {reason: sum(1 for x in report if x["reason"] == reason)
+              for reason in ("no_address", "invalid_address", "zero_amount")}
+    assert counts["zero_amount"] > 0 and rows  # the generator makes some of each
+    assert (f"(others eligible: {counts['no_address'] + counts['invalid_address']} without a "
+            f"valid address, {counts['zero_amount']} with an amount of 0)") in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--not-after", "-5"], "not_after must be a positive unix time, got -5"),
+    (["--not-after", "0"], "not_after must be a positive unix time, got 0"),
+    (["--not-after", str(2**256)], f"not_after must be a positive unix time, got {2**256}"),
+    (["--program", ""], "program must be 1-128 printable characters"),
+], ids=["negative", "zero", "past-uint256", "empty-program"])
+def test_allocate_refuses_a_manifest_its_own_verify_would(tmp_path: Path, extra: list[str],
+                                                          message: str) -> None:
+    data = _gen(tmp_path / "data")
+    code, _, err = _allocate(data, tmp_path, *extra)
+    assert (code, err) == (2, f"disburser: error: {data / 'addresses.csv'}: {message}\n")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "eligibility.csv").exists()

@@ -350,6 +350,7 @@ def test_report_columns_and_values(files: Files) -> None:
     files.user("c", (IN, "spot", "99"), net="-1", address=addr("c").lower())
     # an id a spreadsheet would run as a formula is written as text (csvcell)
     files.user("=d", (IN, "futures", "10"), net=None)
+    files.user("e", (IN, "futures", "10"), net=None, address="=HYPERLINK(1)")
     alloc = files.run()
     path = files.root / "report.csv"
     write_report(alloc, path, 6)
@@ -360,6 +361,7 @@ def test_report_columns_and_values(files: Files) -> None:
         f"a,eligible,in_manifest,60.5,200,0.302500,1.5,72.6,72.6,{addr('a')}",
         "b,ineligible,below_min_loss,10,,,1,0,0,0xnope",
         f"c,ineligible,no_futures_or_margin,0,-1,,1,0,0,{addr('c')}",
+        "e,ineligible,below_min_loss,10,,,1,0,0,'=HYPERLINK(1)",
     ]
 
 

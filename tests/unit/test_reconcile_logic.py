@@ -600,14 +600,15 @@ def test_csv_has_one_row_per_payment() -> None:
 def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_text() -> None:
     """Ids come from outside: one that begins like a formula is written with a leading '
     (CSV injection); the JSON report keeps it exactly."""
+    # one that begins with ' gets one more, so that it does not print as the id after it
     ids = ['=HYPERLINK("http://evil","x")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
-           "\t=tab", "plain-id", "a=b"]
+           "\t=tab", "'-2+3", "plain-id", "a=b"]
     pays = [Payment(i, pid, addr(i + 1), U) for i, pid in enumerate(ids)]
     m = make_manifest(program="relief", chain_id=31337, token=TOKEN, payer=PAYER,
                       not_after=2_000_000_000, payments=pays)
     r = run([m], [tr(addr(i + 1), U) for i in range(len(ids))])
     rows = list(csv.reader(io.StringIO(render(r, "csv"))))
-    assert [row[2] for row in rows[1:]] == ["'" + i for i in ids[:5]] + ids[5:]
+    assert [row[2] for row in rows[1:]] == ["'" + i for i in ids[:6]] + ids[6:]
     assert [p["id"] for p in json.loads(render(r, "json"))["payments"]] == ids
 
 
