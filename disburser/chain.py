@@ -157,6 +157,9 @@ class Transport:
                 # Full jitter: spreads retries of many clients (and of our batches).
                 self._sleep(delay * (0.5 + self._rand()))
                 delay = min(delay * 2, 5.0)
+            except requests.RequestException as e:  # a URL requests cannot use, say
+                raise RpcError(f"node at {display_url(self.url)}: {_short(e, self.url)}"
+                               ) from None
         raise AssertionError("unreachable")
 
     def _call_once(self, method: str, params: Sequence[Any] = ()) -> Any:
@@ -240,14 +243,16 @@ class _Retryable(Exception):
 def _short(e: BaseException, url: str) -> str:
     """The first line of a transport error, without the parts of ``url`` that may carry
     secrets (requests quotes the path and query: "Max retries exceeded with url: /v3/KEY")."""
-    from urllib.parse import urlsplit
+    from urllib.parse import quote, urlsplit
 
     text = (str(e) or type(e).__name__).replace(url, display_url(url))
     parts = urlsplit(url)
     for secret in (parts.path + ("?" + parts.query if parts.query else ""), parts.query,
                    parts.netloc.rpartition("@")[0], parts.path):
         if secret and secret != "/":
-            text = text.replace(secret, "…")
+            # as given, and as requests quotes it ("%7B" for "{")
+            for form in (secret, quote(secret, safe="/?=&:@")):
+                text = text.replace(form, "…")
     return text.splitlines()[0][:200]
 
 

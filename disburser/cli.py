@@ -726,7 +726,7 @@ def devnet(
     With --fork-url the chain is a fork of another one: the real token's code is kept (the
     DISBURSER_TOKEN setting, default the profile's USDC) and the payer is funded with it."""
     from disburser import devnet as dn
-    from disburser.chain import RpcChain
+    from disburser.chain import RpcChain, display_url
     from disburser.profiles import PROFILES
 
     anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url,
@@ -756,7 +756,7 @@ def devnet(
         lines = [f"{k}={v}" for k, v in env.items()]
         env_out.write_text("# written by `disburser devnet`; local chain only\n"
                            + "\n".join(lines) + "\n")
-        what = f"fork of {fork_url}" if fork_url else "empty chain"
+        what = f"fork of {display_url(fork_url)}" if fork_url else "empty chain"
         typer.echo(f"anvil on {anvil.url} ({what}, chain {d.chain_id}); settings written to "
                    f"{env_out}:")
         for k, v in env.items():

@@ -92,6 +92,9 @@ class Anvil:
             args += ["--gas-limit", str(gas_limit)]
         args += list(extra)
         self.args = args
+        # What messages may show of the command line: the fork URL may carry a password
+        # or a provider's API key.
+        self.shown_args = [ch.display_url(a) if a == fork_url else a for a in args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Anvil:
@@ -106,7 +109,7 @@ class Anvil:
             except DisburserError:
                 if self.proc.poll() is not None:
                     raise DisburserError(f"anvil exited with code {self.proc.returncode} "
-                                         f"({' '.join(self.args[1:])})") from None
+                                         f"({' '.join(self.shown_args[1:])})") from None
                 if time.monotonic() > deadline:
                     self.stop()
                     raise DisburserError(f"anvil did not answer on {self.url}") from None

@@ -310,9 +310,10 @@ def build_from_csv(
         if header is None:
             raise InputError(f"{path}: empty file")
         cols = [h.strip() for h in header]
-        if dup := next((c for i, c in enumerate(cols) if c in cols[:i]), None):
-            raise InputError(f"{path}: column '{dup}' appears twice in the header "
-                             f"({','.join(cols)})")
+        for c in ("id", "to", "amount"):
+            if cols.count(c) > 1:
+                raise InputError(f"{path}: column '{c}' appears twice in the header "
+                                 f"({','.join(cols)})")
         for c in ("id", "to", "amount"):
             if c not in cols:
                 raise InputError(f"{path}: missing column '{c}' (header: {','.join(cols)})")

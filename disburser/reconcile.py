@@ -146,6 +146,7 @@ class ProgramInfo:
     started_at: int  # unix seconds
     deadline: int  # unix seconds
     first_block: int | None
+    ceiling: int | None = None  # as recorded at the first acceptance
 
 
 @dataclass(frozen=True)
@@ -515,9 +516,9 @@ def reconcile(
         rs = results if len(scope_programs) == 1 else [r for r in results if r.program == name]
         committed = sum(totals[e.manifest.root] for e in entries
                         if e.manifest.program == name)
-        ceiling = ceilings.for_program(name)
-        paid_total = paid_by_program.get(name, 0)
         info = infos.get(name)
+        ceiling = ceilings.for_program(name, info.ceiling if info else None)
+        paid_total = paid_by_program.get(name, 0)
         summaries.append(ProgramSummary(
             program=name, ceiling=ceiling, committed=committed, paid_total=paid_total,
             counts=_counts(rs), started_at=info.started_at if info else None,
@@ -866,7 +867,7 @@ def ledger_info(ledger: Ledger, rows: Sequence[PaymentRowTuple] | None = None) -
             lp = shared[(status, reason, pay_tx)] = LedgerPayment(
                 status, reason, hashes, mined.get(pay_tx) if pay_tx is not None else None)
         payments[(root, idx)] = lp
-    programs = {p.name: ProgramInfo(p.started_at, p.deadline, p.first_block)
+    programs = {p.name: ProgramInfo(p.started_at, p.deadline, p.first_block, int(p.ceiling))
                 for p in ledger.programs()}
     gas.sort(key=lambda g: g.block)
     return LedgerInfo(payments, programs, tuple(gas))

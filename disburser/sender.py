@@ -1287,9 +1287,9 @@ class Sender:
                 f"nonce {final} that this ledger holds confirmed at depth "
                 f"{self.cfg.confirmations}: the chain was rolled back deeper than "
                 "DISBURSER_CONFIRMATIONS (a node reset or restored from an old state, or a "
-                "deep reorg). Stopped rather than guessing; the transactions in flight stay "
-                "in the ledger. Check the node; `disburser reconcile` shows what the chain "
-                "paid")
+                "deep reorg), or the node lags that far behind. Stopped rather than "
+                "guessing; the transactions in flight stay in the ledger. Check the node; "
+                "`disburser reconcile` shows what the chain paid")
 
     def _watch_head(self, number: int, open_txs: Sequence[TxRow]) -> None:
         """Say so when the chain stops producing blocks while we wait for depth (a devnet

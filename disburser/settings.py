@@ -72,9 +72,14 @@ class Ceilings:
     default: int | None
     per_program: dict[str, int] = field(default_factory=dict)
 
-    def for_program(self, program: str) -> int:
+    def for_program(self, program: str, recorded: int | None = None) -> int:
+        """The program's ceiling; for one this list does not name, ``recorded`` (the
+        ceiling a ledger recorded when it accepted the program's first manifest: reports on
+        what was accepted before the list was written) if given, else refused."""
         if program in self.per_program:
             return self.per_program[program]
+        if self.default is None and recorded is not None:
+            return recorded
         if self.default is None:
             # A list of programs is a list of what may be paid: a mistyped program name
             # must not get a fresh ceiling of its own.
@@ -187,8 +192,15 @@ def _gwei(env: dict[str, str], name: str, default: str, *, positive: bool = Fals
 def _rpc_url(raw: str) -> str:
     """An http(s) URL (the only transport): anything else is refused here, naming the
     setting, never echoing the URL (it may carry a password or an API key)."""
+    from urllib.parse import urlsplit
+
     if not re.match(r"^https?://[^/\s]+", raw, re.IGNORECASE):
         raise SettingsError(f"{PREFIX}RPC_URL: not an http:// or https:// URL")
+    try:
+        urlsplit(raw).port  # noqa: B018 - raises on a port that is not one
+    except ValueError:
+        raise SettingsError(f"{PREFIX}RPC_URL: its port is not a number from 0 to "
+                            "65535") from None
     return raw
 
 

@@ -16,6 +16,9 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
     now = time.time() if now is None else now
     programs = []
     for prog in ledger.programs():
+        # What acceptance checks against: the setting (the ledger's record of the first
+        # acceptance for a program a DISBURSER_CEILING list does not name).
+        ceiling = s.ceilings.for_program(prog.name, int(prog.ceiling))
         roots = [m.root for m in ledger.manifests(prog.name)]
         c = ledger.counts(roots)
         paid = c.amount_by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
@@ -30,14 +33,14 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
         eta = now + left / rate if rate > 0 and left > 0 else (now if left == 0 else None)
         programs.append({
             "program": prog.name,
-            "ceiling": prog.ceiling,
+            "ceiling": str(ceiling),
             "committed": str(committed),
             "paid": str(paid),
             "owed": str(committed - paid),
-            "remaining_under_ceiling": str(int(prog.ceiling) - paid),
+            "remaining_under_ceiling": str(ceiling - paid),
             # What a new manifest of this program may still total: acceptance checks the
             # ceiling against everything accepted, paid or not (invariant 2).
-            "uncommitted": str(int(prog.ceiling) - committed),
+            "uncommitted": str(ceiling - committed),
             "payments": {st.value: c.by_status.get(st.value, 0) for st in PaymentStatus},
             "started_at": prog.started_at,
             "deadline": prog.deadline,
@@ -101,15 +104,15 @@ def render_status(d: dict[str, Any]) -> str:
     lines: list[str] = []
     for p in d["programs"]:
         lines.append(f"program {p['program']}")
-        lines.append(f"  ceiling    {format_units(int(p['ceiling']), dec)}")
-        lines.append(f"  committed  {format_units(int(p['committed']), dec)}")
-        lines.append(f"  paid       {format_units(int(p['paid']), dec)}")
-        lines.append(f"  owed       {format_units(int(p['owed']), dec)}")
-        lines.append(f"  uncommitted {format_units(int(p['uncommitted']), dec)} "
-                     "(what a new manifest of this program may still total)")
+        lines.append(f"  ceiling     {format_units(int(p['ceiling']), dec)}")
+        lines.append(f"  committed   {format_units(int(p['committed']), dec)}")
+        lines.append(f"  paid        {format_units(int(p['paid']), dec)}")
+        lines.append(f"  owed        {format_units(int(p['owed']), dec)}")
+        lines.append(f"  uncommitted {format_units(int(p['uncommitted']), dec)} (what a new "
+                     "manifest of this program may still total)")
         pay = ", ".join(f"{k} {v}" for k, v in p["payments"].items() if v)
-        lines.append(f"  payments   {pay or 'none'}")
-        lines.append(f"  rate       {p['rate_per_s']}/s")
+        lines.append(f"  payments    {pay or 'none'}")
+        lines.append(f"  rate        {p['rate_per_s']}/s")
         fin = p["projected_finish"]
         fin_s = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(fin)) if fin else "unknown"
         dl = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(p["deadline"]))
@@ -117,7 +120,7 @@ def render_status(d: dict[str, Any]) -> str:
         track = (", on track" if p["on_track"] else
                  f", NOT on track: {failed} failed (see OPERATIONS, --retry-failed)" if failed
                  else "")
-        lines.append(f"  finish     {fin_s} (deadline {dl}{track})")
+        lines.append(f"  finish      {fin_s} (deadline {dl}{track})")
     if d.get("allowance") is not None:
         lines.append(f"allowance of the batch contract: {format_units(int(d['allowance']), dec)}")
     if d["in_flight"]:

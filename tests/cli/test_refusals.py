@@ -278,6 +278,8 @@ def test_send_without_yes_when_not_interactive(env: Env) -> None:
     ("DISBURSER_RPC_URL", "notaurl-s3cret", "DISBURSER_RPC_URL: not an http:// or https:// URL"),
     ("DISBURSER_RPC_URL", "ftp://user:s3cret@host/",
      "DISBURSER_RPC_URL: not an http:// or https:// URL"),
+    ("DISBURSER_RPC_URL", "http://127.0.0.1:99999/v3/KEY-s3cret",
+     "DISBURSER_RPC_URL: its port is not a number from 0 to 65535"),
     ("DISBURSER_KEYSTORE", "/tmp", "keystore /tmp: cannot be read (Is a directory)"),
 ])
 def test_bad_setting_names_it(env: Env, name: str, value: str, message: str) -> None:
@@ -313,7 +315,9 @@ def test_a_private_key_given_for_its_variables_name_is_not_echoed(env: Env) -> N
 @pytest.mark.parametrize("who", ["token", "payer", "batch contract"])
 def test_the_token_the_payer_and_the_batch_contract_are_never_paid(env: Env, who: str) -> None:
     """Tokens sent to the token contract or to BatchPayout (which has no way out) are lost
-    for good; a payment to the payer pays no one. Refused at build and again at send."""
+    for good; a payment to the payer pays no one. Refused at build; a manifest made
+    elsewhere is refused when loaded (the token, the payer: tests/unit/test_manifest.py) or,
+    for the batch contract, which only the settings know, when verified before sending."""
     address = {"token": env.devnet.token, "payer": dn.PAYER,
                "batch contract": env.devnet.batch_contract}[who]
     what = {"token": "the token contract", "payer": "the payer",

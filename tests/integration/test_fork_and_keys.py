@@ -177,3 +177,16 @@ def test_key_new_and_address(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "disburser.cli", "key", "new", "-o", str(ks),
                         "--password-file", str(pw)], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_a_fork_url_that_fails_is_named_without_its_secrets(tmp_path: Path) -> None:
+    """Anvil cannot fork from a node that does not answer: the error shows its command line,
+    with the fork URL's password and API key left out."""
+    url = "http://user:pw-s3cret@127.0.0.1:9/v2/KEY-s3cret"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISBURSER_")}
+    r = subprocess.run([sys.executable, "-m", "disburser.cli", "devnet", "--fork-url", url,
+                        "--port", str(dn.free_port())], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "s3cret" not in r.stdout + r.stderr
+    assert "--fork-url http://127.0.0.1:9 " in r.stderr

@@ -350,6 +350,19 @@ def test_status_json(env: Env) -> None:
     r = env.cli("reconcile", extra={"DISBURSER_FORMAT": "json"})
     assert r.code == 0, r.err
     assert json.loads(r.out)["paid_total"] == str(mf.load(m).total)
+    # The ceiling is the setting's, as acceptance checks it (raised since: more room)...
+    total = mf.load(m).total
+    (p,) = json.loads(env.cli("status", "--json", extra={"DISBURSER_CEILING": "50"}).out)[
+        "programs"]
+    assert (p["ceiling"], p["uncommitted"]) == ("50000000", str(50_000_000 - total))
+    # ... or, for a program a later DISBURSER_CEILING list does not name, the one recorded
+    # at its first acceptance; reconcile reports on it too rather than refuse.
+    named = {"DISBURSER_CEILING": "another-program=5"}
+    (p,) = json.loads(env.cli("status", "--json", extra=named).out)["programs"]
+    assert p["ceiling"] == str(300_000_000 * 10**6)
+    r = env.cli("reconcile", "--format", "json", extra=named)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["ceiling"] == str(300_000_000 * 10**6)
 
 
 @pytest.mark.parametrize("args, extra", [

@@ -251,6 +251,11 @@ def test_long_manifest_edge_values_are_accepted() -> None:
         (i, p["id"], p["to"], int(p["amount"])) for i, p in enumerate(payments)]
 
 
+def test_an_amount_of_exactly_the_uint256_maximum_is_accepted() -> None:
+    m = parse(doc(payments=[{"id": "a", "to": TO, "amount": str(2**256 - 1)}]))
+    assert m.total == m.payments[0].amount == 2**256 - 1
+
+
 def test_a_total_past_uint256_is_refused() -> None:
     """Each amount fits, their sum does not: the signature's uint256 total could not carry
     it (and its Merkle leaves could not be hashed)."""

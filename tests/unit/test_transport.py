@@ -64,15 +64,27 @@ def test_transport_failure_names_the_node() -> None:
         t.call("eth_chainId")
 
 
-def test_transport_failure_keeps_the_secrets_of_the_url_out() -> None:
+@pytest.mark.parametrize("url", [
+    "http://user:pw-s3cret@127.0.0.1:9/v3/KEY-s3cret?apikey=Q-s3cret",
+    # requests quotes what it prints: "%7B" for "{", "%20" for a space
+    "http://127.0.0.1:9/v3/K{E}Y^s3cret|x?apikey=Q s3cret",
+], ids=["plain", "quoted"])
+def test_transport_failure_keeps_the_secrets_of_the_url_out(url: str) -> None:
     """Providers put API keys in the path or the query, some a password in the user part;
     requests quotes the path in its error ("Max retries exceeded with url: /v3/KEY")."""
-    url = "http://user:pw-s3cret@127.0.0.1:9/v3/KEY-s3cret?apikey=Q-s3cret"
     t = ch.Transport(url, retries=1, sleep=lambda _: None, timeout=0.5)
     with pytest.raises(RpcError) as e:
         t.call("eth_chainId", [])
     assert str(e.value).startswith("node at http://127.0.0.1:9 unreachable after 2 tries: ")
     assert "s3cret" not in str(e.value) and "with url: …" in str(e.value)
+
+
+def test_a_url_requests_cannot_use_is_a_node_error_without_its_secrets() -> None:
+    t = ch.Transport("http://127.0.0.1:99999/v3/KEY-s3cret", retries=1,
+                     sleep=lambda _: None, timeout=0.5)
+    with pytest.raises(RpcError) as e:
+        t.call("eth_chainId", [])
+    assert str(e.value).startswith("node at http://127.0.0.1: ") and "s3cret" not in str(e.value)
 
 
 def test_simulate_reads_geth_revert_data_from_the_error() -> None:
