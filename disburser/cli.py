@@ -545,7 +545,7 @@ def send(
     cfg = dataclasses.replace(config_from_settings(s, Mode(mode.value), m.program),
                               accept_past_transfers=accept_past_transfers)
     if dry_run:
-        _dry_run(s, m, cfg)
+        _dry_run(s, m, cfg, c, signer.address, retry_failed=retry_failed)
         return
     if not yes:
         if not sys.stdin.isatty():
@@ -581,6 +581,7 @@ def send(
     if result.failed:
         for p in ledger.payments(m.root, [PaymentStatus.FAILED]):
             typer.echo(f"failed: payments[{p.idx}] {p.pid} {p.to}: {p.reason}", err=True)
+        typer.echo("(--retry-failed sends them again once the cause is fixed)", err=True)
     if result.expired and result.unpaid:
         typer.echo(f"manifest expired (not_after={m.not_after}) with {result.unpaid} unpaid",
                    err=True)
@@ -588,18 +589,31 @@ def send(
         raise typer.Exit(1)
 
 
-def _dry_run(s: Settings, m: Any, cfg: Any) -> None:
+def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
+             retry_failed: bool) -> None:
+    """What `send` would pay, after the checks it makes before sending: the chain, token
+    and contract; the ceiling and the users already accepted for the program; the token
+    not paused, nobody blacklisted that every payment needs, the tokens and the gas. Writes
+    nothing (no ledger is created). Recipients the token refuses are found only by the
+    simulation of a real run."""
     from disburser import ledger as lg
     from disburser.amounts import format_units
     from disburser.domain import PaymentStatus
+    from disburser.sender import check_chain, check_funds
 
+    check_chain(c, cfg)
     owed = list(m.payments)
     if lg.exists(s.db):
         ledger = _ledger(s)
         if ledger.manifest(m.root) is not None:
-            queued = {p.idx for p in ledger.payments(m.root, [PaymentStatus.QUEUED])}
+            statuses = [PaymentStatus.QUEUED] + ([PaymentStatus.FAILED] if retry_failed else [])
+            queued = {p.idx for p in ledger.payments(m.root, statuses)}
             owed = [p for p in m.payments if p.index in queued]
+        else:
+            ledger.check_acceptable(m, ceiling=cfg.ceiling)
     total = sum(p.amount for p in owed)
+    if owed:
+        check_funds(c, cfg, payer, len(owed), total)
     batches = (len(owed) + cfg.batch_size - 1) // cfg.batch_size if cfg.mode.value == "batch" \
         else len(owed)
     typer.echo(f"dry run: would pay {len(owed)} of {m.count} payments, "

@@ -310,31 +310,7 @@ class Ledger:
                     s.add(existing)
                     self._event(s, "manifest_resigned", root=m.root, not_after=m.not_after)
                 return False
-            # The same user in two manifests of one program would be paid twice (a
-            # re-sorted or corrected allocation gets a new paymentsRoot). A later manifest
-            # may only add users, as for those left out for want of an address.
-            other_roots = list(s.exec(select(col(ManifestRow.root)).where(
-                col(ManifestRow.program) == m.program)))
-            if other_roots:
-                seen = {pid: root for root, pid in s.execute(sa_select(
-                    col(PaymentRow.root), col(PaymentRow.pid)).where(
-                    col(PaymentRow.root).in_(other_roots)))}
-                for p in m.payments:
-                    if p.id in seen:
-                        raise CeilingError(
-                            f"payments[{p.index}]: id {p.id!r} is already in manifest "
-                            f"{seen[p.id]} of program {m.program}; a user is paid once per "
-                            "program")
-            committed = sum(
-                int(t) for t in s.exec(select(col(ManifestRow.total)).where(
-                    col(ManifestRow.program) == m.program))
-            )
-            total = m.total  # a sum over every payment: once
-            if committed + total > ceiling:
-                raise CeilingError(
-                    f"program {m.program}: accepted {committed} + this manifest {total} "
-                    f"= {committed + total} base units exceeds the ceiling {ceiling}"
-                )
+            total = self._refuse_unacceptable(s, m, ceiling)
             now = _now()
             if s.get(ProgramRow, m.program) is None:
                 s.add(ProgramRow(name=m.program, ceiling=str(ceiling), first_block=first_block,
@@ -349,6 +325,43 @@ class Ledger:
             self._event(s, "manifest_accepted", root=m.root, program=m.program, count=m.count,
                         total=str(total), signers=list(signers))
             return True
+
+    def check_acceptable(self, m: Manifest, *, ceiling: int) -> None:
+        """What ``accept_manifest`` would refuse (CeilingError), without recording anything:
+        for ``send --dry-run``. A manifest already recorded is acceptable."""
+        with self.session() as s:
+            if s.get(ManifestRow, m.root) is None:
+                self._refuse_unacceptable(s, m, ceiling)
+
+    def _refuse_unacceptable(self, s: Session, m: Manifest, ceiling: int) -> int:
+        """Refuse a new manifest that repeats a user of its program or would take the
+        program past ``ceiling``; its total otherwise."""
+        # The same user in two manifests of one program would be paid twice (a re-sorted or
+        # corrected allocation gets a new paymentsRoot). A later manifest may only add
+        # users, as for those left out for want of an address.
+        other_roots = list(s.exec(select(col(ManifestRow.root)).where(
+            col(ManifestRow.program) == m.program)))
+        if other_roots:
+            seen = {pid: root for root, pid in s.execute(sa_select(
+                col(PaymentRow.root), col(PaymentRow.pid)).where(
+                col(PaymentRow.root).in_(other_roots)))}
+            for p in m.payments:
+                if p.id in seen:
+                    raise CeilingError(
+                        f"payments[{p.index}]: id {p.id!r} is already in manifest "
+                        f"{seen[p.id]} of program {m.program}; a user is paid once per "
+                        "program")
+        committed = sum(
+            int(t) for t in s.exec(select(col(ManifestRow.total)).where(
+                col(ManifestRow.program) == m.program))
+        )
+        total = m.total  # a sum over every payment: once
+        if committed + total > ceiling:
+            raise CeilingError(
+                f"program {m.program}: accepted {committed} + this manifest {total} "
+                f"= {committed + total} base units exceeds the ceiling {ceiling}"
+            )
+        return total
 
     def _insert_payments(self, s: Session, m: Manifest, now: int) -> None:
         """The manifest's payment rows, all QUEUED, in the session's transaction: plain

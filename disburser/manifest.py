@@ -67,6 +67,15 @@ def refuse_recipients(payments: Iterable[Payment], source: str,
                 f"{refused[p.to]}; it cannot be a recipient")
 
 
+def _utc(ts: int) -> str:
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return "far in the future"
+
+
 def check_program(value: object, source: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
         raise ManifestError(f"{source}: program must be 1-128 printable characters")
@@ -508,7 +517,10 @@ def verify(
         raise ManifestError(
             f"{source}: manifest payer is {m.payer}, the configured payer is {payer}")
     if now > m.not_after:
-        raise ManifestError(f"{source}: manifest expired at not_after={m.not_after} (now {now})")
+        raise ManifestError(
+            f"{source}: manifest expired at not_after={m.not_after} ({_utc(m.not_after)}; now "
+            f"{_utc(now)}): rebuild the same payments with a later --not-after and have them "
+            "signed again (same paymentsRoot, nothing paid twice)")
     if batch_contract is not None:
         refuse_recipients(m.payments, source, {
             batch_contract: "the batch contract (DISBURSER_BATCH_CONTRACT)"})

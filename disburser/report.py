@@ -258,7 +258,7 @@ def _progress_line(p: Progress, decimals: int) -> str:
     if p.started_at is not None:
         parts.append(f"started {when(p.started_at)}")
     if p.deadline is not None:
-        parts.append(f"deadline {when(p.deadline)}")
+        parts.append(f"deadline {when(p.deadline)} (96 h from the program's first manifest)")
     if p.payments_per_hour is not None and p.amount_per_hour is not None:
         parts.append(f"rate {p.payments_per_hour:,} payments/h, "
                      f"{tokens(p.amount_per_hour, decimals)} tokens/h")
@@ -267,7 +267,9 @@ def _progress_line(p: Progress, decimals: int) -> str:
     elif p.projected_finish is not None:
         parts.append(f"projected finish {when(p.projected_finish)}")
     if p.on_track is not None:
-        parts.append("on track" if p.on_track else "BEHIND the deadline")
+        parts.append("on track" if p.on_track else
+                     f"NOT on track: {p.payments_failed} failed (--retry-failed)"
+                     if p.payments_failed else "BEHIND the deadline")
     return "; ".join(parts)
 
 

@@ -166,34 +166,12 @@ class Sender:
     # --- preflight ----------------------------------------------------------------------
 
     def preflight_chain_only(self) -> int:
-        cid = self.chain.chain_id()
-        if cid != self.cfg.chain_id:
-            raise ChainMismatchError(
-                f"node at {ch.display_url(self.chain.url)} is chain {cid}, settings say "
-                f"{self.cfg.chain_id} "
-                "(DISBURSER_CHAIN_ID / DISBURSER_NETWORK)")
-        return cid
+        return check_chain_id(self.chain, self.cfg)
 
     def preflight(self) -> ch.Head:
         """Fail closed unless the chain, token and contract are what the settings say."""
         self._preflight_done = True
-        cid = self.preflight_chain_only()
-        if not self.chain.code(self.cfg.token):
-            raise ChainMismatchError(
-                f"DISBURSER_TOKEN {self.cfg.token}: no contract on chain {cid}")
-        dec = self.chain.decimals(self.cfg.token)
-        if dec != self.cfg.decimals:
-            raise ChainMismatchError(
-                f"token {self.cfg.token} has {dec} decimals on chain, the network profile "
-                f"expects {self.cfg.decimals}: refusing to pay amounts built for "
-                f"{self.cfg.decimals}")
-        if self.cfg.mode is Mode.BATCH:
-            if self.cfg.batch_contract is None:
-                raise ChainMismatchError(
-                    "DISBURSER_BATCH_CONTRACT is not set (run `disburser deploy`, or use "
-                    "--mode direct)")
-            verify_batch_contract(self.chain, self.cfg.batch_contract)
-        return self.chain.head()
+        return check_chain(self.chain, self.cfg)
 
     def sync_nonces(self) -> None:
         """The ledger owns the payer's nonces; the chain must not have moved without us."""
@@ -469,43 +447,16 @@ class Sender:
         return c.by_status.get(q, 0), c.amount_by_status.get(q, 0)
 
     def _paying_through(self) -> str | None:
-        """The batch contract this run pays through: none in direct mode, where a
-        blacklisted batch contract (configured or not) stops nothing."""
-        return self.cfg.batch_contract if self.cfg.mode is Mode.BATCH else None
+        return paying_through(self.cfg)
 
     def _blacklisted(self, contract: str | None) -> str | None:
-        """"payer 0x…" or "batch contract 0x…" when the token blacklists it (the payer
-        first), else None: every recipient would otherwise be marked failed, one by one."""
-        for who, what in ((self.payer, "payer"), (contract, "batch contract")):
-            if who and self.chain.blacklisted(self.cfg.token, who):
-                return f"{what} {who}"
-        return None
+        return blacklisted_party(self.chain, self.cfg.token, self.payer, contract)
 
     def _check_funds(self, root: str) -> int:
         """What is still owed, once the payer is known to be able to pay it."""
         n, owed = self._owed(root)
-        if owed == 0:
-            return owed
-        if self.chain.paused(self.cfg.token):
-            raise FailClosed(f"token {self.cfg.token} is paused; nothing was sent. Run `send` "
-                             "again once it is unpaused")
-        if hit := self._blacklisted(self._paying_through()):
-            raise FailClosed(f"the token {self.cfg.token} blacklists the {hit}; nothing was "
-                             "sent")
-        bal = self.chain.token_balance(self.cfg.token, self.payer)
-        if bal < owed:
-            raise FailClosed(
-                f"payer {self.payer} holds {bal} base units of {self.cfg.token}, "
-                f"{owed} are still owed; fund it and run `send` again")
-        head = self.chain.head()
-        per = PER_RECIPIENT_GAS if self.cfg.mode is Mode.BATCH else 65_000
-        fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei, self.cfg.max_fee_wei)
-        need = (n * per + BATCH_FIXED_GAS) * fees.max_fee
-        eth = self.chain.eth_balance(self.payer)
-        if eth < need:
-            raise FailClosed(
-                f"payer {self.payer} has {eth} wei for gas, about {need} wei are needed at "
-                f"the current fees; fund it and run `send` again")
+        if owed:
+            check_funds(self.chain, self.cfg, self.payer, n, owed)
         return owed
 
     # --- allowance ------------------------------------------------------------------------
@@ -1367,6 +1318,77 @@ class Sender:
                  tip=new.tip)
         self._broadcast(t.id, t.nonce, signed.raw, signed.hash, others_pending=True)
         return True
+
+
+def check_chain_id(chain: ch.RpcChain, cfg: SendConfig) -> int:
+    cid = chain.chain_id()
+    if cid != cfg.chain_id:
+        raise ChainMismatchError(
+            f"node at {ch.display_url(chain.url)} is chain {cid}, settings say "
+            f"{cfg.chain_id} (DISBURSER_CHAIN_ID / DISBURSER_NETWORK)")
+    return cid
+
+
+def check_chain(chain: ch.RpcChain, cfg: SendConfig) -> ch.Head:
+    """Fail closed unless the chain, token and contract are what the settings say (every
+    run, and ``send --dry-run``)."""
+    cid = check_chain_id(chain, cfg)
+    if not chain.code(cfg.token):
+        raise ChainMismatchError(f"DISBURSER_TOKEN {cfg.token}: no contract on chain {cid}")
+    dec = chain.decimals(cfg.token)
+    if dec != cfg.decimals:
+        raise ChainMismatchError(
+            f"token {cfg.token} has {dec} decimals on chain, the network profile expects "
+            f"{cfg.decimals}: refusing to pay amounts built for {cfg.decimals}")
+    if cfg.mode is Mode.BATCH:
+        if cfg.batch_contract is None:
+            raise ChainMismatchError(
+                "DISBURSER_BATCH_CONTRACT is not set (run `disburser deploy`, or use "
+                "--mode direct)")
+        verify_batch_contract(chain, cfg.batch_contract)
+    return chain.head()
+
+
+def paying_through(cfg: SendConfig) -> str | None:
+    """The batch contract a run pays through: none in direct mode, where a blacklisted
+    batch contract (configured or not) stops nothing."""
+    return cfg.batch_contract if cfg.mode is Mode.BATCH else None
+
+
+def blacklisted_party(chain: ch.RpcChain, token: str, payer: str,
+                      contract: str | None) -> str | None:
+    """"payer 0x…" or "batch contract 0x…" when the token blacklists it (the payer first),
+    else None: every recipient would otherwise be marked failed, one by one."""
+    for who, what in ((payer, "payer"), (contract, "batch contract")):
+        if who and chain.blacklisted(token, who):
+            return f"{what} {who}"
+    return None
+
+
+def check_funds(chain: ch.RpcChain, cfg: SendConfig, payer: str, n: int, owed: int) -> None:
+    """Fail closed unless ``payer`` can pay ``n`` payments of ``owed`` base units in all:
+    the token not paused, neither the payer nor the batch contract it pays through
+    blacklisted, the tokens and the gas at the current fees there (every run, and
+    ``send --dry-run``)."""
+    if chain.paused(cfg.token):
+        raise FailClosed(f"token {cfg.token} is paused; nothing was sent. Run `send` "
+                         "again once it is unpaused")
+    if hit := blacklisted_party(chain, cfg.token, payer, paying_through(cfg)):
+        raise FailClosed(f"the token {cfg.token} blacklists the {hit}; nothing was sent")
+    bal = chain.token_balance(cfg.token, payer)
+    if bal < owed:
+        raise FailClosed(
+            f"payer {payer} holds {bal} base units of {cfg.token}, {owed} are still owed; "
+            "fund it and run `send` again")
+    head = chain.head()
+    per = PER_RECIPIENT_GAS if cfg.mode is Mode.BATCH else 65_000
+    fees = policy.initial_fees(head.base_fee, cfg.priority_fee_wei, cfg.max_fee_wei)
+    need = (n * per + BATCH_FIXED_GAS) * fees.max_fee
+    eth = chain.eth_balance(payer)
+    if eth < need:
+        raise FailClosed(
+            f"payer {payer} has {eth} wei for gas, about {need} wei are needed at the "
+            "current fees; fund it and run `send` again")
 
 
 def verify_batch_contract(chain: ch.RpcChain, address: str) -> None:

@@ -174,11 +174,14 @@ def test_over_the_ceiling_across_manifests(env: Env) -> None:
     assert r.code == 0, r.err
     second = env.signed_manifest(3, name="b.json", seed="b")
     nonce = env.payer_nonce()
+    message = ("program together-initiative-2025-10: accepted 6750000 + this manifest 6750000 "
+               "= 13500000 base units exceeds the ceiling 10000000")
     r = env.cli("send", str(second), "--yes", extra={"DISBURSER_CEILING": "10"})
-    assert r.code == 2
-    assert ("program together-initiative-2025-10: accepted 6750000 + this manifest 6750000 "
-            "= 13500000 base units exceeds the ceiling 10000000") in r.err
+    assert r.code == 2 and message in r.err
     assert env.payer_nonce() == nonce
+    # A dry run makes the same check (and records nothing).
+    r = env.cli("send", str(second), "--dry-run", extra={"DISBURSER_CEILING": "10"})
+    assert r.code == 2 and message in r.err and "would pay" not in r.out
 
 
 def test_decimals_mismatch_refused(env: Env) -> None:
@@ -243,13 +246,15 @@ def test_blacklisted_batch_contract_stops_batch_mode_only(env: Env) -> None:
     assert "confirmed 3, failed 0, unpaid 0" in r.out
 
 
-def test_too_little_balance_stops_before_sending(env: Env) -> None:
+@pytest.mark.parametrize("how", ["--yes", "--dry-run"])
+def test_too_little_balance_stops_before_sending(env: Env, how: str) -> None:
+    """A dry run makes the same checks as a real run before it sends."""
     m = env.signed_manifest(3)
     bal = env.balance(dn.PAYER)
     data = dn.abi_call("transfer(address,uint256)", ["address", "uint256"],
                        [dn.OWNER, bal - 1_000_000])
     dn.send_as(env.chain, dn.PAYER, env.devnet.token, data)
-    _assert_refused(env, ["send", str(m), "--yes"],
+    _assert_refused(env, ["send", str(m), how],
                     "holds 1000000 base units of 0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48, "
                     "6750000 are still owed")
 

@@ -312,6 +312,11 @@ def test_blacklisted_recipient_direct_mode(env: Env) -> None:
     r = env.cli("send", str(m), "--yes", "--mode", "direct")
     assert r.code == 1 and "confirmed 5, failed 1, unpaid 0" in r.out
     assert env.balance(manifest.payments[2].to) == 0
+    assert "(--retry-failed sends them again once the cause is fixed)" in r.err
+    # a dry run of the retry counts the failed payment
+    r = env.cli("send", str(m), "--retry-failed", "--dry-run", "--mode", "direct")
+    assert r.code == 0, r.err
+    assert f"would pay 1 of 6 payments, {format_units(manifest.payments[2].amount, 6)} " in r.out
 
 
 def test_foreign_nonce_fails_closed(env: Env) -> None:

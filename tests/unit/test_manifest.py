@@ -85,7 +85,9 @@ def test_quorum_met() -> None:
     (dict(chain_id=1), "m.json: manifest is for chain 31337, this is chain 1"),
     (dict(token=PAYER), f"m.json: manifest pays token {TOKEN}, configured is {PAYER}"),
     (dict(payer=TO), f"m.json: manifest payer is {PAYER}, the configured payer is {TO}"),
-    (dict(now=2_000_000_001), "m.json: manifest expired at not_after=2000000000 (now 2000000001)"),
+    (dict(now=2_000_000_001), "m.json: manifest expired at not_after=2000000000 (2033-05-18 "
+     "03:33:20 UTC; now 2033-05-18 03:33:21 UTC): rebuild the same payments with a later "
+     "--not-after and have them signed again (same paymentsRoot, nothing paid twice)"),
     (dict(quorum=3), "m.json: quorum not met: 2 of 3 required approver signatures"),
     (dict(approvers=ADDRS[1:]), f"m.json: signatures[0]: signer {ADDRS[0]} is not a configured "
      "approver (or the manifest was changed after signing)"),

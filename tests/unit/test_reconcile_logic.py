@@ -398,6 +398,9 @@ def test_progress_against_the_deadline() -> None:
         {"relief": ProgramInfo(start, start + 96 * 3600, 1)}), now=start + 3600)
     assert failed.progress.finished is True and failed.progress.payments_failed == 1
     assert failed.progress.on_track is False
+    assert "NOT on track: 1 failed (--retry-failed)" in render(failed, "table")
+    assert "BEHIND the deadline" in render(late, "table")
+    assert "(96 h from the program's first manifest)" in render(late, "table")
 
 
 # --- decoding and chunking ---------------------------------------------------------------
