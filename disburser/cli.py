@@ -595,17 +595,21 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
     and contract; the ceiling and the users already accepted for the program; the token
     not paused, nobody blacklisted that every payment needs, the tokens and the gas. Writes
     nothing (no ledger is created). Recipients the token refuses are found only by the
-    simulation of a real run."""
+    simulation of a real run, and a run with a ledger that does not know the manifest (a
+    lost ledger) first settles what the payer already paid: for such a manifest a shortfall
+    of tokens or gas is a warning, not a refusal."""
     from disburser import ledger as lg
     from disburser.amounts import format_units
     from disburser.domain import PaymentStatus
+    from disburser.errors import FundsShortfall
     from disburser.sender import check_chain, check_funds
 
     check_chain(c, cfg)
     owed = list(m.payments)
+    known = False
     if lg.exists(s.db):
         ledger = _ledger(s)
-        if ledger.manifest(m.root) is not None:
+        if known := ledger.manifest(m.root) is not None:
             statuses = [PaymentStatus.QUEUED] + ([PaymentStatus.FAILED] if retry_failed else [])
             queued = {p.idx for p in ledger.payments(m.root, statuses)}
             owed = [p for p in m.payments if p.index in queued]
@@ -613,7 +617,13 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
             ledger.check_acceptable(m, ceiling=cfg.ceiling)
     total = sum(p.amount for p in owed)
     if owed:
-        check_funds(c, cfg, payer, len(owed), total)
+        try:
+            check_funds(c, cfg, payer, len(owed), total)
+        except FundsShortfall as e:
+            if known:
+                raise
+            typer.echo(f"warning: {e} (if this manifest was partly paid before this ledger "
+                       "existed, a real run pays only the rest)", err=True)
     batches = (len(owed) + cfg.batch_size - 1) // cfg.batch_size if cfg.mode.value == "batch" \
         else len(owed)
     typer.echo(f"dry run: would pay {len(owed)} of {m.count} payments, "

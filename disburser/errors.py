@@ -39,6 +39,10 @@ class FailClosed(DisburserError):
     token, too little balance...). Fix the cause and run again: it resumes."""
 
 
+class FundsShortfall(FailClosed):
+    """The payer holds too few tokens, or too little for gas, for what is still owed."""
+
+
 class LockedError(DisburserError):
     """Another disburser process holds the runner lock for this ledger or payer."""
 

@@ -25,6 +25,7 @@ from disburser.errors import (
     ChainMismatchError,
     DisburserError,
     FailClosed,
+    FundsShortfall,
     Interrupted,
     RpcError,
     SettingsError,
@@ -1377,7 +1378,7 @@ def check_funds(chain: ch.RpcChain, cfg: SendConfig, payer: str, n: int, owed: i
         raise FailClosed(f"the token {cfg.token} blacklists the {hit}; nothing was sent")
     bal = chain.token_balance(cfg.token, payer)
     if bal < owed:
-        raise FailClosed(
+        raise FundsShortfall(
             f"payer {payer} holds {bal} base units of {cfg.token}, {owed} are still owed; "
             "fund it and run `send` again")
     head = chain.head()
@@ -1386,7 +1387,7 @@ def check_funds(chain: ch.RpcChain, cfg: SendConfig, payer: str, n: int, owed: i
     need = (n * per + BATCH_FIXED_GAS) * fees.max_fee
     eth = chain.eth_balance(payer)
     if eth < need:
-        raise FailClosed(
+        raise FundsShortfall(
             f"payer {payer} has {eth} wei for gas, about {need} wei are needed at the "
             "current fees; fund it and run `send` again")
 
