@@ -230,7 +230,7 @@ def allocate(
     m = mf.make_manifest(program=program, chain_id=s.chain_id, token=s.token, payer=payer_addr,
                          not_after=_not_after(not_after), payments=a.payments,
                          source=str(addresses))
-    _refuse_batch_contract(s, m, str(addresses))
+    mf.refuse_batch_contract(m.payments, str(addresses), s.batch_contract)
     al.write_report(a, report, s.decimals)
     mf.write(m, output)
     eligible = sum(1 for d in a.decisions if d.eligible)
@@ -268,7 +268,7 @@ def manifest_build(
     m = mf.build_from_csv(payments, program=program, chain_id=s.chain_id, token=s.token,
                           payer=payer_addr, not_after=_not_after(not_after),
                           decimals=s.decimals)
-    _refuse_batch_contract(s, m, str(payments))
+    mf.refuse_batch_contract(m.payments, str(payments), s.batch_contract)
     mf.write(m, output)
     _print_summary(m, s.decimals)
 
@@ -295,15 +295,6 @@ def _check_outputs(outputs: list[Path], inputs: list[Path | None]) -> None:
             raise InputError(f"{out}: is a directory")
         if not out.parent.is_dir():
             raise InputError(f"{out}: no such directory {out.parent}")
-
-
-def _refuse_batch_contract(s: Settings, m: Any, source: str) -> None:
-    """Built manifests pay nothing to the batch contract (``verify`` refuses it again)."""
-    from disburser import manifest as mf
-
-    if s.batch_contract is not None:
-        mf.refuse_recipients(m.payments, source, {
-            s.batch_contract: "the batch contract (DISBURSER_BATCH_CONTRACT)"})
 
 
 def _payer_address(s: Settings, explicit: str | None) -> str:

@@ -70,8 +70,8 @@ def set_aside(logs: Sequence[Keyed], disbursed: Iterable[Disbursed], root: str, 
     one with no such contract), unknown manifest root -> where the payer first paid it).
 
     ``trusted``: the batch contract whose bitmap this run reads (already applied), if any;
-    ``known``: the manifest roots in the ledger. ``disbursed`` must not hold the ledger's own
-    transactions."""
+    ``known``: the manifest roots in the ledger. Only transactions with a transfer in
+    ``logs`` count, so the ledger's own (left out by ``keyed``) are ignored here too."""
     root = root.lower()
     kept: dict[str, str | None] = {}
     unknown: dict[str, Unknown] = {}

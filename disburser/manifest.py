@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from eth_hash.auto import keccak
 
@@ -76,14 +76,28 @@ def _utc(ts: int) -> str:
         return "far in the future"
 
 
+def refuse_batch_contract(payments: Iterable[Payment], source: str,
+                          batch_contract: str | None) -> None:
+    """``refuse_recipients`` for the configured batch contract, which only the settings
+    know (``verify``, and the commands that build a manifest)."""
+    if batch_contract is not None:
+        refuse_recipients(payments, source, {
+            batch_contract: "the batch contract (DISBURSER_BATCH_CONTRACT)"})
+
+
+def _is_name(value: object) -> TypeGuard[str]:
+    """1-128 printable characters: a program's name, a payment's id."""
+    return isinstance(value, str) and 1 <= len(value) <= 128 and value.isprintable()
+
+
 def check_program(value: object, source: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
+    if not _is_name(value):
         raise ManifestError(f"{source}: program must be 1-128 printable characters")
     return value
 
 
 def check_id(value: object, where: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
+    if not _is_name(value):
         raise ManifestError(f"{where}: id must be 1-128 printable characters, got {value!r}")
     return value
 
@@ -521,9 +535,7 @@ def verify(
             f"{source}: manifest expired at not_after={m.not_after} ({_utc(m.not_after)}; now "
             f"{_utc(now)}): rebuild the same payments with a later --not-after and have them "
             "signed again (same paymentsRoot, nothing paid twice)")
-    if batch_contract is not None:
-        refuse_recipients(m.payments, source, {
-            batch_contract: "the batch contract (DISBURSER_BATCH_CONTRACT)"})
+    refuse_batch_contract(m.payments, source, batch_contract)
     allowed = set(approvers)
     if m.payer in allowed:
         # The key that sends would be one of the M: M of N by M - 1 people.

@@ -258,7 +258,9 @@ def _progress_line(p: Progress, decimals: int) -> str:
     if p.started_at is not None:
         parts.append(f"started {when(p.started_at)}")
     if p.deadline is not None:
-        parts.append(f"deadline {when(p.deadline)} (96 h from the program's first manifest)")
+        after = (f" ({(p.deadline - p.started_at) // 3600} h after the start)"
+                 if p.started_at is not None else "")
+        parts.append(f"deadline {when(p.deadline)}{after}")
     if p.payments_per_hour is not None and p.amount_per_hour is not None:
         parts.append(f"rate {p.payments_per_hour:,} payments/h, "
                      f"{tokens(p.amount_per_hour, decimals)} tokens/h")

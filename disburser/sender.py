@@ -410,7 +410,7 @@ class Sender:
             if marks:
                 logs = history.drop_bitmap_paid(logs, kept, root, marks, [
                     Queued(root, p.idx, p.to, p.amount) for p in self.ledger.payments(
-                        root, [PaymentStatus.PAID_ELSEWHERE]) if p.idx in marks])
+                        root, [PaymentStatus.PAID_ELSEWHERE])])
         if logs:
             explained = self.ledger.explained_transfers()
             logs = [(t, key) for t, key in logs if key not in explained]

@@ -78,16 +78,16 @@ class Ceilings:
         what was accepted before the list was written) if given, else refused."""
         if program in self.per_program:
             return self.per_program[program]
-        if self.default is None and recorded is not None:
+        if self.default is not None:
+            return self.default
+        if recorded is not None:
             return recorded
-        if self.default is None:
-            # A list of programs is a list of what may be paid: a mistyped program name
-            # must not get a fresh ceiling of its own.
-            raise SettingsError(
-                f"{PREFIX}CEILING: no ceiling for program {program!r} (it names "
-                f"{', '.join(sorted(self.per_program))}); add {program}=<whole tokens>, or "
-                "*=<whole tokens> for every program it does not name")
-        return self.default
+        # A list of programs is a list of what may be paid: a mistyped program name must
+        # not get a fresh ceiling of its own.
+        raise SettingsError(
+            f"{PREFIX}CEILING: no ceiling for program {program!r} (it names "
+            f"{', '.join(sorted(self.per_program))}); add {program}=<whole tokens>, or "
+            "*=<whole tokens> for every program it does not name")
 
 
 def parse_ceilings(text: str, decimals: int) -> Ceilings:
@@ -98,22 +98,18 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
     default: int | None = None
     per: dict[str, int] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if "=" in part:
-            name, _, value = part.partition("=")
-            amount = parse_units(value.strip(), decimals, where=f"{where} ({name.strip()})")
-            if name.strip() == "*":
-                if default is not None:
-                    raise SettingsError(f"{where}: gives the ceiling of every other program "
-                                        "twice")
-                default = amount
-            else:
-                if name.strip() in per:
-                    raise SettingsError(f"{where}: names program {name.strip()!r} twice")
-                per[name.strip()] = amount
+        name, named, value = (x.strip() for x in part.partition("="))
+        # A plain number is the ceiling of every program the list does not name, as *=N.
+        amount = parse_units(value if named else name, decimals,
+                             where=f"{where} ({name})" if named else where)
+        if named and name != "*":
+            if name in per:
+                raise SettingsError(f"{where}: names program {name!r} twice")
+            per[name] = amount
         else:
             if default is not None:
                 raise SettingsError(f"{where}: gives the ceiling of every other program twice")
-            default = parse_units(part, decimals, where=where)
+            default = amount
     if default is None and not per:
         default = parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where)
     return Ceilings(default, per)
@@ -179,12 +175,14 @@ def _seconds(env: dict[str, str], name: str, default: str) -> float:
     return value
 
 
-def _gwei(env: dict[str, str], name: str, default: str, *, positive: bool = False) -> int:
+def _wei(env: dict[str, str], name: str, default: str, decimals: int, *,
+         positive: bool = False) -> int:
+    """A decimal setting in gwei (``decimals`` 9) or ether (18), in wei. ``positive``: a cap,
+    where 0 would sign transactions no block ever takes, then wait for ever."""
     raw = _get(env, name, default)
     assert raw is not None
-    wei = parse_units(raw, 9, where=f"{PREFIX}{name}")
+    wei = parse_units(raw, decimals, where=f"{PREFIX}{name}")
     if positive and wei == 0:
-        # A cap of 0 signs transactions no block will ever take, then waits for ever.
         raise SettingsError(f"{PREFIX}{name}: must be greater than 0")
     return wei
 
@@ -202,13 +200,6 @@ def _rpc_url(raw: str) -> str:
         raise SettingsError(f"{PREFIX}RPC_URL: its port is not a number from 0 to "
                             "65535") from None
     return raw
-
-
-def _max_tx_fee(raw: str) -> int:
-    wei = parse_units(raw, 18, where=f"{PREFIX}MAX_TX_FEE_ETH")
-    if wei == 0:
-        raise SettingsError(f"{PREFIX}MAX_TX_FEE_ETH: must be greater than 0")
-    return wei
 
 
 def load(env: dict[str, str] | None = None) -> Settings:
@@ -254,9 +245,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
             else None
         ),
         confirmations=_int(env, "CONFIRMATIONS", prof.confirmations, minimum=1),
-        max_fee_wei=_gwei(env, "MAX_FEE_GWEI", prof.max_fee_gwei, positive=True),
-        priority_fee_wei=_gwei(env, "PRIORITY_FEE_GWEI", prof.priority_fee_gwei),
-        max_tx_fee_wei=_max_tx_fee(_get(env, "MAX_TX_FEE_ETH", "1") or "1"),
+        max_fee_wei=_wei(env, "MAX_FEE_GWEI", prof.max_fee_gwei, 9, positive=True),
+        priority_fee_wei=_wei(env, "PRIORITY_FEE_GWEI", prof.priority_fee_gwei, 9),
+        max_tx_fee_wei=_wei(env, "MAX_TX_FEE_ETH", "1", 18, positive=True),
         max_in_flight=_int(env, "MAX_IN_FLIGHT", 16, minimum=1),
         batch_size=_int(env, "BATCH_SIZE", 500, minimum=1),
         bump_after_blocks=_int(env, "BUMP_AFTER_BLOCKS", 3, minimum=1),

@@ -120,8 +120,9 @@ def render_status(d: dict[str, Any]) -> str:
         track = (", on track" if p["on_track"] else
                  f", NOT on track: {failed} failed (see OPERATIONS, --retry-failed)" if failed
                  else "")
-        lines.append(f"  finish      {fin_s} (deadline {dl}, 96 h from the program's first "
-                     f"manifest{track})")
+        hours = (p["deadline"] - p["started_at"]) // 3600
+        lines.append(f"  finish      {fin_s} (deadline {dl}, {hours} h from the program's "
+                     f"first manifest{track})")
     if d.get("allowance") is not None:
         lines.append(f"allowance of the batch contract: {format_units(int(d['allowance']), dec)}")
     if d["in_flight"]:

@@ -28,7 +28,7 @@ from disburser.reconcile import (
     default_from_block,
     reconcile,
 )
-from disburser.report import render, tokens
+from disburser.report import render, tokens, when
 from disburser.settings import Ceilings
 from disburser.transfers import Transfer, _fetch_range, decode_logs, fetch_transfers, too_much
 
@@ -400,7 +400,9 @@ def test_progress_against_the_deadline() -> None:
     assert failed.progress.on_track is False
     assert "NOT on track: 1 failed (--retry-failed)" in render(failed, "table")
     assert "BEHIND the deadline" in render(late, "table")
-    assert "(96 h from the program's first manifest)" in render(late, "table")
+    assert f"deadline {when(start + 4 * 3600)} (4 h after the start)" in render(late, "table")
+    assert f"deadline {when(start + 96 * 3600)} (96 h after the start)" in render(
+        failed, "table")
 
 
 # --- decoding and chunking ---------------------------------------------------------------
