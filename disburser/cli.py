@@ -280,8 +280,9 @@ def _not_after(given: int | None) -> int:
 
 def _check_outputs(outputs: list[Path], inputs: list[Path | None]) -> None:
     """Files a command is about to write: each in an existing directory, not a directory,
-    not one of its inputs, not twice. Checked before anything is written, so that a bad
-    path does not leave one file written and the other not."""
+    not one of its inputs, not twice, not a manifest that carries signatures. Checked
+    before anything is written, so that a bad path does not leave one file written and the
+    other not."""
     seen: dict[Path, Path] = {}
     ins = {p.resolve() for p in inputs if p is not None}
     for out in outputs:
@@ -295,6 +296,23 @@ def _check_outputs(outputs: list[Path], inputs: list[Path | None]) -> None:
             raise InputError(f"{out}: is a directory")
         if not out.parent.is_dir():
             raise InputError(f"{out}: no such directory {out.parent}")
+        if signed := _signatures_in(out):
+            raise InputError(f"{out}: holds a manifest with {signed} approver signature(s); "
+                             f"refusing to write over it (write elsewhere, or move it away "
+                             f"first)")
+
+
+def _signatures_in(path: Path) -> int:
+    """How many signatures the manifest at ``path`` carries; 0 for no file, or one that is
+    not a manifest. Collected signatures are not to be lost to a rebuild's ``-o``."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    sigs = doc.get("signatures") if isinstance(doc, dict) else None
+    return len(sigs) if isinstance(sigs, list) else 0
 
 
 def _payer_address(s: Settings, explicit: str | None) -> str:

@@ -562,8 +562,10 @@ class Sender:
     def _base_fee_above_cap(self) -> bool:
         """While the base fee is above DISBURSER_MAX_FEE_GWEI a new transaction could only be
         signed at the cap, which no block accepts: it would bind payments and a nonce for
-        nothing (and Anvil refuses it outright). Sign nothing new until the base fee is back
-        under the cap; say so once per episode."""
+        nothing (and Anvil refuses it outright). Sign no new batch or transfer until the base
+        fee is back under the cap; say so once per episode. The approvals (of the batch
+        contract before the first batch, of 0 at the end) are not held back here: an
+        approval binds no payment."""
         base_fee = self._head_now().base_fee
         # The cap of the next transaction: the operator's, or lower where gas x fee would
         # pass the node's per-transaction fee cap (a full batch).

@@ -9,11 +9,14 @@ from typing import Any
 
 from disburser.amounts import format_units
 from disburser.domain import PaymentStatus, TxStatus
-from disburser.ledger import Ledger
+from disburser.ledger import EventRow, Ledger
 
 
 def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
+    txs = ledger.txs()
+    tx_root = {t.id: t.root for t in txs}
+    confirmed = ledger.events("tx_confirmed")
     programs = []
     for prog in ledger.programs():
         # What acceptance checks against: the setting (the ledger's record of the first
@@ -27,7 +30,7 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
         done = c.by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
             c.by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
         total = sum(c.by_status.values())
-        rate = _rate(ledger, now)
+        rate = _rate(confirmed, tx_root, set(roots), now)
         failed = c.by_status.get(PaymentStatus.FAILED.value, 0)
         left = total - done - failed
         eta = now + left / rate if rate > 0 and left > 0 else (now if left == 0 else None)
@@ -51,7 +54,7 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
             "manifests": roots,
         })
     in_flight = []
-    for t in ledger.txs():
+    for t in txs:
         if t.status in (TxStatus.PENDING.value, TxStatus.MINED.value):
             atts = ledger.attempts(t.id or 0)
             last = atts[-1] if atts else None
@@ -67,21 +70,23 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
     return data
 
 
-def _rate(ledger: Ledger, now: float, window: float = 600.0) -> float:
-    """Payments confirmed per second over the last ``window`` seconds."""
+def _rate(confirmed: list[EventRow], tx_root: dict[int | None, str | None], roots: set[str],
+          now: float, window: float = 600.0) -> float:
+    """A program's payments (those of its manifests, ``roots``) confirmed per second over
+    the last ``window`` seconds. Another program's run says nothing of this one's pace."""
     n = 0
     first: float | None = None
-    for e in ledger.events("tx_confirmed"):
-        if e.ts >= now - window:
-            n += _count(e.data)
-            first = e.ts if first is None else first
+    for e in confirmed:
+        if e.ts < now - window:
+            continue
+        data = json.loads(e.data)
+        if tx_root.get(data.get("tx_id")) not in roots:
+            continue
+        n += int(data.get("count", 0) or 0)
+        first = e.ts if first is None else first
     if first is None or n == 0:
         return 0.0
     return n / max(now - first, 1.0)
-
-
-def _count(data: str) -> int:
-    return int(json.loads(data).get("count", 0) or 0)
 
 
 def _allowance(s: Any, ledger: Ledger) -> str | None:

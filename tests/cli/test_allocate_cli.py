@@ -4,6 +4,7 @@ settings, output is byte-identical run to run, bad input is one line and exit 2.
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,29 @@ def test_allocate_checks_both_outputs_before_writing_either(
     assert (r.exit_code, r.stderr) == (2, f"disburser: error: {message.format(out=out)}\n")
     assert sorted(p.name for p in out.iterdir()) == ["d"]  # nothing written, no .tmp left
     assert (data / "addresses.csv").read_bytes() == before
+
+
+def test_a_signed_manifest_is_not_written_over(tmp_path: Path) -> None:
+    """Rebuilding over an unsigned manifest is fine; over one that carries approvals it is
+    refused (by allocate and by manifest build), so that collected signatures are not lost."""
+    data = _gen(tmp_path / "data")
+    assert _allocate(data, tmp_path)[0] == 0
+    assert _allocate(data, tmp_path)[0] == 0  # unsigned: written over
+    m = tmp_path / "m.json"
+    doc = json.loads(m.read_text())
+    doc["signatures"] = ["0x" + "11" * 65, "0x" + "22" * 65]
+    m.write_text(json.dumps(doc))
+    before = m.read_bytes()
+    message = (f"disburser: error: {m}: holds a manifest with 2 approver signature(s); "
+               f"refusing to write over it (write elsewhere, or move it away first)\n")
+    code, _, err = _allocate(data, tmp_path)
+    assert (code, err) == (2, message)
+    pay = tmp_path / "pay.csv"
+    pay.write_text("id,to,amount\nu1,0x" + "12" * 20 + ",1\n")
+    r = CliRunner().invoke(app, ["manifest", "build", str(pay), "--program", "p", "-o", str(m)],
+                           env=ENV, catch_exceptions=False)
+    assert (r.exit_code, r.stderr) == (2, message)
+    assert m.read_bytes() == before
 
 
 def test_allocate_summary_counts_zero_amounts_apart(tmp_path: Path) -> None:

@@ -181,3 +181,32 @@ def test_a_listing_of_matches_holds_until_anything_about_the_manifest_happens(
     assert led.listed_transfers(m.root, 10) == set()  # listed reading from another block
     led.record_history_check(m.root, [], [], from_block=10, to_block=50)
     assert led.listed_transfers(m.root, 0) == set()  # a check since: the listing is spent
+
+
+def test_status_rate_and_projection_are_per_program(tmp_path: Path) -> None:
+    """A program that has confirmed nothing has no rate and no projected finish, even while
+    another program of the same ledger is being paid; the paying one is on track."""
+    import time
+    from types import SimpleNamespace
+
+    from disburser.settings import parse_ceilings
+    from disburser.status import render_status, status_data
+
+    led, m = _ledger(tmp_path)
+    other = make_manifest(program="q", chain_id=31337, token=TOKEN, payer=PAYER,
+                          not_after=2**40, payments=[Payment(0, "v0", "0x" + "07" * 20, 9)])
+    led.accept_manifest(other, ceiling=10**27, signers=[])
+    ids = led.record_txs([_tx(m, 0, (0, 1, 2))])
+    with led.atomic():
+        led.mark_mined_many([Mined(ids[0], "0xa", 10, "0xb10", 1, 50_000)])
+        led.finalize_many(ids)
+    s = SimpleNamespace(ceilings=parse_ceilings("*=10000000000000000000000", 6),
+                        decimals=6, batch_contract=None)
+    d = status_data(led, s, now=time.time() + 10)
+    p, q = d["programs"]
+    assert (p["program"], q["program"]) == ("p", "q")
+    assert p["rate_per_s"] > 0 and p["projected_finish"] is not None and p["on_track"]
+    assert (q["rate_per_s"], q["projected_finish"], q["on_track"]) == (0.0, None, False)
+    text = render_status(d).split("program q")[1]
+    assert "  rate        0.0/s\n  finish      unknown (deadline " in text
+    assert "on track" not in text
