@@ -443,16 +443,28 @@ def _verify(s: Settings, m: Any, source: str, payer: str | None = None) -> Any:
 @manifest_app.command("proof")
 def manifest_proof(
     manifest: Annotated[Path, typer.Argument()],
-    index: Annotated[int, typer.Option("--index", envvar=_env("INDEX"),
-                                       help="Payment index.")],
+    index: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--index", envvar=_env("INDEX"), help="Payment index.")] = None,
+    payment_id: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--id", envvar=_env("ID"), help="Payment id (instead of --index).")] = None,
 ) -> None:
-    """Print the Merkle proof of one payment (checkable with OpenZeppelin tooling)."""
+    """Print the Merkle proof of one payment (checkable with OpenZeppelin tooling), by its
+    index or its id."""
     from eth_hash.auto import keccak
 
     from disburser import manifest as mf
     from disburser.merkle import MerkleTree
 
+    if (index is None) == (payment_id is None):
+        raise InputError("give one of --index N or --id ID" if index is None else
+                         "give --index or --id, not both")
     m = mf.load(manifest)
+    if payment_id is not None:
+        found = [p.index for p in m.payments if p.id == payment_id]
+        if not found:
+            raise InputError(f"--id {payment_id!r}: no payment of {manifest} has that id")
+        index = found[0]
+    assert index is not None
     if not 0 <= index < m.count:
         raise InputError(f"--index {index}: manifest has payments 0..{m.count - 1}")
     p = m.payments[index]

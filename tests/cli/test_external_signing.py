@@ -73,6 +73,14 @@ def test_proof_checks_with_the_reference_library(tmp_path: Path) -> None:
     assert r.stdout == "true", r.stderr
     code, _, err = _cli("manifest", "proof", str(m), "--index", "9")
     assert code == 2 and "--index 9: manifest has payments 0..8" in err
+    # by id: the same proof
+    code, by_id, err = _cli("manifest", "proof", str(m), "--id", "u4")
+    assert (code, by_id) == (0, proof_json), err
+    for args, message in ([["--id", "u9"], f"--id 'u9': no payment of {m} has that id"],
+                          [[], "give one of --index N or --id ID"],
+                          [["--id", "u4", "--index", "4"], "give --index or --id, not both"]):
+        code, out, err = _cli("manifest", "proof", str(m), *args)
+        assert (code, out, err) == (2, "", f"disburser: error: {message}\n")
 
 
 def test_keystore_on_the_command_line_wins_over_the_private_key_env_setting(
