@@ -630,12 +630,11 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
     known = False
     if lg.exists(s.db):
         ledger = _ledger(s)
+        ledger.check_acceptable(m, ceiling=cfg.ceiling)
         if known := ledger.manifest(m.root) is not None:
             statuses = [PaymentStatus.QUEUED] + ([PaymentStatus.FAILED] if retry_failed else [])
             queued = {p.idx for p in ledger.payments(m.root, statuses)}
             owed = [p for p in m.payments if p.index in queued]
-        else:
-            ledger.check_acceptable(m, ceiling=cfg.ceiling)
     total = sum(p.amount for p in owed)
     if owed:
         try:

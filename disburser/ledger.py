@@ -206,6 +206,17 @@ def _now() -> int:
     return int(time.time())
 
 
+
+def _refuse_other_header(existing: ManifestRow, m: Manifest) -> None:
+    """The same paymentsRoot recorded for another program, chain, token or payer: the same
+    payments re-signed for another would be paid twice."""
+    header = (existing.program, existing.chain_id, existing.token, existing.payer)
+    if header != (m.program, m.chain_id, m.token, m.payer):
+        raise CeilingError(
+            f"manifest {m.root} is already recorded for program {existing.program}, chain "
+            f"{existing.chain_id}, token {existing.token}, payer {existing.payer}; the same "
+            "payments cannot be re-signed for another")
+
 class Ledger:
     """All reads and guarded writes of the ledger."""
 
@@ -294,13 +305,7 @@ class Ledger:
                           {"k": f"disburser-program-{m.program}"})
             existing = s.get(ManifestRow, m.root)
             if existing is not None:
-                header = (existing.program, existing.chain_id, existing.token, existing.payer)
-                if header != (m.program, m.chain_id, m.token, m.payer):
-                    raise CeilingError(
-                        f"manifest {m.root} is already recorded for program "
-                        f"{existing.program}, chain {existing.chain_id}, token "
-                        f"{existing.token}, payer {existing.payer}; the same payments cannot "
-                        "be re-signed for another")
+                _refuse_other_header(existing, m)
                 if m.not_after != existing.not_after or json.loads(existing.signers) != list(
                     signers
                 ):
@@ -328,10 +333,14 @@ class Ledger:
 
     def check_acceptable(self, m: Manifest, *, ceiling: int) -> None:
         """What ``accept_manifest`` would refuse (CeilingError), without recording anything:
-        for ``send --dry-run``. A manifest already recorded is acceptable."""
+        for ``send --dry-run``. A manifest already recorded is acceptable under the header
+        it was recorded with."""
         with self.session() as s:
-            if s.get(ManifestRow, m.root) is None:
+            existing = s.get(ManifestRow, m.root)
+            if existing is None:
                 self._refuse_unacceptable(s, m, ceiling)
+            else:
+                _refuse_other_header(existing, m)
 
     def _refuse_unacceptable(self, s: Session, m: Manifest, ceiling: int) -> int:
         """Refuse a new manifest that repeats a user of its program or would take the

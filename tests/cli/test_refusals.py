@@ -187,6 +187,23 @@ def test_over_the_ceiling_across_manifests(env: Env) -> None:
         mf.load(first).root]
 
 
+def test_the_same_payments_signed_for_another_program_are_refused(env: Env) -> None:
+    """The paymentsRoot commits to the payments only: the same payments re-signed under
+    another program would be paid twice. The real run and the dry run refuse alike."""
+    first = env.signed_manifest(3, name="a.json", seed="a")
+    r = env.cli("send", str(first), "--yes")
+    assert r.code == 0, r.err
+    again = env.signed_manifest(3, name="b.json", seed="a", program="loans")
+    root = mf.load(first).root
+    assert mf.load(again).root == root
+    message = (f"manifest {root} is already recorded for program together-initiative-2025-10, "
+               f"chain 31337, token {env.devnet.token}, payer {dn.PAYER}; the same payments "
+               "cannot be re-signed for another")
+    for args in (["--yes"], ["--dry-run"]):
+        _assert_refused(env, ["send", str(again), *args], message, ledger_empty=False,
+                        exact=True)
+
+
 def test_decimals_mismatch_refused(env: Env) -> None:
     m = env.signed_manifest(2)
     _assert_refused(env, ["send", str(m), "--yes"],
