@@ -40,7 +40,7 @@ from sqlalchemy.orm import defer
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from disburser.domain import Manifest, PaymentStatus, TxStatus
-from disburser.errors import CeilingError, DisburserError, LockedError
+from disburser.errors import CeilingError, DisburserError, LockedError, SettingsError
 from disburser.manifest import to_json
 
 # Why a payment is paid_elsewhere: found by the batch contract's bitmap (certain: keyed by
@@ -55,7 +55,7 @@ MATCHES_LISTED = "past_transfer_matches_listed"
 class ProgramRow(SQLModel, table=True):
     __tablename__ = "program"
     name: str = Field(primary_key=True)
-    ceiling: str  # base units, the ceiling in force when the first manifest was accepted
+    ceiling: str  # base units, the ceiling in force when its latest manifest was accepted
     first_block: int | None = None  # chain height when the program's first manifest landed
     started_at: int  # unix seconds
     deadline: int  # unix seconds
@@ -233,7 +233,15 @@ class Ledger:
             Path(self.url).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        SQLModel.metadata.create_all(self.engine)
+        try:
+            SQLModel.metadata.create_all(self.engine)
+        except DBAPIError as e:
+            if self.is_postgres:
+                raise
+            # A file that is not a ledger (a manifest given as DISBURSER_DB, say): bad
+            # settings, said in one line.
+            raise SettingsError(f"DISBURSER_DB {self.url}: not a SQLite ledger "
+                                f"({e.orig})") from None
         # create_all leaves a table that exists as it is: an index added since a ledger was
         # made is created here.
         for table in SQLModel.metadata.sorted_tables:
@@ -317,9 +325,15 @@ class Ledger:
                 return False
             total = self._refuse_unacceptable(s, m, ceiling)
             now = _now()
-            if s.get(ProgramRow, m.program) is None:
+            prog = s.get(ProgramRow, m.program)
+            if prog is None:
                 s.add(ProgramRow(name=m.program, ceiling=str(ceiling), first_block=first_block,
                                  started_at=now, deadline=now + deadline_hours * 3600))
+            elif prog.ceiling != str(ceiling):
+                # What the accepted total was last checked against: a reconcile without the
+                # setting (an auditor's) still checks against it.
+                prog.ceiling = str(ceiling)
+                s.add(prog)
             s.add(ManifestRow(
                 root=m.root, program=m.program, chain_id=m.chain_id, token=m.token,
                 payer=m.payer, not_after=m.not_after, count=m.count, total=str(total),

@@ -67,7 +67,8 @@ def refuse_recipients(payments: Iterable[Payment], source: str,
                 f"{refused[p.to]}; it cannot be a recipient")
 
 
-def _utc(ts: int) -> str:
+def utc_text(ts: int) -> str:
+    """A unix time as UTC text; one past year 9999 (a valid not_after) as words."""
     from datetime import UTC, datetime
 
     try:
@@ -532,8 +533,8 @@ def verify(
             f"{source}: manifest payer is {m.payer}, the configured payer is {payer}")
     if now > m.not_after:
         raise ManifestError(
-            f"{source}: manifest expired at not_after={m.not_after} ({_utc(m.not_after)}; now "
-            f"{_utc(now)}): rebuild the same payments with a later --not-after and have them "
+            f"{source}: manifest expired at not_after={m.not_after} ({utc_text(m.not_after)}; now "
+            f"{utc_text(now)}): rebuild the same payments with a later --not-after and have them "
             "signed again (same paymentsRoot, nothing paid twice)")
     refuse_batch_contract(m.payments, source, batch_contract)
     allowed = set(approvers)

@@ -53,6 +53,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from disburser.amounts import format_units
 from disburser.domain import Manifest
 from disburser.errors import ChainMismatchError, InputError
 from disburser.settings import redact_url
@@ -271,6 +272,9 @@ class Result:
     # The scan began at the program's first block in the ledger (no --from-block given):
     # earlier transfers from the payer, a hand payment before the fund say, are not counted.
     from_ledger_start: bool = False
+    # Transfer logs of 0 from the payer (anyone can emit them): not matched, only counted.
+    zero_transfers: int = 0
+    notes: tuple[str, ...] = ()  # said in the table and HTML reports, and in the JSON
 
     @property
     def remaining(self) -> int:
@@ -398,8 +402,12 @@ def reconcile(
 
     # Only the manifests' payers' transfers count (the fetch asks for no others).
     payer_set = {e.manifest.payer.lower() for e in entries}
-    logs = sorted((t for t in transfers if t.sender.lower() in payer_set),
-                  key=itemgetter(0, 1))  # (block, log_index)
+    ours = [t for t in transfers if t.sender.lower() in payer_set]
+    # A Transfer of 0 moves no money, and anyone can make one "from" the payer: USDC's
+    # transferFrom(payer, x, 0) passes with no allowance (address poisoning). Counted, not
+    # matched: it pays no one and explains nothing.
+    logs = sorted((t for t in ours if t.amount), key=itemgetter(0, 1))  # (block, log_index)
+    zero_transfers = len(ours) - len(logs)
     by_key: dict[tuple[str, str], list[int]] = {}
     for i, t in enumerate(logs):
         key = (t.sender.lower(), t.to.lower())
@@ -485,7 +493,7 @@ def reconcile(
             if lp is not None and not (
                     paid and lp.status == confirmed_s and lp.mined_hash is not None
                     and lp.mined_hash.lower() in hashes):
-                d = _ledger_disagreement(r, lp)
+                d = _ledger_disagreement(r, lp, from_block, head)
                 if d is not None:
                     findings.append(d)
         paid_by_root[root] = paid_by_root.get(root, 0) + root_paid
@@ -510,6 +518,7 @@ def reconcile(
     infos = ledger_info.programs if ledger_info is not None else {}
     summaries: list[ProgramSummary] = []
     program_findings: list[dict[str, Any]] = []
+    notes: list[str] = []
     totals = {e.manifest.root: e.manifest.total for e in entries}  # a sum each: once
     for name in scope_programs:
         # With one program in scope every result is of it (only those are reported).
@@ -517,7 +526,16 @@ def reconcile(
         committed = sum(totals[e.manifest.root] for e in entries
                         if e.manifest.program == name)
         info = infos.get(name)
-        ceiling = ceilings.for_program(name, info.ceiling if info else None)
+        recorded = info.ceiling if info else None
+        ceiling = ceilings.for_program(name, recorded)
+        if recorded is not None and recorded < ceiling:
+            # An audit without the send's setting (DESIGN's default instead) must not
+            # pass a payout over the ceiling its manifests were accepted under.
+            notes.append(f"program {name}: checked against the ceiling of "
+                         f"{format_units(recorded, decimals)} tokens the ledger recorded "
+                         f"when its latest manifest was accepted; the settings say "
+                         f"{format_units(ceiling, decimals)}")
+            ceiling = recorded
         paid_total = paid_by_program.get(name, 0)
         summaries.append(ProgramSummary(
             program=name, ceiling=ceiling, committed=committed, paid_total=paid_total,
@@ -577,6 +595,8 @@ def reconcile(
         from_block=from_block,
         confirmations=confirmations,
         transfers_scanned=len(logs),
+        zero_transfers=zero_transfers,
+        notes=tuple(notes),
         decimals=decimals,
         progress=top_progress,
         chain_id=chain_id,
@@ -675,11 +695,12 @@ def _payment_finding(r: PaymentResult, status: Status, lis: Sequence[int],
     return d
 
 
-def _ledger_disagreement(r: PaymentResult, lp: LedgerPayment) -> dict[str, Any] | None:
+def _ledger_disagreement(r: PaymentResult, lp: LedgerPayment, from_block: int,
+                         head: int) -> dict[str, Any] | None:
     detail: str | None = None
     if r.paid == 0 and lp.status in _LEDGER_SAYS_PAID:
         detail = (f"the ledger says {lp.status} but no Transfer to {r.to} from the payer "
-                  "is on chain")
+                  f"is in blocks {from_block}..{head}")
     elif r.paid > 0 and lp.status in _LEDGER_SAYS_NOT_SENT:
         detail = (f"the ledger says {lp.status} but the chain shows {r.paid} base units "
                   f"transferred to {r.to}")
@@ -875,13 +896,19 @@ def ledger_info(ledger: Ledger, rows: Sequence[PaymentRowTuple] | None = None) -
 
 def default_from_block(entries: Sequence[ManifestIn], info: LedgerInfo | None) -> int:
     """The earliest first block the ledger knows for the programs in scope; 0 when any
-    of them has none (a file-only program, or no ledger), or when the ledger found
+    of them has none (a file-only program, or no ledger), when a manifest in scope is not
+    in the ledger (a MANIFEST file another ledger paid), or when the ledger found
     payments already made before it existed (``paid_elsewhere``: a lost ledger was
     re-created, so its first block is too late). A scan that starts late would report
     paid payments as unpaid."""
     if info is None:
         return 0
     if any(lp.status == "paid_elsewhere" for lp in info.payments.values()):
+        return 0
+    # A MANIFEST file the ledger has no payment of: paid (if at all) by another ledger,
+    # perhaps before this one's first block.
+    in_ledger = {root for root, _ in info.payments}
+    if any(e.manifest.root not in in_ledger for e in entries):
         return 0
     firsts: list[int] = []
     for name in {e.manifest.program for e in entries}:
@@ -1053,10 +1080,22 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
                                  "DISBURSER_NETWORK)")
     if not chain.code(s.token):
         raise ChainMismatchError(f"DISBURSER_TOKEN {s.token}: no contract on chain {cid}")
+    dec = chain.decimals(s.token)
+    if dec != s.decimals:
+        # Ceilings are settings in whole tokens: with the wrong decimals they are checked
+        # at the wrong scale.
+        raise ChainMismatchError(
+            f"token {s.token} has {dec} decimals on chain, the network profile expects "
+            f"{s.decimals} (DISBURSER_DECIMALS / DISBURSER_NETWORK)")
     head = chain.head()
     start = from_block if from_block is not None else default_from_block(entries, info)
     if start > head.number:
-        raise InputError(f"--from-block {start} is above the chain head {head.number}")
+        if from_block is not None:
+            raise InputError(f"--from-block {start} is above the chain head {head.number}")
+        raise ChainMismatchError(
+            f"the ledger DISBURSER_DB {redact_url(s.db)} paid from block {start}, above the "
+            f"chain head {head.number} of the node at {display_url(s.rpc_url)}: a ledger "
+            "of another chain, or a node reset since (--from-block sets the start)")
     payers = sorted({e.manifest.payer for e in entries})
     transfers = fetch_transfers(chain, s.token, payers, start, head.number,
                                 workers=FETCH_WORKERS, connect=lambda: RpcChain(s.rpc_url))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from disburser import csvcell
 from disburser.amounts import format_units
 from disburser.errors import InputError
+from disburser.manifest import utc_text
 
 if TYPE_CHECKING:
     from disburser.reconcile import GasPoint, ManifestSummary, PaymentResult, Progress, Result
@@ -107,6 +108,8 @@ def to_dict(r: Result, *, payments_too: bool = True) -> dict[str, Any]:
         "from_block": r.from_block,
         "confirmations": r.confirmations,
         "transfers_scanned": r.transfers_scanned,
+        "zero_transfers_ignored": r.zero_transfers,
+        "notes": list(r.notes),
         "started_at": r.started_at,
         "deadline": r.deadline,
         "progress": _progress_dict(r.progress),
@@ -202,10 +205,13 @@ def _compact(value: int, decimals: int) -> str:
     return str(whole)
 
 
+def zero_note(n: int) -> str:
+    return (f"{n} Transfer log(s) of 0 from the payer ignored: they move nothing, and anyone "
+            "can emit one (address poisoning)")
+
+
 def when(ts: int | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "-" if ts is None else utc_text(ts)
 
 
 def _short(h: str, keep: int = 10) -> str:
@@ -305,6 +311,9 @@ def to_table(r: Result) -> str:
                  f"confirmations {r.confirmations}")
     if r.from_ledger_start:
         lines.append(FROM_LEDGER_START)
+    if r.zero_transfers:
+        lines.append(zero_note(r.zero_transfers))
+    lines.extend(r.notes)
     lines.append("")
     rows = [["PROGRAM", "CEILING", "COMMITTED", "PAID", "REMAINING", "PAYMENTS"]]
     for s in r.programs:
@@ -559,7 +568,9 @@ def to_html(r: Result) -> str:
         f'<span class="mono">{escape(payer)}</span><br>blocks {r.from_block}..{r.head_block} '
         f"(head at {escape(when(r.head_time))}) · {r.transfers_scanned:,} Transfer log(s) "
         f"from the payer · confirmations {r.confirmations}"
-        + (f"<br>{escape(FROM_LEDGER_START)}" if r.from_ledger_start else "") + "</div>",
+        + (f"<br>{escape(FROM_LEDGER_START)}" if r.from_ledger_start else "")
+        + (f"<br>{escape(zero_note(r.zero_transfers))}" if r.zero_transfers else "")
+        + "".join(f"<br>{escape(n)}" for n in r.notes) + "</div>",
     ]
     if r.consistent:
         out.append('<div class="banner ok">Consistent: every payment paid at depth, nothing '

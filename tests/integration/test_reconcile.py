@@ -6,6 +6,7 @@ eth_getLogs through a loopback proxy that refuses wide ranges."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -290,6 +291,59 @@ def test_bad_input_is_refused(env: Env) -> None:
     r = env.cli("reconcile", "--no-ledger", str(path),
                 extra={"DISBURSER_TOKEN": "0x" + "11" * 20})
     assert r.code == 2 and "token" in r.err
+
+
+def test_settings_that_would_mislead_the_report_are_refused(env: Env) -> None:
+    """The wrong decimals (ceilings would be checked at the wrong scale), a DISBURSER_DB that
+    is not a ledger, and a ledger whose first block the node has not reached: exit 2, one
+    line each."""
+    path = env.signed_manifest(2, program=RELIEF)
+    r = env.cli("reconcile", "--no-ledger", str(path), extra={"DISBURSER_DECIMALS": "18"})
+    assert (r.code, r.out) == (2, "")
+    assert r.err == (f"disburser: error: token {env.devnet.token} has 6 decimals on chain, "
+                     "the network profile expects 18 (DISBURSER_DECIMALS / "
+                     "DISBURSER_NETWORK)\n")
+    r = env.cli("reconcile", extra={"DISBURSER_DB": str(path)})
+    assert (r.code, r.err) == (2, f"disburser: error: DISBURSER_DB {path}: not a SQLite "
+                                  "ledger (file is not a database)\n")
+    assert env.cli("send", str(path), "--yes").code == 0
+    db = env.vars["DISBURSER_DB"]
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE program SET first_block = 1000000")
+    r = env.cli("reconcile", extra={"DISBURSER_CEILING": CEILINGS})
+    head = env.chain.head().number
+    assert (r.code, r.err) == (2, (
+        f"disburser: error: the ledger DISBURSER_DB {db} paid from block 1000000, above the "
+        f"chain head {head} of the node at {env.devnet.url}: a ledger of another chain, or a "
+        "node reset since (--from-block sets the start)\n"))
+
+
+def test_a_manifest_file_another_ledger_paid_is_scanned_from_the_start(env: Env) -> None:
+    """A MANIFEST file given with a ledger that never paid it is read from block 0, not
+    from this ledger's first block: its payments, made earlier, are seen as paid."""
+    first = env.signed_manifest(3, name="a.json", seed="a", program=RELIEF)
+    other = {"DISBURSER_DB": str(env.tmp / "other.sqlite")}
+    assert env.cli("send", str(first), "--yes", extra=other).code == 0
+    for _ in range(3):
+        env.chain.rpc("evm_mine")
+    second = env.signed_manifest(3, name="b.json", seed="b", program=RELIEF)
+    after = str(env.chain.head().number)  # this ledger's history starts after the first
+    assert env.cli("send", str(second), "--yes",
+                   extra={"DISBURSER_FROM_BLOCK": after}).code == 0
+    code, doc = reconcile(env, str(first))
+    assert code == 0, doc["discrepancies"]
+    assert doc["from_block"] == 0 and doc["counts"]["paid"] == 6
+
+
+def test_a_not_after_past_year_9999_is_reported(env: Env) -> None:
+    """not_after may be any uint256: the reports say it in words past year 9999."""
+    path = env.tmp / "far.json"
+    assert env.cli("manifest", "build", str(env.write_payments(2)), "--program", RELIEF,
+                   "--not-after", str(2**40), "-o", str(path)).code == 0
+    for fmt in ("table", "html"):
+        r = env.cli("reconcile", "--no-ledger", str(path), "--format", fmt)
+        assert r.code == 1 and r.err == "", r.err
+        assert "far in the future" in r.out
 
 
 def test_a_real_process_prints_the_report(env: Env) -> None:

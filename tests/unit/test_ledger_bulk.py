@@ -210,3 +210,15 @@ def test_status_rate_and_projection_are_per_program(tmp_path: Path) -> None:
     text = render_status(d).split("program q")[1]
     assert "  rate        0.0/s\n  finish      unknown (deadline " in text
     assert "on track" not in text
+
+
+def test_the_program_records_the_ceiling_of_its_latest_acceptance(tmp_path: Path) -> None:
+    led, m = _ledger(tmp_path)  # accepted under 10^27
+    assert [p.ceiling for p in led.programs()] == [str(10**27)]
+    more = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=PAYER,
+                         not_after=2**40, payments=[Payment(0, "new", "0x" + "09" * 20, 5)])
+    assert led.accept_manifest(more, ceiling=10**27 + 5, signers=[])
+    assert [p.ceiling for p in led.programs()] == [str(10**27 + 5)]
+    # the same manifest again (re-signed) is no new acceptance: the record stays
+    assert not led.accept_manifest(more, ceiling=10**28, signers=[])
+    assert [p.ceiling for p in led.programs()] == [str(10**27 + 5)]

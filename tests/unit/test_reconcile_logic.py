@@ -200,6 +200,30 @@ def test_ledger_failed_without_transfer_is_failed_with_reason() -> None:
     assert r2.payments[1].status == "unpaid" and r2.payments[1].reason is None
 
 
+def test_transfers_of_zero_from_the_payer_are_counted_not_matched() -> None:
+    """Anyone can emit Transfer(payer, x, 0) (USDC's transferFrom of 0 needs no allowance):
+    it neither pays a payment (a failed one stays failed, an unpaid one unpaid), nor adds
+    its hash to a paid one, nor is an unexplained outflow; the reports count it."""
+    m = manifest([(addr(1), 2 * U), (addr(2), 3 * U), (addr(3), 4 * U)])
+    reason = "Blacklistable: account is blacklisted"
+    info = LedgerInfo({(m.root, 0): lpay("confirmed"), (m.root, 1): lpay("failed", reason=reason),
+                       (m.root, 2): lpay("queued")})
+    paid = tr(addr(1), 2 * U, tx="0x" + "aa" * 32)
+    zeros = [tr(addr(1), 0, block=20), tr(addr(2), 0, block=21), tr(addr(3), 0, block=22),
+             tr(addr(9), 0, block=23)]
+    r = run([m], [paid, *zeros], info)
+    assert [(p.status, p.paid, p.tx_hashes) for p in r.payments] == [
+        ("paid", 2 * U, ("0x" + "aa" * 32,)), ("failed", 0, ()), ("unpaid", 0, ())]
+    assert r.payments[1].reason == reason
+    assert sorted(kinds(r)) == ["failed", "unpaid"]
+    assert (r.unexplained_total, r.transfers_scanned, r.zero_transfers) == (0, 1, 4)
+    assert r.progress.payments_failed == 1 and r.progress.on_track is not True
+    assert json.loads(render(r, "json"))["zero_transfers_ignored"] == 4
+    note = ("4 Transfer log(s) of 0 from the payer ignored: they move nothing, and anyone can "
+            "emit one (address poisoning)")
+    assert note in render(r, "table") and note in render(r, "html")
+
+
 def test_ledger_says_failed_but_chain_paid_it() -> None:
     m = manifest([(addr(1), 2 * U)])
     info = LedgerInfo({(m.root, 0): lpay("failed", reason="refused")})
@@ -218,6 +242,10 @@ def test_ledger_says_confirmed_but_chain_shows_nothing() -> None:
     assert sorted(kinds(r)) == ["ledger_disagrees", "unpaid"]
     d = one(r, "ledger_disagrees")
     assert d["ledger_tx_hashes"] == ["0xaa"] and d["chain_status"] == "unpaid"
+    # it says where it looked: the transfer may be before a --from-block
+    d = one(run([m], [], info, from_block=7), "ledger_disagrees")
+    assert d["detail"] == (f"the ledger says confirmed but no Transfer to {addr(1)} from the "
+                           f"payer is in blocks 7..{HEAD}")
 
 
 def test_ledger_confirmed_by_another_transaction_disagrees() -> None:
@@ -331,6 +359,25 @@ def test_over_ceiling() -> None:
     assert r.remaining == -10 * U and r.exit_code == 1
 
 
+def test_the_ceiling_the_ledger_recorded_is_checked_when_the_setting_is_higher() -> None:
+    """An auditor's reconcile without the send's DISBURSER_CEILING (DESIGN's default of
+    300,000,000 instead) still checks the ceiling the ledger accepted under; a lower
+    setting wins over a higher record."""
+    m = manifest([(addr(1), 60 * U), (addr(2), 50 * U)], program="loans")
+    logs = [tr(addr(1), 60 * U), tr(addr(2), 50 * U)]
+    info = LedgerInfo({}, {"loans": ProgramInfo(0, 2_000_000_000, 1, ceiling=100 * U)})
+    plain = Ceilings(default=300_000_000 * U)
+    r = run([m], logs, info, ceilings=plain)
+    assert one(r, "over_ceiling")["ceiling"] == str(100 * U)
+    assert r.programs[0].ceiling == 100 * U and r.exit_code == 1
+    note = ("program loans: checked against the ceiling of 100 tokens the ledger recorded "
+            "when its latest manifest was accepted; the settings say 300000000")
+    assert r.notes == (note,)
+    assert note in render(r, "table") and json.loads(render(r, "json"))["notes"] == [note]
+    lower = run([m], logs, info, ceilings=Ceilings(default=90 * U))
+    assert lower.programs[0].ceiling == 90 * U and lower.notes == ()
+
+
 def test_same_manifest_twice_is_counted_once() -> None:
     m = manifest([(addr(1), 2 * U)])
     r = run([ManifestIn(m, (addr(50),), ("ledger",)), ManifestIn(m, (addr(51),), ("m.json",)),
@@ -366,10 +413,15 @@ def test_default_from_block_is_safe() -> None:
     m2 = manifest([(addr(1), U)], program="loans")
     progs = {"relief": ProgramInfo(0, 1, 40), "loans": ProgramInfo(0, 1, 30)}
     e = [ManifestIn(m1), ManifestIn(m2)]
-    assert default_from_block(e, LedgerInfo({}, progs)) == 30
+    both = {(m1.root, 0): lpay("confirmed"), (m2.root, 0): lpay("confirmed")}
+    assert default_from_block(e, LedgerInfo(both, progs)) == 30
     assert default_from_block(e, None) == 0
     # a program the ledger does not know (a file): scan from the start
-    assert default_from_block(e, LedgerInfo({}, {"relief": progs["relief"]})) == 0
+    assert default_from_block(e, LedgerInfo(both, {"relief": progs["relief"]})) == 0
+    # a MANIFEST file of a known program that the ledger has no payment of (another
+    # ledger paid it, perhaps before this one's first block): from the start
+    m3 = manifest([(addr(2), U)], program="relief")
+    assert default_from_block([*e, ManifestIn(m3)], LedgerInfo(both, progs)) == 0
     # a re-created ledger found payments made before it: its first block is too late
     lost = LedgerInfo({(m1.root, 0): lpay("paid_elsewhere")}, progs)
     assert default_from_block(e, lost) == 0
