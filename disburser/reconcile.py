@@ -147,7 +147,7 @@ class ProgramInfo:
     started_at: int  # unix seconds
     deadline: int  # unix seconds
     first_block: int | None
-    ceiling: int | None = None  # as recorded at the first acceptance
+    ceiling: int | None = None  # as recorded at the latest acceptance
 
 
 @dataclass(frozen=True)

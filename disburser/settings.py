@@ -74,7 +74,7 @@ class Ceilings:
 
     def for_program(self, program: str, recorded: int | None = None) -> int:
         """The program's ceiling; for one this list does not name, ``recorded`` (the
-        ceiling a ledger recorded when it accepted the program's first manifest: reports on
+        ceiling a ledger recorded when it accepted the program's latest manifest: reports on
         what was accepted before the list was written) if given, else refused."""
         if program in self.per_program:
             return self.per_program[program]
