@@ -141,6 +141,7 @@ class Sender:
         self._at_cap_logged: set[int] = set()
         self._priced_out_logged: set[str] = set()  # attempt hashes
         self._base_fee_over_cap = False
+        self._idle = 0.0  # the current wait between polls that changed nothing
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
         # The batch windows' broadcasting thread (see broadcast.py): None until first
@@ -266,13 +267,14 @@ class Sender:
                 expired or not self.ledger.has_queued(m.root)
             ):
                 break
-            if not changed:
-                if self._outstanding():
-                    # Waiting for our own broadcasts, not for the chain: no sleep (a
-                    # virtual clock would mine a block that the sends have not reached).
-                    self._collect_broadcasts(wait=self.cfg.poll_interval)
-                else:
-                    self.sleep(self.cfg.poll_interval)
+            if changed:
+                self._idle = 0.0
+            elif self._outstanding():
+                # Waiting for our own broadcasts, not for the chain: no sleep (a virtual
+                # clock would mine a block that the sends have not reached).
+                self._collect_broadcasts(wait=self.cfg.poll_interval)
+            else:
+                self._wait()
         if self.cfg.mode is Mode.BATCH:
             # The run ends (all paid, or the manifest expired): nothing is owed through the
             # batch contract until the next run approves again.
@@ -321,8 +323,19 @@ class Sender:
         while self.ledger.has_open_txs(self.payer):
             if self.should_stop():
                 raise Interrupted("stopped by operator while settling transactions in flight")
-            if not self._poll():
-                self.sleep(self.cfg.poll_interval)
+            if self._poll():
+                self._idle = 0.0
+            else:
+                self._wait()
+
+    def _wait(self) -> None:
+        """Sleep before the next poll: an eighth of DISBURSER_POLL_INTERVAL after a poll that
+        changed something, doubling up to the interval while nothing does. A transaction
+        just sent is often mined within a fraction of the interval (at once on automine);
+        a node with nothing new is asked no more often than a few times an interval."""
+        step = self.cfg.poll_interval
+        self._idle = step / 8 if self._idle <= 0 else min(self._idle * 2, step)
+        self.sleep(self._idle)
 
     def _reads_bitmap(self) -> bool:
         """Whether this run reads the batch contract's bitmap, which says exactly which
@@ -488,8 +501,10 @@ class Sender:
         while any(t.status == TxStatus.PENDING.value for t in self.ledger.open_txs(self.payer)):
             if self.should_stop():
                 raise Interrupted("stopped by operator while the approval was pending")
-            if not self._poll():
-                self.sleep(self.cfg.poll_interval)
+            if self._poll():
+                self._idle = 0.0
+            else:
+                self._wait()
 
     def _withdraw_unused_allowances(self) -> None:
         """An allowance this run does not pay through is owed nothing (invariant 2): a batch

@@ -853,3 +853,18 @@ def test_gas_meter_is_given_up_only_after_several_windows_without_an_answer(
     s2._measure(BATCH, ["0x"])
     assert s2._meter is False
     assert s2._measure(BATCH, ["0x"]) == [None] and answers == []  # not asked again
+
+
+def test_the_wait_between_idle_polls_starts_short_and_doubles_to_the_interval(
+        tmp_path: Path) -> None:
+    """A transaction just sent is looked for again after an eighth of the poll interval;
+    while nothing changes the wait doubles up to the interval, never past it."""
+    s = _sender(tmp_path, FakeChain())
+    slept: list[float] = []
+    s.sleep = slept.append
+    for _ in range(6):
+        s._wait()
+    assert slept == [0.00125, 0.0025, 0.005, 0.01, 0.01, 0.01]
+    s._idle = 0.0  # what a poll that changed something does
+    s._wait()
+    assert slept[-1] == 0.00125
