@@ -307,9 +307,14 @@ def _signatures_in(path: Path) -> int:
     not a manifest. Collected signatures are not to be lost to a rebuild's ``-o``."""
     import json
 
+    from disburser.manifest import json_too_deep
+
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+        if json_too_deep(text):  # not a manifest (and json.loads could overflow the stack)
+            return 0
+        doc = json.loads(text)
+    except (OSError, ValueError, RecursionError):
         return 0
     sigs = doc.get("signatures") if isinstance(doc, dict) else None
     return len(sigs) if isinstance(sigs, list) else 0
@@ -319,7 +324,9 @@ def _payer_address(s: Settings, explicit: str | None) -> str:
     from disburser.manifest import check_address
 
     if explicit:
-        return check_address(explicit, "--payer / DISBURSER_PAYER")
+        # As the other address settings: all lower (or upper) case is taken and checksummed,
+        # a mixed case that fails EIP-55 is a typo.
+        return check_address(explicit, "--payer / DISBURSER_PAYER", strict_checksum=False)
     if s.private_key or s.keystore:
         return str(_payer_signer(s).address)
     raise InputError("no payer: set --payer / DISBURSER_PAYER (or the payer's key)")
@@ -360,7 +367,9 @@ def manifest_sign(
 
     from disburser import keys
     from disburser import manifest as mf
+    from disburser.amounts import format_units
 
+    decimals = settings().decimals  # for the total in tokens below; bad settings refuse first
     m = mf.load(manifest)
     if (keystore is not None and ctx.get_parameter_source("private_key_env")
             is ParameterSource.ENVIRONMENT):
@@ -376,9 +385,19 @@ def manifest_sign(
         assert private_key_env is not None
         signer = keys.from_env_var(private_key_env)
     sig = mf.sign(m, signer.key_bytes)
-    signed = mf.with_signature(m, sig)
+    signed = mf.with_signature(m, sig, str(manifest))
     mf.write(signed, manifest)
     typer.echo(f"signed by {signer.address} ({len(signed.signatures)} signature(s))")
+    # What the signature covers (the EIP-712 Manifest), so that no approver signs blind.
+    typer.echo(f"program       {m.program}")
+    typer.echo(f"chain_id      {m.chain_id}")
+    typer.echo(f"token         {m.token}")
+    typer.echo(f"payer         {m.payer}")
+    typer.echo(f"count         {m.count}")
+    typer.echo(f"total         {format_units(m.total, decimals)} tokens ({m.total} base units, "
+               f"{decimals} decimals)")
+    typer.echo(f"paymentsRoot  {m.root}")
+    typer.echo(f"not_after     {m.not_after} ({mf.utc_text(m.not_after)})")
 
 
 @manifest_app.command("typed-data")
@@ -399,7 +418,7 @@ def manifest_add_signature(
 
     m = mf.load(manifest)
     sig = signature.strip()
-    signed = mf.with_signature(m, sig)
+    signed = mf.with_signature(m, sig, str(manifest))
     mf.write(signed, manifest)
     typer.echo(f"added signature of {mf.recover(signed, sig.lower())}")
 
@@ -413,30 +432,37 @@ def manifest_verify(manifest: Annotated[Path, typer.Argument()]) -> None:
     s = settings()
     m = mf.load(manifest)
     _print_summary(m, s.decimals)
-    signers = mf.signers_of(m)
+    signers = mf.signers_of(m, str(manifest))
     for j, who in enumerate(signers):
-        tag = "approver" if who in s.approvers else "NOT AN APPROVER"
+        tag = "approver" if who in s.approvers else "NOT AN APPROVER (not counted)"
         typer.echo(f"signature[{j}]  {who}  {tag}")
     approved = len({w for w in signers if w in s.approvers})
     typer.echo(f"quorum        {approved} of {s.quorum} required: "
                f"{'met' if approved >= s.quorum else 'NOT met'}")
-    _verify(s, m, str(manifest))
+    _verify(s, m, str(manifest), warn_strangers=False)  # listed above
 
 
-def _verify(s: Settings, m: Any, source: str, payer: str | None = None) -> Any:
+def _verify(s: Settings, m: Any, source: str, payer: str | None = None, *,
+            warn_strangers: bool = True) -> Any:
     from disburser import manifest as mf
     from disburser.errors import CeilingError
-    from disburser.settings import require_approvers
+    from disburser.settings import checksum, require_approvers
 
     require_approvers(s)
+    if payer is None and (configured := os.environ.get(_env("PAYER"))):
+        payer = checksum(configured, where=_env("PAYER"))  # any case, as the others
     v = mf.verify(m, source=source, approvers=s.approvers, quorum=s.quorum,
-                  chain_id=s.chain_id, token=s.token,
-                  payer=payer or os.environ.get(_env("PAYER")) or None, now=_now(),
+                  chain_id=s.chain_id, token=s.token, payer=payer, now=_now(),
                   batch_contract=s.batch_contract)
     ceiling = s.ceilings.for_program(m.program)
     if m.total > ceiling:
         raise CeilingError(f"{source}: total {m.total} base units exceeds the ceiling "
                            f"{ceiling} of program {m.program}")
+    if warn_strangers and v.strangers:
+        # Not counted, not refused (DESIGN.md: quorum of configured approvers); but said.
+        others = ", ".join(f"signatures[{j}] by {w}" for j, w in v.strangers)
+        typer.echo(f"warning: {source}: {others}: not configured approver(s), not counted; "
+                   f"quorum met by {len(v.approved)} of {s.quorum} required", err=True)
     return v
 
 

@@ -109,12 +109,18 @@ def from_env_var(var: str) -> Signer:
 
 def _read_keystore(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
+        # A V3 keystore holds a handful of objects. json.loads recurses in C a level, and
+        # eth-account's import lets recursion run 100,000 deep: a deeply nested file would
+        # overflow the C stack rather than be refused (more brackets than this: not one).
+        if text.count("{") + text.count("[") > 64:
+            raise ValueError("not a keystore")
+        return json.loads(text)
     except FileNotFoundError:
         raise SettingsError(f"keystore {path}: no such file") from None
     except OSError as e:
         raise SettingsError(f"keystore {path}: cannot be read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, a number of 4,300+ digits
         raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +27,23 @@ _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _AMOUNT = re.compile(r"^[1-9][0-9]*$")
 _SIG = re.compile(r"^0x[0-9a-fA-F]{130}$")
 _FIELDS = ("format", "program", "chain_id", "token", "payer", "not_after", "payments")
+_OPTIONAL_FIELDS = ("signatures",)
+_PAYMENT_FIELDS = ("id", "to", "amount")
 MAX_UINT256 = 2**256 - 1
+# secp256k1's group order. A signature (r, s) has a twin (r, n - s) that recovers the same
+# address: only the low-s form (EIP-2; what eth-account, cast and wallets make) is taken,
+# so that a signature has one spelling.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+# A manifest nests 3 deep (the object, payments, a payment). json.loads recurses in C once
+# a level: with the recursion limit eth-account's import raises to 100,000 (py_ecc), a
+# file nested 100,000 deep would overflow the C stack and kill the process instead of
+# being refused. Anything deeper than this is refused before json.loads sees it.
+MAX_JSON_DEPTH = 32
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_NOT_QUOTE_OR_BRACKET = bytes(b for b in range(256) if b not in b'"[]{}')  # bytes to delete
+# Integers of more digits than a uint256 (78) are not converted: no field takes one, and
+# Python refuses to convert more than 4,300 digits (sys.get_int_max_str_digits).
+_MAX_INT_DIGITS = 78
 # The fast path's shapes (see _payments_fast): a run of 42-character addresses, and amounts
 # one a line of at most 77 digits (10**77 - 1 < 2**256: no uint256 check needed).
 _ADDRESSES = re.compile(r"(?:0x[0-9a-fA-F]{40})*")
@@ -155,15 +172,109 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+class _LongNumber:
+    """A JSON integer of more than 78 digits, kept as its length: every check refuses it
+    (it is not an int, nor a str) and its repr names it without echoing the digits."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a number of {self.digits} digits"
+
+
+def _json_int(text: str) -> int | _LongNumber:
+    digits = len(text) - text.startswith("-")
+    return int(text) if digits <= _MAX_INT_DIGITS else _LongNumber(digits)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _key_text(key: str) -> str:
+    """A key as an error names it: quoted, escaped, and cut short past 40 characters."""
+    return repr(key) if len(key) <= 40 else f"{key[:40]!r}…"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys; another reader may take the first (the
+    one an approver saw): a key twice in one object is refused."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return d
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``text`` nests arrays and objects more than ``limit`` deep (brackets in
+    strings do not count), found without recursion and, for a manifest of 100,000 payments,
+    in a few milliseconds of C loops: escapes dropped, then every byte but quotes and
+    brackets, then the strings (most are left empty: ``""``); then innermost pairs of
+    brackets are removed, a level or two a pass. Only what does not empty so is walked a
+    bracket at a time. (UTF-8 bytes of other characters are never ASCII.)"""
+    raw = text.encode("utf-8", "surrogatepass")
+    if b"\\" in raw:
+        raw = _JSON_ESCAPE.sub(b"", raw)  # an escaped quote does not end its string
+    kept = raw.translate(None, _NOT_QUOTE_OR_BRACKET).replace(b'""', b"")
+    if b'"' in kept:  # strings holding brackets: every other piece is outside them
+        kept = b"".join(kept.split(b'"')[::2])
+    rest = kept
+    for _ in range(limit // 2):  # each pass removes at most two levels
+        if not rest:
+            return False
+        rest = rest.replace(b"[]", b"").replace(b"{}", b"")
+    if not rest:
+        return False
+    depth = 0
+    for c in kept:  # deep, or not well-formed (json.loads then names the fault)
+        depth += 1 if c in b"[{" else -1
+        if depth > limit:
+            return True
+        if depth < 0:  # a closer with nothing open: json.loads stops here
+            return False
+    return False
+
+
+def _loads(text: str, source: str) -> Any:
+    """json.loads, refusing as one ManifestError naming ``source``: text that is not JSON,
+    nesting deeper than MAX_JSON_DEPTH, and a key twice in one object."""
+    if json_too_deep(text):
+        raise ManifestError(f"{source}: not a manifest: JSON nested more than "
+                            f"{MAX_JSON_DEPTH} levels deep (a manifest nests 3)")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_json_int)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except _DuplicateKey as e:
+        raise ManifestError(f"{source}: key {_key_text(e.args[0])} appears twice in one object "
+                            "(a reader could take either value)") from None
+    except RecursionError:  # not reached past json_too_deep; never a traceback if it is
+        raise ManifestError(f"{source}: not a manifest: JSON nested too deep") from None
+
+
+def _refuse_unknown(obj: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """A field the format does not have would be shown to an approver yet not be signed
+    (and `manifest sign` would drop it): refused, naming it."""
+    for k in obj:
+        if k not in known:
+            raise ManifestError(f"{where}: unknown field {_key_text(k)} (fields: "
+                                f"{', '.join(known)})")
+
+
 @_gc_paused()
 def parse(text: str, source: str) -> Manifest:
     """Parse and structurally validate manifest JSON. ``source`` names it in errors."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    doc = _loads(text, source)
     if not isinstance(doc, dict):
         raise ManifestError(f"{source}: a manifest is a JSON object")
+    _refuse_unknown(doc, _FIELDS + _OPTIONAL_FIELDS, source)
     for f in _FIELDS:
         if f not in doc:
             raise ManifestError(f"{source}: missing field '{f}'")
@@ -220,7 +331,8 @@ def _payments_fast(raw_payments: list[Any]) -> list[Payment] | None:
     n = len(raw_payments)
     id_lengths = set(map(len, ids))
     if (
-        min(id_lengths) < 1
+        set(map(len, raw_payments)) != {3}  # id, to, amount and nothing else
+        or min(id_lengths) < 1
         or max(id_lengths) > 128
         or not id_text.isprintable()
         or len(set(ids)) != n
@@ -243,7 +355,8 @@ def _payments_checked(raw_payments: list[Any], source: str) -> list[Payment]:
         where = f"{source}: payments[{i}]"
         if not isinstance(p, dict):
             raise ManifestError(f"{where}: must be an object with id, to, amount")
-        for f in ("id", "to", "amount"):
+        _refuse_unknown(p, _PAYMENT_FIELDS, where)
+        for f in _PAYMENT_FIELDS:
             if f not in p:
                 raise ManifestError(f"{where}: missing field '{f}'")
         pid = check_id(p["id"], where)
@@ -325,10 +438,13 @@ def build_from_csv(
 ) -> Manifest:
     """CSV ``id,to,amount`` (amount in whole tokens, up to ``decimals`` places) -> manifest."""
     try:
-        f = path.open(newline="", encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") must not hide the first column.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
-    with f:
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -445,17 +561,30 @@ def digest(m: Manifest) -> bytes:
     return keccak(b"\x19\x01" + domain_separator(m.chain_id) + struct_hash(m))
 
 
+def signature_fault(signature: str) -> str | None:
+    """What makes a 65-byte 0x-hex signature unusable before any recovery: a recovery byte
+    other than 0, 1, 27, 28, or a high s (the malleated twin of a valid signature:
+    eth-account, cast and wallets only make low s). None when it has neither."""
+    raw = bytes.fromhex(signature[2:])
+    if raw[64] not in (0, 1, 27, 28):
+        return "invalid recovery byte"
+    if int.from_bytes(raw[32:64], "big") > SECP256K1_N // 2:
+        return ("not canonical: its s is above secp256k1n/2 (a malleated form; signers make "
+                "the low-s one)")
+    return None
+
+
 def recover(m: Manifest, signature: str) -> str:
     """The address that produced ``signature`` over this manifest's digest."""
     from eth_keys import keys
     from eth_keys.exceptions import BadSignature
 
+    if fault := signature_fault(signature):
+        raise ManifestError(f"signature {signature[:12]}…: {fault}")
     raw = bytes.fromhex(signature[2:])
     v = raw[64]
     if v >= 27:
         v -= 27
-    if v not in (0, 1):
-        raise ManifestError(f"signature {signature[:12]}…: invalid recovery byte")
     try:
         sig = keys.Signature(signature_bytes=raw[:64] + bytes([v]))
         return to_checksum(sig.recover_public_key_from_msg_hash(digest(m)).to_address())
@@ -472,14 +601,14 @@ def sign(m: Manifest, private_key: bytes) -> str:
     return "0x" + (_word(r) + _word(s) + bytes([v + 27])).hex()
 
 
-def with_signature(m: Manifest, signature: str) -> Manifest:
-    """A copy of ``m`` with ``signature`` appended (refused if it adds no new signer)."""
+def with_signature(m: Manifest, signature: str, source: str = "manifest") -> Manifest:
+    """A copy of ``m`` with ``signature`` appended (refused if it adds no new signer, or if
+    it or one already there is not a usable signature)."""
     if not _SIG.fullmatch(signature):
         raise ManifestError("signature is not a 65-byte 0x-hex string")
-    signer = recover(m, signature.lower())
-    for existing in m.signatures:
-        if recover(m, existing) == signer:
-            raise ManifestError(f"{signer} has already signed this manifest")
+    signer = recover(m, signature.lower())  # refuses a high s or a bad recovery byte
+    if signer in signers_of(m, source):
+        raise ManifestError(f"{signer} has already signed this manifest")
     return Manifest(
         program=m.program,
         chain_id=m.chain_id,
@@ -502,9 +631,21 @@ class Verification:
     def quorum_met(self) -> bool:
         return len(self.approved) >= self.quorum
 
+    @property
+    def strangers(self) -> tuple[tuple[int, str], ...]:
+        """(j, signer) of each signatures[j] not by a configured approver: not counted."""
+        return tuple((j, w) for j, w in enumerate(self.signers) if w not in self.approved)
 
-def signers_of(m: Manifest) -> tuple[str, ...]:
-    return tuple(recover(m, s) for s in m.signatures)
+
+def signers_of(m: Manifest, source: str = "manifest") -> tuple[str, ...]:
+    """Who signed, in signature order; a signature no one can have made (a bad recovery
+    byte, a high s) is refused, naming it as signatures[j] of ``source``."""
+    out: list[str] = []
+    for j, s in enumerate(m.signatures):
+        if fault := signature_fault(s):
+            raise ManifestError(f"{source}: signatures[{j}]: {fault}")
+        out.append(recover(m, s))
+    return tuple(out)
 
 
 def verify(
@@ -542,20 +683,20 @@ def verify(
         # The key that sends would be one of the M: M of N by M - 1 people.
         raise SettingsError(f"DISBURSER_APPROVERS lists the payer {m.payer} of {source}: the "
                             "key that sends must not approve its own payments")
-    signers = signers_of(m)
-    approved: list[str] = []
+    signers = signers_of(m, source)
+    # DESIGN.md: valid when at least `quorum` distinct configured approvers signed. Others'
+    # signatures do not count, and do not refuse a manifest the approvers carry.
+    seen: set[str] = set()
     for j, signer in enumerate(signers):
-        if signer in approved:
+        if signer in seen:
             raise ManifestError(f"{source}: signatures[{j}]: {signer} signed twice")
-        if signer not in allowed:
-            raise ManifestError(
-                f"{source}: signatures[{j}]: signer {signer} is not a configured approver "
-                "(or the manifest was changed after signing)"
-            )
-        approved.append(signer)
-    result = Verification(signers, tuple(approved), quorum)
+        seen.add(signer)
+    result = Verification(signers, tuple(w for w in signers if w in allowed), quorum)
     if not result.quorum_met:
+        # A manifest changed after signing shows its signatures as strangers' too.
+        others = ", ".join(f"signatures[{j}] by {w}" for j, w in result.strangers)
         raise ManifestError(
-            f"{source}: quorum not met: {len(approved)} of {quorum} required approver signatures"
-        )
+            f"{source}: quorum not met: {len(result.approved)} of {quorum} required approver "
+            "signatures" + (f" ({others}: not configured approvers, or the manifest was "
+                            "changed after signing)" if others else ""))
     return result

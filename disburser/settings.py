@@ -16,6 +16,8 @@ from disburser.profiles import PROFILES, Profile
 PREFIX = "DISBURSER_"
 DEFAULT_CEILING_TOKENS = "300000000"
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+# [0-9], not \d or int() alone: both take other scripts' digits ("٢" is 2 to int()).
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def load_dotenv(path: Path = Path(".env")) -> list[str]:
@@ -155,10 +157,13 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = _get(env, name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{PREFIX}{name}: {raw!r} is not an integer") from None
+    text = raw.strip()
+    if not _INTEGER.fullmatch(text):
+        raise SettingsError(f"{PREFIX}{name}: {raw[:40]!r} is not an integer")
+    if len(text) > 40:  # int() refuses over 4,300 digits; no setting takes a tenth of 40
+        raise SettingsError(f"{PREFIX}{name}: has {len(text)} digits, more than any setting "
+                            "takes")
+    value = int(text)
     if value < minimum:
         raise SettingsError(f"{PREFIX}{name}: must be at least {minimum}, got {value}")
     return value

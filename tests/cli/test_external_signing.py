@@ -3,9 +3,13 @@ real `cast wallet sign --data` signs, and `manifest add-signature` attaches the 
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from disburser import devnet as dn
@@ -99,13 +103,13 @@ def test_keystore_on_the_command_line_wins_over_the_private_key_env_setting(
                            env={**ENV, "DISBURSER_PRIVATE_KEY_ENV": "APPROVER_KEY",
                                 "APPROVER_KEY": dn.DEV_KEYS[2]}, catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.strip() == f"signed by {address} (1 signature(s))"
+    assert r.stdout.splitlines()[0] == f"signed by {address} (1 signature(s))"
     # Without --keystore the setting is used.
     r = CliRunner().invoke(app, ["manifest", "sign", str(m)],
                            env={**ENV, "DISBURSER_PRIVATE_KEY_ENV": "APPROVER_KEY",
                                 "APPROVER_KEY": dn.DEV_KEYS[2]}, catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.strip() == f"signed by {dn.DEV_ADDRESSES[2]} (2 signature(s))"
+    assert r.stdout.splitlines()[0] == f"signed by {dn.DEV_ADDRESSES[2]} (2 signature(s))"
 
 
 def test_the_payers_password_file_is_not_an_approvers_or_a_new_keys(tmp_path: Path) -> None:
@@ -129,4 +133,192 @@ def test_the_payers_password_file_is_not_an_approvers_or_a_new_keys(tmp_path: Pa
     r = CliRunner().invoke(app, ["manifest", "sign", str(m), "--keystore", str(ks)], env={
         **standing, "DISBURSER_APPROVER_PASSWORD_FILE": str(approver_pw)})
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.strip() == f"signed by {address} (1 signature(s))"
+    assert r.stdout.splitlines()[0] == f"signed by {address} (1 signature(s))"
+
+
+# --- review fixes ------------------------------------------------------------------------
+
+
+def _sign(m: Path, key: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, ["manifest", "sign", str(m), "--private-key-env", "K"],
+                           env={**ENV, "K": key}, catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture
+def _default_recursion_limit() -> Iterator[None]:
+    """The interpreter's default limit, as in a fresh `disburser` process: this test
+    process imported eth-account, whose import raises it to 100,000, at which json.loads of
+    100,000 levels crashes the interpreter (test_deep_json_does_not_crash_... runs that in
+    a process of its own)."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(old)
+
+
+def _bad_manifests(tmp_path: Path) -> list[tuple[Path, str]]:
+    m = _build(tmp_path, [f"u1,{fresh_address('deep')},1"])
+    d = json.loads(m.read_text())
+    d["not_after"] = "@"
+    long_number = tmp_path / "long.json"
+    long_number.write_text(json.dumps(d).replace('"@"', "1" + "0" * 5000))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    return [(long_number, f"{long_number}: not_after must be a positive integer, got a number "
+             "of 5001 digits"),
+            (deep, f"{deep}: not a manifest: JSON nested more than 32 levels deep (a manifest "
+             "nests 3)")]
+
+
+@pytest.mark.usefixtures("_default_recursion_limit")
+def test_a_long_number_or_deep_nesting_is_a_one_line_refusal(tmp_path: Path) -> None:
+    """Were `internal error`, exit 1 (ValueError past 4,300 digits, RecursionError)."""
+    for path, message in _bad_manifests(tmp_path):
+        for args in (["manifest", "verify", str(path)],
+                     ["reconcile", "--no-ledger", str(path)],
+                     ["manifest", "sign", str(path), "--private-key-env", "K"]):
+            r = CliRunner().invoke(app, args, env={**ENV, "K": dn.DEV_KEYS[2]},
+                                   catch_exceptions=False)
+            assert (r.exit_code, r.stdout, r.stderr) == (
+                2, "", f"disburser: error: {message}\n"), args
+
+
+def test_deep_json_does_not_crash_a_process_that_imported_eth_account(tmp_path: Path) -> None:
+    """eth-account's import (as `send` and a keystore do) raises the recursion limit to
+    100,000: json.loads of a file nested 100,000 deep then overflowed the C stack (SIGSEGV,
+    nothing printed). Refused before json.loads; a keystore likewise."""
+    [_, (deep, message)] = _bad_manifests(tmp_path)
+    script = ("import sys, eth_account; from disburser.cli import main; "
+              "sys.argv = ['disburser', *sys.argv[1:]]; main()")
+    for args, expected in (
+            (["manifest", "verify", str(deep)], message),
+            (["manifest", "sign", str(tmp_path / "m.json"), "--keystore", str(deep),
+              "--password-file", str(deep)], f"keystore {deep}: not a JSON V3 keystore")):
+        r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                           text=True, env={"PATH": "/usr/bin:/bin", **ENV}, cwd=ROOT,
+                           timeout=120)
+        assert (r.returncode, r.stderr) == (2, f"disburser: error: {expected}\n"), args
+
+
+def test_a_duplicate_key_or_an_unknown_field_is_refused(tmp_path: Path) -> None:
+    m = _build(tmp_path, [f"u1,{fresh_address('dup')},1", f"u2,{fresh_address('dup2')},2"])
+    text = m.read_text()
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(text.replace('  "payments": [', '  "payments": [],\n  "payments": [', 1))
+    extra = tmp_path / "extra.json"
+    d = json.loads(text)
+    d["payments"][1]["memo"] = "approved by the board"
+    extra.write_text(json.dumps(d))
+    for path, message in (
+            (doubled, f"{doubled}: key 'payments' appears twice in one object (a reader could "
+             "take either value)"),
+            (extra, f"{extra}: payments[1]: unknown field 'memo' (fields: id, to, amount)")):
+        for args in (["manifest", "verify", str(path)],
+                     ["manifest", "sign", str(path), "--private-key-env", "K"]):
+            r = CliRunner().invoke(app, args, env={**ENV, "K": dn.DEV_KEYS[2]},
+                                   catch_exceptions=False)
+            assert (r.exit_code, r.stderr) == (2, f"disburser: error: {message}\n"), args
+    assert extra.read_text() == json.dumps(d)  # not rewritten without its field
+
+
+def test_a_high_s_signature_is_refused(tmp_path: Path) -> None:
+    """The malleated twin (r, n - s) of a cast/eth-account signature recovers the same
+    signer: refused as not canonical, so that a signature has one form."""
+    m = _build(tmp_path, [f"u1,{fresh_address('hs')},1"])
+    low = mf.sign(mf.load(m), bytes.fromhex(dn.DEV_KEYS[2][2:]))
+    raw = bytes.fromhex(low[2:])
+    high = "0x" + (raw[:32] + (mf.SECP256K1_N - int.from_bytes(raw[32:64], "big"))
+                   .to_bytes(32, "big") + bytes([55 - raw[64]])).hex()
+    code, _, err = _cli("manifest", "add-signature", str(m), high)
+    assert (code, err) == (2, f"disburser: error: signature {high[:12]}…: not canonical: its s "
+                              "is above secp256k1n/2 (a malleated form; signers make the low-s "
+                              "one)\n")
+    assert mf.load(m).signatures == ()
+    assert _sign(m, dn.DEV_KEYS[3])[0] == 0
+    d = json.loads(m.read_text())
+    d["signatures"].append(high)
+    m.write_text(json.dumps(d))
+    code, _, err = _cli("manifest", "verify", str(m))
+    assert (code, err) == (2, f"disburser: error: {m}: signatures[1]: not canonical: its s is "
+                              "above secp256k1n/2 (a malleated form; signers make the low-s "
+                              "one)\n")
+
+
+def test_a_non_approvers_signature_is_listed_and_not_counted(tmp_path: Path) -> None:
+    """DESIGN.md: valid when `quorum` configured approvers signed; a signature by anyone else
+    neither counts nor refuses (it refused, after printing "quorum ... met")."""
+    m = _build(tmp_path, [f"u1,{fresh_address('st')},1"])
+    for key in (dn.DEV_KEYS[0], dn.DEV_KEYS[2], dn.DEV_KEYS[3]):
+        assert _sign(m, key)[0] == 0
+    code, out, err = _cli("manifest", "verify", str(m))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-4:] == [
+        f"signature[0]  {dn.DEV_ADDRESSES[0]}  NOT AN APPROVER (not counted)",
+        f"signature[1]  {dn.DEV_ADDRESSES[2]}  approver",
+        f"signature[2]  {dn.DEV_ADDRESSES[3]}  approver",
+        "quorum        2 of 2 required: met"]
+    # Short of quorum without it: refused, naming it.
+    r = CliRunner().invoke(app, ["manifest", "verify", str(m)],
+                           env={**ENV, "DISBURSER_QUORUM": "3"}, catch_exceptions=False)
+    assert r.exit_code == 2
+    assert r.stdout.splitlines()[-1] == "quorum        2 of 3 required: NOT met"
+    assert r.stderr == (f"disburser: error: {m}: quorum not met: 2 of 3 required approver "
+                        f"signatures (signatures[0] by {dn.DEV_ADDRESSES[0]}: not configured "
+                        "approvers, or the manifest was changed after signing)\n")
+
+
+def test_manifest_sign_shows_what_was_signed(tmp_path: Path) -> None:
+    m = _build(tmp_path, [f"u1,{fresh_address('s1')},1.25", f"u2,{fresh_address('s2')},2"])
+    manifest = mf.load(m)
+    code, out, err = _sign(m, dn.DEV_KEYS[2])
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"signed by {dn.DEV_ADDRESSES[2]} (1 signature(s))",
+        "program       p",
+        "chain_id      31337",
+        f"token         {manifest.token}",
+        f"payer         {dn.PAYER}",
+        "count         2",
+        "total         3.25 tokens (3250000 base units, 6 decimals)",
+        f"paymentsRoot  {manifest.root}",
+        f"not_after     {manifest.not_after} ({mf.utc_text(manifest.not_after)})"]
+    assert mf.utc_text(manifest.not_after).endswith(" UTC")
+
+
+def test_a_lower_case_payer_setting_is_taken(tmp_path: Path) -> None:
+    """DISBURSER_PAYER all lower case, as every other address setting accepts: `manifest
+    build` checksums it (it refused it), `manifest verify` compares it (it refused the
+    manifest); a mixed case that fails EIP-55 stays refused."""
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text(f"id,to,amount\nu1,{fresh_address('lc')},1\n")
+    m = tmp_path / "m.json"
+    lower = {**ENV, "DISBURSER_PAYER": dn.PAYER.lower()}
+    r = CliRunner().invoke(app, ["manifest", "build", str(csv_path), "--program", "p", "-o",
+                                 str(m)], env=lower, catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert mf.load(m).payer == dn.PAYER
+    for key in dn.DEV_KEYS[2:4]:
+        assert _sign(m, key)[0] == 0
+    r = CliRunner().invoke(app, ["manifest", "verify", str(m)], env=lower,
+                           catch_exceptions=False)
+    assert (r.exit_code, r.stderr) == (0, "")
+    bad = "0x" + dn.PAYER[2:].swapcase()
+    for args, where in ((["manifest", "build", str(csv_path), "--program", "p", "-o",
+                          str(tmp_path / "m2.json")], "--payer / DISBURSER_PAYER"),
+                        (["manifest", "verify", str(m)], "DISBURSER_PAYER")):
+        r = CliRunner().invoke(app, args, env={**ENV, "DISBURSER_PAYER": bad},
+                               catch_exceptions=False)
+        assert (r.exit_code, r.stderr) == (2, f"disburser: error: {where}: {bad} fails its "
+                                              f"EIP-55 checksum (expected {dn.PAYER})\n")
+
+
+def test_a_csv_with_a_byte_order_mark_builds(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it hid the 'id' column."""
+    csv_path = tmp_path / "p.csv"
+    to = fresh_address("bom")
+    csv_path.write_text(f"\ufeffid,to,amount\nu1,{to},1\n", encoding="utf-8")
+    code, _, err = _cli("manifest", "build", str(csv_path), "--program", "p", "-o",
+                        str(tmp_path / "m.json"))
+    assert (code, err) == (0, "")
+    assert [(p.id, p.to) for p in mf.load(tmp_path / "m.json").payments] == [("u1", to)]

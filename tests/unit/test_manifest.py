@@ -4,6 +4,8 @@ every structural refusal with its exact message."""
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,8 +91,9 @@ def test_quorum_met() -> None:
      "03:33:20 UTC; now 2033-05-18 03:33:21 UTC): rebuild the same payments with a later "
      "--not-after and have them signed again (same paymentsRoot, nothing paid twice)"),
     (dict(quorum=3), "m.json: quorum not met: 2 of 3 required approver signatures"),
-    (dict(approvers=ADDRS[1:]), f"m.json: signatures[0]: signer {ADDRS[0]} is not a configured "
-     "approver (or the manifest was changed after signing)"),
+    (dict(approvers=ADDRS[1:]), f"m.json: quorum not met: 1 of 2 required approver signatures "
+     f"(signatures[0] by {ADDRS[0]}: not configured approvers, or the manifest was changed "
+     "after signing)"),
 ])
 def test_verify_refusals(over: dict[str, object], message: str) -> None:
     with pytest.raises(ManifestError) as e:
@@ -102,8 +105,10 @@ def test_tampered_amount_is_refused() -> None:
     m = signed(parse(doc()), KEYS[0], KEYS[1])
     d = json.loads(mf.to_json(m))
     d["payments"][0]["amount"] = "1250001"
-    with pytest.raises(ManifestError, match=r"signatures\[0\]: signer 0x[0-9a-fA-F]{40} is not a "
-                       r"configured approver \(or the manifest was changed after signing\)"):
+    with pytest.raises(ManifestError, match=r"^m.json: quorum not met: 0 of 2 required approver "
+                       r"signatures \(signatures\[0\] by 0x[0-9a-fA-F]{40}, signatures\[1\] by "
+                       r"0x[0-9a-fA-F]{40}: not configured approvers, or the manifest was "
+                       r"changed after signing\)$"):
         _verify(parse(d))
 
 
@@ -301,3 +306,174 @@ def test_fast_path_agrees_with_the_checking_loop(raw: list[object]) -> None:
         assert fast is None
     else:
         assert fast is None or fast == checked
+
+
+# --- review fixes: numbers, nesting, duplicate keys, unknown fields, high s, strangers ------
+
+
+BIG = '"@BIG@"'  # where a number too long for json.dumps goes
+
+
+@pytest.mark.parametrize("over, number, message", [
+    (dict(not_after="@BIG@"), "1" + "0" * 4999, "m.json: not_after must be a positive "
+     "integer, got a number of 5000 digits"),
+    (dict(chain_id="@BIG@"), "-" + "9" * 5000, "m.json: chain_id must be a positive integer, "
+     "got a number of 5000 digits"),
+    (dict(not_after="@BIG@"), "1" + "0" * 78, "m.json: not_after must be a positive integer, "
+     "got a number of 79 digits"),
+    (dict(payments=[{"id": "a", "to": TO, "amount": "@BIG@"}]), "7" * 5000,
+     "m.json: payments[0].amount: a number of 5000 digits is not a positive integer string of "
+     "base units"),
+], ids=["not_after", "chain_id", "79-digits", "amount"])
+def test_a_number_of_thousands_of_digits_is_refused_naming_the_field(
+        over: dict[str, object], number: str, message: str) -> None:
+    """json.loads raised ValueError ("Exceeds the limit (4300 digits)") past 4,300 digits:
+    an internal error. Numbers past a uint256's 78 digits are now never converted."""
+    with pytest.raises(ManifestError) as e:
+        mf.parse(json.dumps(doc(**over)).replace(BIG, number), "m.json")
+    assert str(e.value) == message
+
+
+def test_the_largest_integers_still_parse() -> None:
+    m = parse(doc(not_after=2**256 - 1, chain_id=2**256 - 1))
+    assert m.not_after == m.chain_id == 2**256 - 1
+
+
+DEEP = "m.json: not a manifest: JSON nested more than 32 levels deep (a manifest nests 3)"
+
+
+@pytest.fixture
+def _default_recursion_limit() -> Iterator[None]:
+    """The interpreter's default: at the 100,000 eth-account's import (above) sets, a
+    regression would crash this test process instead of failing the test."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(old)
+
+
+@pytest.mark.usefixtures("_default_recursion_limit")
+@pytest.mark.parametrize("text", [
+    "[" * 100_000 + "]" * 100_000,
+    "[" * 100_000,  # not even closed
+    json.dumps(doc())[:-1] + ', "x": ' + "{\"a\": " * 33 + "1" + "}" * 33 + "}",
+], ids=["arrays", "unclosed", "in-a-field"])
+def test_deep_nesting_is_refused_before_json_loads(text: str) -> None:
+    """With eth-account imported (recursion limit 100,000) json.loads of 100,000 levels
+    crashes the interpreter (tests/cli/test_external_signing.py runs it in a process of its
+    own); at the default limit it raised RecursionError, an internal error."""
+    with pytest.raises(ManifestError) as e:
+        mf.parse(text, "m.json")
+    assert str(e.value) == DEEP
+
+
+@pytest.mark.parametrize("text, deep", [
+    ('{"a": "[[[[[[[[[["}', False),  # brackets in strings do not count
+    ('{"a": "\\"[[[[[[[[[[\\""}', False),  # nor after an escaped quote
+    ('[[[[[[[[[[]]]]]]]]]]', True),
+    ('[[["]]]"[[["]]]"[[["]]]"[[[]]]]]]]]]]]]', True),  # strings' brackets do not cancel
+    ('[[[[[]]]]][[[[[]]]]]', False),
+    ('{"a": [{"b": [{"c": [{}]}]}]}', True),
+    ('{"a": [{"b": [{"c": []}]}]}', False),
+])
+def test_json_too_deep_counts_only_the_structure(text: str, deep: bool) -> None:
+    assert mf.json_too_deep(text, limit=6) is deep
+
+
+def test_a_manifest_with_brackets_in_its_ids_is_not_deep() -> None:
+    payments = [{"id": "[" * 128, "to": TO, "amount": "1"},
+                {"id": "{" * 64 + "\\\"" + "[" * 60, "to": TO2, "amount": "2"}]
+    assert [p.id for p in parse(doc(payments=payments)).payments] == [
+        "[" * 128, "{" * 64 + "\\\"" + "[" * 60]
+
+
+@pytest.mark.parametrize("text, message", [
+    (json.dumps(doc())[:-1] + ', "payments": []}', "m.json: key 'payments' appears twice in one "
+     "object (a reader could take either value)"),
+    (json.dumps(doc()).replace('"amount": "7"', '"amount": "7", "amount": "700"'),
+     "m.json: key 'amount' appears twice in one object (a reader could take either value)"),
+], ids=["payments", "amount"])
+def test_a_duplicate_key_is_refused(text: str, message: str) -> None:
+    """Python keeps the last value of a key given twice; another reader (an approver's
+    viewer) may show the first."""
+    with pytest.raises(ManifestError) as e:
+        mf.parse(text, "m.json")
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(memo="pay twice"), "m.json: unknown field 'memo' (fields: format, program, "
+     "chain_id, token, payer, not_after, payments, signatures)"),
+    (dict(payments=[{"id": "a", "to": TO, "amount": "5", "note": "x"}]),
+     "m.json: payments[0]: unknown field 'note' (fields: id, to, amount)"),
+    (dict(payments=[*LONG[:37], {"id": "u37", "to": TO, "amount": "5", "amout": "6"}]),
+     "m.json: payments[37]: unknown field 'amout' (fields: id, to, amount)"),
+    ({"x\n" * 1000: 1}, "m.json: unknown field " + repr("x\n" * 20) + "… (fields: format, "
+     "program, chain_id, token, payer, not_after, payments, signatures)"),  # cut short
+])
+def test_an_unknown_field_is_refused(over: dict[str, object], message: str) -> None:
+    """What the signature does not cover must not be shown to an approver (and `manifest
+    sign` would silently drop it)."""
+    with pytest.raises(ManifestError) as e:
+        parse(doc(**over))
+    assert str(e.value) == message
+
+
+def _malleate(sig: str) -> str:
+    """The high-s twin of a signature: (r, n - s) with the other recovery byte."""
+    raw = bytes.fromhex(sig[2:])
+    s = int.from_bytes(raw[32:64], "big")
+    return "0x" + (raw[:32] + (mf.SECP256K1_N - s).to_bytes(32, "big")
+                   + bytes([55 - raw[64]])).hex()
+
+
+HIGH_S = ("not canonical: its s is above secp256k1n/2 (a malleated form; signers make the low-s "
+          "one)")
+
+
+def test_a_high_s_signature_is_refused() -> None:
+    m = parse(doc())
+    sig = mf.sign(m, KEYS[1])
+    twin = _malleate(sig)
+    from eth_keys import keys
+
+    raw = bytes.fromhex(twin[2:])  # the twin does recover the same signer: it must not count
+    assert keys.Signature(signature_bytes=raw[:64] + bytes([raw[64] - 27])) \
+        .recover_public_key_from_msg_hash(mf.digest(m)).to_checksum_address() == ADDRS[1]
+    with pytest.raises(ManifestError) as e:
+        _verify(parse(doc(signatures=[mf.sign(m, KEYS[0]), twin])))
+    assert str(e.value) == f"m.json: signatures[1]: {HIGH_S}"
+    with pytest.raises(ManifestError) as e:
+        mf.with_signature(m, twin)
+    assert str(e.value) == f"signature {twin[:12]}…: {HIGH_S}"
+    with pytest.raises(ManifestError) as e:  # one already in the file, when another signs
+        mf.with_signature(parse(doc(signatures=[twin])), mf.sign(m, KEYS[0]), "m.json")
+    assert str(e.value) == f"m.json: signatures[0]: {HIGH_S}"
+
+
+def test_signatures_by_non_approvers_do_not_count_and_do_not_refuse() -> None:
+    """DESIGN.md: valid when at least `quorum` distinct configured approvers signed."""
+    stranger = bytes.fromhex("8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba")
+    m = signed(parse(doc()), stranger, KEYS[0], KEYS[2])
+    v = _verify(m)
+    assert v.approved == (ADDRS[0], ADDRS[2]) and v.quorum_met
+    assert v.strangers == ((0, Account.from_key(stranger).address),)
+    with pytest.raises(ManifestError) as e:
+        _verify(m, quorum=3)
+    assert str(e.value) == (
+        "m.json: quorum not met: 2 of 3 required approver signatures (signatures[0] by "
+        f"{Account.from_key(stranger).address}: not configured approvers, or the manifest was "
+        "changed after signing)")
+
+
+def test_a_csv_with_a_byte_order_mark_builds(tmp_path: Path) -> None:
+    p = tmp_path / "p.csv"
+    p.write_text(f"\ufeffid,to,amount\nu1,{TO},1.25\n", encoding="utf-8")
+    m = mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=5,
+                          decimals=6)
+    assert [(x.id, x.to, x.amount) for x in m.payments] == [("u1", TO, 1_250_000)]
+    p.write_bytes(b"id,to,amount\nu\xe9,0x,1\n")  # Latin-1
+    with pytest.raises(InputError) as e:
+        mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER, not_after=5,
+                          decimals=6)
+    assert str(e.value) == f"{p}: not UTF-8 text"

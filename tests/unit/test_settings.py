@@ -71,3 +71,22 @@ def test_bnb_profile_expects_18_decimals() -> None:
     s = st.load({"DISBURSER_NETWORK": "bnb"})
     assert s.decimals == 18 and s.chain_id == 56
     assert s.token == "0x8AC76a51cc950d9822D68b83fE1Ad97B32Cd580d"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("٢", "DISBURSER_QUORUM: '٢' is not an integer"),  # Arabic-Indic two: int() takes it
+    ("２", "DISBURSER_QUORUM: '２' is not an integer"),  # fullwidth two
+    ("1_0", "DISBURSER_QUORUM: '1_0' is not an integer"),
+    ("9" * 5000, "DISBURSER_QUORUM: has 5000 digits, more than any setting takes"),
+], ids=["arabic-indic", "fullwidth", "underscore", "5000-digits"])
+def test_integer_settings_take_ascii_digits_only(value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as e:
+        st.load({"DISBURSER_APPROVERS": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8,"
+                 "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC", "DISBURSER_QUORUM": value})
+    assert str(e.value) == message
+
+
+def test_integer_settings_still_take_plain_digits() -> None:
+    s = st.load({"DISBURSER_QUORUM": " 1 ", "DISBURSER_CONFIRMATIONS": "12",
+                 "DISBURSER_FROM_BLOCK": "0"})
+    assert (s.quorum, s.confirmations, s.from_block) == (1, 12, 0)
