@@ -270,7 +270,7 @@ def manifest_build(
                           decimals=s.decimals)
     mf.refuse_batch_contract(m.payments, str(payments), s.batch_contract)
     mf.write(m, output)
-    _print_summary(m, s.decimals)
+    _print_summary(m, s)
 
 
 def _not_after(given: int | None) -> int:
@@ -297,7 +297,7 @@ def _check_outputs(outputs: list[Path], inputs: list[Path | None]) -> None:
         if not out.parent.is_dir():
             raise InputError(f"{out}: no such directory {out.parent}")
         if signed := _signatures_in(out):
-            raise InputError(f"{out}: holds a manifest with {signed} approver signature(s); "
+            raise InputError(f"{out}: holds a manifest with {signed} signature(s); "
                              f"refusing to write over it (write elsewhere, or move it away "
                              f"first)")
 
@@ -332,16 +332,26 @@ def _payer_address(s: Settings, explicit: str | None) -> str:
     raise InputError("no payer: set --payer / DISBURSER_PAYER (or the payer's key)")
 
 
-def _print_summary(m: Any, decimals: int) -> None:
+def _print_summary(m: Any, s: Settings) -> None:
+    """What a signature over ``m`` covers (the EIP-712 Manifest). The total in tokens only
+    at decimals that are the manifest's token's (a profile's, or the settings' when they
+    name its chain and token): a 6-decimal reading of an 18-decimal total is 10^12 off."""
+    from disburser import manifest as mf
     from disburser.amounts import format_units
+    from disburser.profiles import PROFILES
 
+    known = {(p.chain_id, p.token): p.decimals for p in PROFILES.values()}
+    known[(s.chain_id, s.token)] = s.decimals
+    dec = known.get((m.chain_id, m.token))
     typer.echo(f"program       {m.program}")
     typer.echo(f"chain_id      {m.chain_id}")
     typer.echo(f"token         {m.token}")
     typer.echo(f"payer         {m.payer}")
-    typer.echo(f"not_after     {m.not_after}")
+    typer.echo(f"not_after     {m.not_after} ({mf.utc_text(m.not_after)})")
     typer.echo(f"count         {m.count}")
-    typer.echo(f"total         {m.total} base units ({format_units(m.total, decimals)} tokens)")
+    typer.echo(f"total         {m.total} base units" + (
+        f" ({format_units(m.total, dec)} tokens at {dec} decimals)" if dec is not None
+        else " (decimals of this chain and token unknown here)"))
     typer.echo(f"paymentsRoot  {m.root}")
 
 
@@ -367,9 +377,8 @@ def manifest_sign(
 
     from disburser import keys
     from disburser import manifest as mf
-    from disburser.amounts import format_units
 
-    decimals = settings().decimals  # for the total in tokens below; bad settings refuse first
+    s = settings()  # for the summary's decimals; bad settings refuse before anything
     m = mf.load(manifest)
     if (keystore is not None and ctx.get_parameter_source("private_key_env")
             is ParameterSource.ENVIRONMENT):
@@ -388,16 +397,7 @@ def manifest_sign(
     signed = mf.with_signature(m, sig, str(manifest))
     mf.write(signed, manifest)
     typer.echo(f"signed by {signer.address} ({len(signed.signatures)} signature(s))")
-    # What the signature covers (the EIP-712 Manifest), so that no approver signs blind.
-    typer.echo(f"program       {m.program}")
-    typer.echo(f"chain_id      {m.chain_id}")
-    typer.echo(f"token         {m.token}")
-    typer.echo(f"payer         {m.payer}")
-    typer.echo(f"count         {m.count}")
-    typer.echo(f"total         {format_units(m.total, decimals)} tokens ({m.total} base units, "
-               f"{decimals} decimals)")
-    typer.echo(f"paymentsRoot  {m.root}")
-    typer.echo(f"not_after     {m.not_after} ({mf.utc_text(m.not_after)})")
+    _print_summary(m, s)  # what the signature covers: no approver signs blind
 
 
 @manifest_app.command("typed-data")
@@ -418,6 +418,11 @@ def manifest_add_signature(
 
     m = mf.load(manifest)
     sig = signature.strip()
+    if mf.is_signature_text(sig) and (low := mf.low_s_form(sig)):
+        # The same approval; a file holds only the low-s form (verify refuses the other).
+        typer.echo("note: the signature has a high s (as some signing services make): "
+                   "stored in its low-s form, the same approval", err=True)
+        sig = low
     signed = mf.with_signature(m, sig, str(manifest))
     mf.write(signed, manifest)
     typer.echo(f"added signature of {mf.recover(signed, sig.lower())}")
@@ -431,7 +436,7 @@ def manifest_verify(manifest: Annotated[Path, typer.Argument()]) -> None:
 
     s = settings()
     m = mf.load(manifest)
-    _print_summary(m, s.decimals)
+    _print_summary(m, s)
     signers = mf.signers_of(m, str(manifest))
     for j, who in enumerate(signers):
         tag = "approver" if who in s.approvers else "NOT AN APPROVER (not counted)"
@@ -468,6 +473,7 @@ def _verify(s: Settings, m: Any, source: str, payer: str | None = None, *,
 
 @manifest_app.command("proof")
 def manifest_proof(
+    ctx: typer.Context,
     manifest: Annotated[Path, typer.Argument()],
     index: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--index", envvar=_env("INDEX"), help="Payment index.")] = None,
@@ -477,10 +483,19 @@ def manifest_proof(
     """Print the Merkle proof of one payment (checkable with OpenZeppelin tooling), by its
     index or its id."""
     from eth_hash.auto import keccak
+    from typer._click.core import ParameterSource
 
     from disburser import manifest as mf
     from disburser.merkle import MerkleTree
 
+    # The command line wins over a standing DISBURSER_INDEX / DISBURSER_ID setting.
+    env = ParameterSource.ENVIRONMENT
+    if payment_id is not None and ctx.get_parameter_source("index") is env \
+            and ctx.get_parameter_source("payment_id") is not env:
+        index = None
+    if index is not None and ctx.get_parameter_source("payment_id") is env \
+            and ctx.get_parameter_source("index") is not env:
+        payment_id = None
     if (index is None) == (payment_id is None):
         raise InputError("give one of --index N or --id ID" if index is None else
                          "give --index or --id, not both")

@@ -55,7 +55,9 @@ MATCHES_LISTED = "past_transfer_matches_listed"
 class ProgramRow(SQLModel, table=True):
     __tablename__ = "program"
     name: str = Field(primary_key=True)
-    ceiling: str  # base units, the ceiling in force when its latest manifest was accepted
+    # Base units: the ceiling in force when its latest manifest was accepted (ledgers of
+    # earlier versions: when its first one was).
+    ceiling: str
     first_block: int | None = None  # chain height when the program's first manifest landed
     started_at: int  # unix seconds
     deadline: int  # unix seconds
@@ -206,7 +208,6 @@ def _now() -> int:
     return int(time.time())
 
 
-
 def _refuse_other_header(existing: ManifestRow, m: Manifest) -> None:
     """The same paymentsRoot recorded for another program, chain, token or payer: the same
     payments re-signed for another would be paid twice."""
@@ -216,6 +217,7 @@ def _refuse_other_header(existing: ManifestRow, m: Manifest) -> None:
             f"manifest {m.root} is already recorded for program {existing.program}, chain "
             f"{existing.chain_id}, token {existing.token}, payer {existing.payer}; the same "
             "payments cannot be re-signed for another")
+
 
 class Ledger:
     """All reads and guarded writes of the ledger."""
@@ -238,10 +240,11 @@ class Ledger:
         except DBAPIError as e:
             if self.is_postgres:
                 raise
-            # A file that is not a ledger (a manifest given as DISBURSER_DB, say): bad
-            # settings, said in one line.
-            raise SettingsError(f"DISBURSER_DB {self.url}: not a SQLite ledger "
-                                f"({e.orig})") from None
+            # A file that is not a ledger (a manifest given as DISBURSER_DB, say), or one
+            # that cannot be opened: bad settings, said in one line.
+            what = "not a SQLite ledger" if "not a database" in str(e.orig) else \
+                "cannot be opened"
+            raise SettingsError(f"DISBURSER_DB {self.url}: {what} ({e.orig})") from None
         # create_all leaves a table that exists as it is: an index added since a ledger was
         # made is created here.
         for table in SQLModel.metadata.sorted_tables:

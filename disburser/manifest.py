@@ -574,6 +574,23 @@ def signature_fault(signature: str) -> str | None:
     return None
 
 
+def is_signature_text(signature: str) -> bool:
+    """A 65-byte 0x-hex string (what a signature field holds)."""
+    return bool(_SIG.fullmatch(signature))
+
+
+def low_s_form(signature: str) -> str | None:
+    """The low-s twin of a high-s 65-byte 0x-hex signature ((r, n - s), the other recovery
+    byte): the same approval in the one form that is taken. None when it is not high-s (or
+    its recovery byte is unusable anyway). Some signing services (KMS, HSM) return either."""
+    raw = bytes.fromhex(signature[2:])
+    s = int.from_bytes(raw[32:64], "big")
+    if s <= SECP256K1_N // 2 or raw[64] not in (0, 1, 27, 28):
+        return None
+    v = 55 - raw[64] if raw[64] >= 27 else 1 - raw[64]  # 27 <-> 28, 0 <-> 1
+    return "0x" + (raw[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([v])).hex()
+
+
 def recover(m: Manifest, signature: str) -> str:
     """The address that produced ``signature`` over this manifest's digest."""
     from eth_keys import keys
@@ -688,9 +705,10 @@ def verify(
     # signatures do not count, and do not refuse a manifest the approvers carry.
     seen: set[str] = set()
     for j, signer in enumerate(signers):
-        if signer in seen:
-            raise ManifestError(f"{source}: signatures[{j}]: {signer} signed twice")
-        seen.add(signer)
+        if signer in allowed:  # an approver twice would be counted twice
+            if signer in seen:
+                raise ManifestError(f"{source}: signatures[{j}]: {signer} signed twice")
+            seen.add(signer)
     result = Verification(signers, tuple(w for w in signers if w in allowed), quorum)
     if not result.quorum_met:
         # A manifest changed after signing shows its signatures as strangers' too.

@@ -147,7 +147,8 @@ class ProgramInfo:
     started_at: int  # unix seconds
     deadline: int  # unix seconds
     first_block: int | None
-    ceiling: int | None = None  # as recorded at the latest acceptance
+    ceiling: int | None = None  # as recorded at the latest acceptance (older ledgers: first)
+    committed: int = 0  # what the ledger accepted for the program (its manifests' totals)
 
 
 @dataclass(frozen=True)
@@ -528,9 +529,12 @@ def reconcile(
         info = infos.get(name)
         recorded = info.ceiling if info else None
         ceiling = ceilings.for_program(name, recorded)
-        if recorded is not None and recorded < ceiling:
-            # An audit without the send's setting (DESIGN's default instead) must not
-            # pass a payout over the ceiling its manifests were accepted under.
+        if (info is not None and recorded is not None and not ceilings.from_setting
+                and info.committed <= recorded < ceiling):
+            # An audit without the send's DISBURSER_CEILING (DESIGN's default instead) must
+            # not pass a payout over the ceiling the manifests were accepted under. A record
+            # below what the ledger accepted is a ledger from before records were kept per
+            # acceptance (the first one's ceiling, raised since): not a ceiling to check.
             notes.append(f"program {name}: checked against the ceiling of "
                          f"{format_units(recorded, decimals)} tokens the ledger recorded "
                          f"when its latest manifest was accepted; the settings say "
@@ -888,7 +892,8 @@ def ledger_info(ledger: Ledger, rows: Sequence[PaymentRowTuple] | None = None) -
             lp = shared[(status, reason, pay_tx)] = LedgerPayment(
                 status, reason, hashes, mined.get(pay_tx) if pay_tx is not None else None)
         payments[(root, idx)] = lp
-    programs = {p.name: ProgramInfo(p.started_at, p.deadline, p.first_block, int(p.ceiling))
+    programs = {p.name: ProgramInfo(p.started_at, p.deadline, p.first_block, int(p.ceiling),
+                                    ledger.committed(p.name))
                 for p in ledger.programs()}
     gas.sort(key=lambda g: g.block)
     return LedgerInfo(payments, programs, tuple(gas))

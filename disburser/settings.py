@@ -73,10 +73,13 @@ class Ceilings:
 
     default: int | None
     per_program: dict[str, int] = field(default_factory=dict)
+    # False when DISBURSER_CEILING is not set at all (DESIGN's default applies): a report
+    # then also weighs the ceiling a ledger recorded (reconcile on an auditor's machine).
+    from_setting: bool = True
 
     def for_program(self, program: str, recorded: int | None = None) -> int:
         """The program's ceiling; for one this list does not name, ``recorded`` (the
-        ceiling a ledger recorded when it accepted the program's latest manifest: reports on
+        ceiling a ledger recorded at an acceptance of the program's manifests: reports on
         what was accepted before the list was written) if given, else refused."""
         if program in self.per_program:
             return self.per_program[program]
@@ -113,7 +116,8 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
                 raise SettingsError(f"{where}: gives the ceiling of every other program twice")
             default = amount
     if default is None and not per:
-        default = parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where)
+        return Ceilings(parse_units(DEFAULT_CEILING_TOKENS, decimals, where=where), per,
+                        from_setting=False)
     return Ceilings(default, per)
 
 

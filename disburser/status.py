@@ -19,8 +19,8 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
     confirmed = ledger.events("tx_confirmed")
     programs = []
     for prog in ledger.programs():
-        # What acceptance checks against: the setting (the ledger's record of the first
-        # acceptance for a program a DISBURSER_CEILING list does not name).
+        # What acceptance checks against: the setting (the ledger's record, for a program a
+        # DISBURSER_CEILING list does not name).
         ceiling = s.ceilings.for_program(prog.name, int(prog.ceiling))
         roots = [m.root for m in ledger.manifests(prog.name)]
         c = ledger.counts(roots)

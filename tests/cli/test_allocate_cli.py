@@ -133,7 +133,7 @@ def test_a_signed_manifest_is_not_written_over(tmp_path: Path) -> None:
     doc["signatures"] = ["0x" + "11" * 65, "0x" + "22" * 65]
     m.write_text(json.dumps(doc))
     before = m.read_bytes()
-    message = (f"disburser: error: {m}: holds a manifest with 2 approver signature(s); "
+    message = (f"disburser: error: {m}: holds a manifest with 2 signature(s); "
                f"refusing to write over it (write elsewhere, or move it away first)\n")
     code, _, err = _allocate(data, tmp_path)
     assert (code, err) == (2, message)

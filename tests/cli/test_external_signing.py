@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from disburser import devnet as dn
 from disburser import manifest as mf
 from disburser.cli import app
+from disburser.domain import Payment
 from tests.conftest import ROOT, fresh_address
 
 CAST = ROOT / "node_modules/@foundry-rs/cast-linux-amd64/bin/cast"
@@ -85,6 +86,12 @@ def test_proof_checks_with_the_reference_library(tmp_path: Path) -> None:
                           [["--id", "u4", "--index", "4"], "give --index or --id, not both"]):
         code, out, err = _cli("manifest", "proof", str(m), *args)
         assert (code, out, err) == (2, "", f"disburser: error: {message}\n")
+    # the command line wins over a standing setting of the other
+    for args, env in ((["--id", "u4"], {"DISBURSER_INDEX": "7"}),
+                      (["--index", "4"], {"DISBURSER_ID": "u7"})):
+        r = CliRunner().invoke(app, ["manifest", "proof", str(m), *args], env={**ENV, **env},
+                               catch_exceptions=False)
+        assert (r.exit_code, r.stdout) == (0, proof_json), r.stderr
 
 
 def test_keystore_on_the_command_line_wins_over_the_private_key_env_setting(
@@ -222,19 +229,29 @@ def test_a_duplicate_key_or_an_unknown_field_is_refused(tmp_path: Path) -> None:
     assert extra.read_text() == json.dumps(d)  # not rewritten without its field
 
 
-def test_a_high_s_signature_is_refused(tmp_path: Path) -> None:
+def test_a_high_s_signature_is_stored_low_s_and_refused_in_a_file(tmp_path: Path) -> None:
     """The malleated twin (r, n - s) of a cast/eth-account signature recovers the same
-    signer: refused as not canonical, so that a signature has one form."""
+    signer. `add-signature` (which takes what signing services return, some of them high-s)
+    stores its low-s form and says so; in a file it is refused as not canonical, so that a
+    signature has one form."""
     m = _build(tmp_path, [f"u1,{fresh_address('hs')},1"])
     low = mf.sign(mf.load(m), bytes.fromhex(dn.DEV_KEYS[2][2:]))
     raw = bytes.fromhex(low[2:])
     high = "0x" + (raw[:32] + (mf.SECP256K1_N - int.from_bytes(raw[32:64], "big"))
                    .to_bytes(32, "big") + bytes([55 - raw[64]])).hex()
-    code, _, err = _cli("manifest", "add-signature", str(m), high)
-    assert (code, err) == (2, f"disburser: error: signature {high[:12]}…: not canonical: its s "
-                              "is above secp256k1n/2 (a malleated form; signers make the low-s "
-                              "one)\n")
-    assert mf.load(m).signatures == ()
+    assert mf.low_s_form(high) == low and mf.low_s_form(low) is None
+    code, out, err = _cli("manifest", "add-signature", str(m), high)
+    assert (code, out, err) == (0, f"added signature of {dn.DEV_ADDRESSES[2]}\n",
+                                "note: the signature has a high s (as some signing services "
+                                "make): stored in its low-s form, the same approval\n")
+    assert mf.load(m).signatures == (low,)
+    m.write_text(m.read_text().replace(low, low[:-2] + "1f"))  # recovery byte 31
+    code, _, err = _cli("manifest", "verify", str(m))
+    assert (code, err) == (2, f"disburser: error: {m}: signatures[0]: invalid recovery "
+                              "byte\n")
+    d = json.loads(m.read_text())
+    d["signatures"] = []
+    m.write_text(json.dumps(d))
     assert _sign(m, dn.DEV_KEYS[3])[0] == 0
     d = json.loads(m.read_text())
     d["signatures"].append(high)
@@ -279,11 +296,33 @@ def test_manifest_sign_shows_what_was_signed(tmp_path: Path) -> None:
         "chain_id      31337",
         f"token         {manifest.token}",
         f"payer         {dn.PAYER}",
+        f"not_after     {manifest.not_after} ({mf.utc_text(manifest.not_after)})",
         "count         2",
-        "total         3.25 tokens (3250000 base units, 6 decimals)",
-        f"paymentsRoot  {manifest.root}",
-        f"not_after     {manifest.not_after} ({mf.utc_text(manifest.not_after)})"]
+        "total         3250000 base units (3.25 tokens at 6 decimals)",
+        f"paymentsRoot  {manifest.root}"]
     assert mf.utc_text(manifest.not_after).endswith(" UTC")
+
+
+def test_the_summary_reads_the_total_at_the_decimals_of_the_manifests_token(
+        tmp_path: Path) -> None:
+    """A BNB Chain manifest (Binance-Peg USDC: 18 decimals) signed on a machine set up for
+    the local chain (6): its total in tokens at 18, as the bnb profile says; a manifest of a
+    chain and token no profile or setting knows: base units only."""
+    from disburser.profiles import PROFILES
+
+    bnb = PROFILES["bnb"]
+    pays = [Payment(0, "u0", fresh_address("b0"), 3 * 10**18 + 5 * 10**17)]
+    for chain_id, token, total in (
+            (bnb.chain_id, bnb.token, "3500000000000000000 base units (3.5 tokens at 18 "
+                                      "decimals)"),
+            (777, bnb.token, "3500000000000000000 base units (decimals of this chain and "
+                             "token unknown here)")):
+        m = tmp_path / f"m{chain_id}.json"
+        mf.write(mf.make_manifest(program="p", chain_id=chain_id, token=token, payer=dn.PAYER,
+                                  not_after=2**40, payments=pays), m)
+        code, out, err = _sign(m, dn.DEV_KEYS[2])
+        assert (code, err) == (0, "")
+        assert f"total         {total}" in out.splitlines()
 
 
 def test_a_lower_case_payer_setting_is_taken(tmp_path: Path) -> None:

@@ -410,7 +410,6 @@ def test_same_user_in_a_second_manifest_of_the_program(env: Env) -> None:
                     "a user is paid once per program", ledger_empty=False, exact=True)
 
 
-
 def test_a_non_approvers_signature_beside_a_quorum_is_warned_of_and_paid(env: Env) -> None:
     """DESIGN.md: valid when `quorum` configured approvers signed. A further signature by
     someone else neither counts nor refuses (it refused the whole manifest): one warning."""

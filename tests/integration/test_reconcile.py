@@ -306,6 +306,9 @@ def test_settings_that_would_mislead_the_report_are_refused(env: Env) -> None:
     r = env.cli("reconcile", extra={"DISBURSER_DB": str(path)})
     assert (r.code, r.err) == (2, f"disburser: error: DISBURSER_DB {path}: not a SQLite "
                                   "ledger (file is not a database)\n")
+    r = env.cli("reconcile", extra={"DISBURSER_DB": str(env.tmp)})  # a directory
+    assert (r.code, r.err) == (2, f"disburser: error: DISBURSER_DB {env.tmp}: cannot be "
+                                  "opened (unable to open database file)\n")
     assert env.cli("send", str(path), "--yes").code == 0
     db = env.vars["DISBURSER_DB"]
     with sqlite3.connect(db) as c:

@@ -3,6 +3,7 @@ every structural refusal with its exact message."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -449,6 +450,10 @@ def test_a_high_s_signature_is_refused() -> None:
     with pytest.raises(ManifestError) as e:  # one already in the file, when another signs
         mf.with_signature(parse(doc(signatures=[twin])), mf.sign(m, KEYS[0]), "m.json")
     assert str(e.value) == f"m.json: signatures[0]: {HIGH_S}"
+    # its low-s form, as add-signature stores it, with either spelling of the recovery byte
+    assert mf.low_s_form(twin) == sig and mf.low_s_form(sig) is None
+    as01 = sig[:-2] + f"{int(sig[-2:], 16) - 27:02x}"
+    assert mf.low_s_form(twin[:-2] + f"{int(twin[-2:], 16) - 27:02x}") == as01
 
 
 def test_signatures_by_non_approvers_do_not_count_and_do_not_refuse() -> None:
@@ -464,6 +469,12 @@ def test_signatures_by_non_approvers_do_not_count_and_do_not_refuse() -> None:
         "m.json: quorum not met: 2 of 3 required approver signatures (signatures[0] by "
         f"{Account.from_key(stranger).address}: not configured approvers, or the manifest was "
         "changed after signing)")
+    # the same stranger twice refuses nothing either (an approver twice does: see below)
+    twice = dataclasses.replace(m, signatures=(m.signatures[0], *m.signatures))
+    assert _verify(twice).approved == (ADDRS[0], ADDRS[2])
+    again = dataclasses.replace(m, signatures=(*m.signatures, m.signatures[1]))
+    with pytest.raises(ManifestError, match=rf"signatures\[3\]: {ADDRS[0]} signed twice"):
+        _verify(again)
 
 
 def test_a_csv_with_a_byte_order_mark_builds(tmp_path: Path) -> None:

@@ -123,3 +123,4 @@ def test_attribution_from_the_rows(tmp_path: Path) -> None:
         (m.root, 4): LedgerPayment("queued", None, (), None),
     }
     assert set(info.programs) == {"relief"} and info.gas == ()
+    assert info.programs["relief"].committed == m.total  # what the ledger accepted

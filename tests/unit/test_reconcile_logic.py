@@ -359,23 +359,31 @@ def test_over_ceiling() -> None:
     assert r.remaining == -10 * U and r.exit_code == 1
 
 
-def test_the_ceiling_the_ledger_recorded_is_checked_when_the_setting_is_higher() -> None:
+def test_the_ceiling_the_ledger_recorded_is_checked_when_no_setting_is_given() -> None:
     """An auditor's reconcile without the send's DISBURSER_CEILING (DESIGN's default of
-    300,000,000 instead) still checks the ceiling the ledger accepted under; a lower
-    setting wins over a higher record."""
+    300,000,000 instead) still checks the ceiling the ledger accepted under."""
     m = manifest([(addr(1), 60 * U), (addr(2), 50 * U)], program="loans")
-    logs = [tr(addr(1), 60 * U), tr(addr(2), 50 * U)]
-    info = LedgerInfo({}, {"loans": ProgramInfo(0, 2_000_000_000, 1, ceiling=100 * U)})
-    plain = Ceilings(default=300_000_000 * U)
+    logs = [tr(addr(1), 60 * U), tr(addr(2), 50 * U), tr(addr(2), 50 * U)]  # one paid twice
+    info = LedgerInfo({}, {"loans": ProgramInfo(0, 2_000_000_000, 1, ceiling=120 * U,
+                                                committed=110 * U)})
+    plain = Ceilings(default=300_000_000 * U, from_setting=False)  # no DISBURSER_CEILING
     r = run([m], logs, info, ceilings=plain)
-    assert one(r, "over_ceiling")["ceiling"] == str(100 * U)
-    assert r.programs[0].ceiling == 100 * U and r.exit_code == 1
-    note = ("program loans: checked against the ceiling of 100 tokens the ledger recorded "
+    assert one(r, "over_ceiling")["ceiling"] == str(120 * U)
+    assert r.programs[0].ceiling == 120 * U and r.exit_code == 1
+    note = ("program loans: checked against the ceiling of 120 tokens the ledger recorded "
             "when its latest manifest was accepted; the settings say 300000000")
     assert r.notes == (note,)
     assert note in render(r, "table") and json.loads(render(r, "json"))["notes"] == [note]
-    lower = run([m], logs, info, ceilings=Ceilings(default=90 * U))
-    assert lower.programs[0].ceiling == 90 * U and lower.notes == ()
+    # a DISBURSER_CEILING that is set is the operator's word, higher or lower
+    for setting in (90 * U, 300_000_000 * U):
+        given = run([m], logs, info, ceilings=Ceilings(default=setting))
+        assert given.programs[0].ceiling == setting and given.notes == ()
+    # a record below what the ledger accepted: an earlier version's first-acceptance
+    # ceiling, raised since, is no ceiling to check
+    old = LedgerInfo({}, {"loans": ProgramInfo(0, 2_000_000_000, 1, ceiling=100 * U,
+                                               committed=110 * U)})
+    r = run([m], logs, old, ceilings=plain)
+    assert r.programs[0].ceiling == 300_000_000 * U and r.notes == ()
 
 
 def test_same_manifest_twice_is_counted_once() -> None:
