@@ -51,6 +51,7 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
             "projected_finish": int(eta) if eta is not None else None,
             # Failed payments are not paid by waiting: never on track while there are any.
             "on_track": eta is not None and eta <= prog.deadline and failed == 0,
+            "all_paid": left == 0 and failed == 0,
             "manifests": roots,
         })
     in_flight = []
@@ -119,7 +120,8 @@ def render_status(d: dict[str, Any]) -> str:
         lines.append(f"  payments    {pay or 'none'}")
         lines.append(f"  rate        {p['rate_per_s']}/s")
         fin = p["projected_finish"]
-        fin_s = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(fin)) if fin else "unknown"
+        fin_s = ("all paid" if p["all_paid"] else
+                 time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(fin)) if fin else "unknown")
         dl = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(p["deadline"]))
         failed = p["payments"].get(PaymentStatus.FAILED.value, 0)
         track = (", on track" if p["on_track"] else

@@ -354,8 +354,10 @@ def test_status_json(env: Env) -> None:
     assert p["owed"] == "0"
     assert p["uncommitted"] == str(int(p["ceiling"]) - mf.load(m).total)
     assert p["remaining_under_ceiling"] == p["uncommitted"]  # all paid
+    assert p["all_paid"] and p["on_track"]
     assert d["in_flight"] == []
     assert d["allowance"] == "0"
+    assert "  finish      all paid (deadline " in env.cli("status").out
     # The same from the environment (DISBURSER_<NAME> for every option, DESIGN.md).
     r = env.cli("status", extra={"DISBURSER_JSON": "1"})
     assert r.code == 0, r.err

@@ -207,6 +207,7 @@ def test_status_rate_and_projection_are_per_program(tmp_path: Path) -> None:
     assert (p["program"], q["program"]) == ("p", "q")
     assert p["rate_per_s"] > 0 and p["projected_finish"] is not None and p["on_track"]
     assert (q["rate_per_s"], q["projected_finish"], q["on_track"]) == (0.0, None, False)
+    assert not p["all_paid"] and not q["all_paid"]
     text = render_status(d).split("program q")[1]
     assert "  rate        0.0/s\n  finish      unknown (deadline " in text
     assert "on track" not in text
