@@ -537,10 +537,16 @@ def _payer_signer(s: Settings) -> Any:
         signer = keys.from_keystore(s.keystore, pw,
                                     password_source="DISBURSER_KEYSTORE_PASSWORD")
     elif s.private_key is not None:
-        if not s.network.local and not s.allow_plain_key:
+        # Local means the local profile on a local chain id: the anvil profile with
+        # DISBURSER_CHAIN_ID=1 is a real chain's id (the node is checked to match it).
+        from disburser.profiles import LOCAL_CHAIN_IDS
+
+        local = s.network.local and s.chain_id in LOCAL_CHAIN_IDS
+        if not local and not s.allow_plain_key:
             raise SettingsError(
-                f"DISBURSER_PRIVATE_KEY is refused on network {s.network.name}: use "
-                "DISBURSER_KEYSTORE (or DISBURSER_ALLOW_PLAIN_KEY=1 to override)")
+                f"DISBURSER_PRIVATE_KEY is refused on network {s.network.name}, chain "
+                f"{s.chain_id}: use DISBURSER_KEYSTORE (or DISBURSER_ALLOW_PLAIN_KEY=1 to "
+                "override)")
         signer = keys.from_env_var(_env("PRIVATE_KEY"))
     else:
         raise SettingsError("no payer key: set DISBURSER_KEYSTORE (and its password) or, on "
@@ -833,9 +839,11 @@ def devnet(
             decimals = RpcChain(anvil.url).decimals(d.token)
             env["DISBURSER_NETWORK"] = known[0].name if known else "anvil"
             env["DISBURSER_DECIMALS"] = str(decimals)
-            # A rehearsal on a fork of a real network uses Anvil's dev payer key, and the
-            # fork mines only on demand: one confirmation, fast polls.
-            env["DISBURSER_ALLOW_PLAIN_KEY"] = "1"
+            # A rehearsal on a fork of a real network uses Anvil's dev payer key (unless a
+            # real DISBURSER_PAYER was given: its keystore signs), and the fork mines only
+            # on demand: one confirmation, fast polls.
+            if "DISBURSER_PRIVATE_KEY" in env:
+                env["DISBURSER_ALLOW_PLAIN_KEY"] = "1"
             env["DISBURSER_CONFIRMATIONS"] = "1"
             env["DISBURSER_POLL_INTERVAL"] = "0.1"
         lines = [f"{k}={v}" for k, v in env.items()]

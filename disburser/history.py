@@ -7,7 +7,7 @@ The steps, in order:
 
 1. ``keyed``: each transfer gets its identity, "tx hash:place among the payer's transfers in
    it" (block and log index change when a transaction is mined again, the place does not);
-   the ledger's own transactions are left out.
+   the ledger's own transactions are left out, and transfers of 0 (anyone can make one).
 2. ``set_aside``: the Disbursed logs say which manifest a transaction paid. A transaction
    that paid only other manifests this ledger knows, or this manifest through the contract
    whose bitmap the run reads, is set aside: the bitmap says exactly what it paid. A
@@ -52,12 +52,14 @@ class Match(NamedTuple):
 
 
 def keyed(found: Iterable[Transfer], ours: Container[str]) -> list[Keyed]:
-    """Each transfer with its identity, those of transactions in ``ours`` left out."""
+    """Each transfer with its identity, those of transactions in ``ours`` left out, and
+    those of 0: anyone can make one "from" the payer (USDC's transferFrom of 0 needs no
+    allowance), with a Disbursed log of their own beside it, and it pays no one."""
     place: dict[str, int] = {}
     out: list[Keyed] = []
     for t in found:
         k = place[t.tx_hash] = place.get(t.tx_hash, -1) + 1
-        if t.tx_hash not in ours:
+        if t.amount and t.tx_hash not in ours:
             out.append((t, f"{t.tx_hash}:{k}"))
     return out
 

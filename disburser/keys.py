@@ -124,10 +124,41 @@ def _read_keystore(path: Path) -> Any:
         raise SettingsError(f"keystore {path}: not a JSON V3 keystore") from None
 
 
+# What decrypting may cost: geth's "standard" scrypt is n=2^18, r=8, p=1 (256 MiB, ~1 s),
+# eth-account's pbkdf2 default c=1,000,000. A file asking for far more would hang the run or
+# exhaust memory before any password check: refused.
+SCRYPT_MAX_MEMORY = 2**30  # bytes: 128 * n * r
+SCRYPT_MAX_WORK = 2**22  # n * r * p
+PBKDF2_MAX_ROUNDS = 10_000_000
+
+
+def _refuse_costly_kdf(doc: Any, path: Path) -> None:
+    crypto = (doc.get("crypto") or doc.get("Crypto")) if isinstance(doc, dict) else None
+    if not isinstance(crypto, dict) or not isinstance(crypto.get("kdfparams"), dict):
+        return  # decrypt names what is missing
+    params, kdf = crypto["kdfparams"], crypto.get("kdf")
+    try:
+        if kdf == "scrypt":
+            n, r, p = (int(params.get(k, 0)) for k in ("n", "r", "p"))
+            if 128 * n * r > SCRYPT_MAX_MEMORY or n * r * p > SCRYPT_MAX_WORK:
+                raise SettingsError(f"keystore {path}: scrypt parameters n={n} r={r} p={p} "
+                                    "cost more than any standard keystore (geth: n=262144 "
+                                    "r=8 p=1); refusing to decrypt")
+        elif kdf == "pbkdf2":
+            c = int(params.get("c", 0))
+            if c > PBKDF2_MAX_ROUNDS:
+                raise SettingsError(f"keystore {path}: pbkdf2 with c={c} rounds costs more "
+                                    f"than any standard keystore (at most "
+                                    f"{PBKDF2_MAX_ROUNDS}); refusing to decrypt")
+    except (TypeError, ValueError):
+        return  # not numbers: decrypt refuses them
+
+
 def from_keystore(path: Path, password: str | None, *, password_source: str) -> Signer:
     from eth_account import Account
 
     doc = _read_keystore(path)
+    _refuse_costly_kdf(doc, path)
     if password is None:
         raise SettingsError(f"keystore {path}: no password ({password_source} is not set)")
     try:
@@ -144,7 +175,8 @@ def read_password(value: str | None, file: str | None) -> str | None:
         return value
     if file:
         try:
-            return Path(file).read_text().rstrip("\r\n")
+            # utf-8-sig: an editor's byte-order mark is not part of the password (as in .env)
+            return Path(file).read_text(encoding="utf-8-sig").rstrip("\r\n")
         except FileNotFoundError:
             raise SettingsError(f"password file {file}: no such file") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -154,18 +186,36 @@ def read_password(value: str | None, file: str | None) -> str | None:
 
 
 def new_keystore(path: Path, password: str) -> str:
-    """Write a new random key as a V3 keystore (scrypt, as geth and `cast wallet` do)."""
+    """Write a new random key as a V3 keystore (scrypt, as geth and `cast wallet` do). The
+    file appears whole (written and synced under a temporary name, then linked), and never
+    over another: two `key new -o` of one path at once leave one key, and one error."""
     import secrets
+    import tempfile
 
     from eth_account import Account
 
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: no such directory {path.parent}")
     key = secrets.token_bytes(32)
     doc = Account.encrypt(key, password)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # fails if the path exists by now (no rename over it)
+    except FileExistsError:
+        raise InputError(f"{path}: already exists; refusing to overwrite a keystore") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror})") from None
+    finally:
+        os.unlink(tmp)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the new name survives a crash once the address is printed
+    finally:
+        os.close(dfd)
     address: str = Account.from_key(key).address
     return address
 

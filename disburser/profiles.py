@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 USDC_MAINNET = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
+# Chain ids of local development chains (Anvil and Hardhat 31337, Ganache and geth --dev
+# 1337): the only ones where a plain private key is taken without an override.
+LOCAL_CHAIN_IDS = frozenset({31337, 1337})
 
 
 @dataclass(frozen=True)

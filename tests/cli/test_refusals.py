@@ -110,7 +110,7 @@ def test_another_chain(env: Env) -> None:
     m = env.signed_manifest(2)
     _assert_refused(env, ["send", str(m), "--yes"],
                     "manifest is for chain 31337, this is chain 1",
-                    extra={"DISBURSER_CHAIN_ID": "1"})
+                    extra={"DISBURSER_CHAIN_ID": "1", "DISBURSER_ALLOW_PLAIN_KEY": "1"})
 
 
 def test_node_on_another_chain_than_settings(env: Env, tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_node_on_another_chain_than_settings(env: Env, tmp_path: Path) -> None:
     for i in (0, 1):
         env.cli("manifest", "sign", str(out), "--private-key-env", f"APPROVER_{i}")
     _assert_refused(env, ["send", str(out), "--yes"], "is chain 31337, settings say 5",
-                    extra=extra)
+                    extra={**extra, "DISBURSER_ALLOW_PLAIN_KEY": "1"})
 
 
 def test_another_token(env: Env) -> None:
@@ -288,6 +288,16 @@ def test_too_little_balance_stops_before_sending(env: Env) -> None:
     _assert_refused(env, ["send", str(m), "--yes"], message)
     # Recorded by that refusal: the dry run refuses as the real run does.
     _assert_refused(env, ["send", str(m), "--dry-run"], message)
+
+
+def test_plain_key_refused_on_a_real_chain_id_under_the_local_profile(env: Env) -> None:
+    """The anvil profile with DISBURSER_CHAIN_ID=1 names a real chain: a plain key is not
+    taken there without the override."""
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "DISBURSER_PRIVATE_KEY is refused on network anvil, chain 1: use "
+                    "DISBURSER_KEYSTORE (or DISBURSER_ALLOW_PLAIN_KEY=1 to override)",
+                    extra={"DISBURSER_CHAIN_ID": "1"}, exact=True)
 
 
 def test_plain_key_refused_on_real_network(env: Env) -> None:

@@ -76,6 +76,8 @@ def test_fork_rehearsal_with_cast_keystore(tmp_path: Path) -> None:
             assert fork_env["DISBURSER_CHAIN_ID"] == "1"
             assert fork_env["DISBURSER_NETWORK"] == "ethereum"
             assert "DISBURSER_PRIVATE_KEY" not in fork_env  # the operator's own key is used
+            # and no override for plain keys, which would outlive the rehearsal's shell
+            assert "DISBURSER_ALLOW_PLAIN_KEY" not in fork_env
             fc = ch.RpcChain(fork_env["DISBURSER_RPC_URL"])
             assert fc.token_balance(token, address) == 400_000_000 * 10**6
             run_env = {
@@ -135,6 +137,8 @@ def test_bnb_like_18_decimal_token_refuses_a_6_decimal_manifest(tmp_path: Path) 
                "DISBURSER_LOCK_DIR": str(tmp_path / "locks"),
                "DISBURSER_LOG_FILE": str(tmp_path / "log.jsonl"),
                "DISBURSER_CHAIN_ID": "56", "DISBURSER_DECIMALS": "6",
+               # a devnet under a real chain's id: its dev key needs the override
+               "DISBURSER_ALLOW_PLAIN_KEY": "1",
                "APPROVER_0": dn.DEV_KEYS[2], "APPROVER_1": dn.DEV_KEYS[3]}
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:

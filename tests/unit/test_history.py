@@ -34,6 +34,16 @@ def test_keyed_names_each_transfer_by_its_place_in_its_transaction() -> None:
                                               (c, f"{tx(2)}:0")]
     # The ledger's own transactions are left out.
     assert history.keyed([a, b, c], {tx(1)}) == [(c, f"{tx(2)}:0")]
+    # So are transfers of 0, which anyone can make "from" the payer (a stranger's
+    # transferFrom(payer, x, 0) beside a Disbursed log of their own naming a new root): they
+    # pay no one, and must not make a fresh ledger refuse to send. The places stay.
+    zero = tr(3, amount=0)
+    assert history.keyed([zero, Transfer(10, 4, tx(3), PAYER, BOB, 5)], set()) == [
+        (Transfer(10, 4, tx(3), PAYER, BOB, 5), f"{tx(3)}:1")]
+    out, _, unknown = history.set_aside(history.keyed([zero], set()),
+                                        [Disbursed(tx(3), STRANGER[:42], STRANGER, 10)], ROOT,
+                                        trusted=BATCH, known={ROOT})
+    assert (out, unknown) == ([], {})
 
 
 @pytest.mark.parametrize(("disbursed", "kept_txs", "unknown"), [

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
+import pytest
 from eth_account import Account
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disburser.addresses import to_checksum
+from disburser.errors import InputError, SettingsError
 from disburser.keys import SignedTx, Signer
 
 KEY = bytes.fromhex("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
@@ -50,3 +54,74 @@ def test_sign_tx_long_calldata_matches_eth_account() -> None:
     kw = dict(chain_id=31337, nonce=5, to=to_checksum("0x" + "11" * 20), data=data, gas=16_000_000,
               max_fee=100 * 10**9, tip=10**9)
     assert SIGNER.sign_tx(**kw) == _eth_account(**kw)  # type: ignore[arg-type]
+
+
+def test_a_new_keystore_never_replaces_a_file_that_appears_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`key new -o X` run twice at once: the slower one finds X written by the other while
+    it encrypted, and refuses instead of replacing it (its address was never printed). No
+    temporary file is left; a keystore is readable by its owner only."""
+    from disburser import keys
+
+    ks = tmp_path / "k.json"
+    address = keys.new_keystore(ks, "password one")
+    assert oct(ks.stat().st_mode & 0o777) == "0o600"
+    assert keys.from_keystore(ks, "password one", password_source="x").address == address
+    real = Account.encrypt
+
+    def racing(key: bytes, password: str) -> dict[str, object]:
+        (tmp_path / "r.json").write_text("the other's keystore")
+        return dict(real(key, password))
+
+    monkeypatch.setattr(Account, "encrypt", racing)
+    with pytest.raises(InputError) as e:
+        keys.new_keystore(tmp_path / "r.json", "password two")
+    assert str(e.value) == f"{tmp_path / 'r.json'}: already exists; refusing to overwrite a " \
+                           "keystore"
+    assert (tmp_path / "r.json").read_text() == "the other's keystore"
+    with pytest.raises(InputError) as e:
+        keys.new_keystore(tmp_path / "no" / "k.json", "password three")
+    assert str(e.value) == f"{tmp_path / 'no' / 'k.json'}: no such directory {tmp_path / 'no'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json", "r.json"]
+
+
+@pytest.mark.parametrize("kdf, params, message", [
+    ("scrypt", {"n": 2**24, "r": 8, "p": 1}, "scrypt parameters n=16777216 r=8 p=1 cost more "
+     "than any standard keystore (geth: n=262144 r=8 p=1); refusing to decrypt"),
+    ("scrypt", {"n": 2**10, "r": 8, "p": 100_000}, "scrypt parameters n=1024 r=8 p=100000 cost "
+     "more than any standard keystore (geth: n=262144 r=8 p=1); refusing to decrypt"),
+    ("pbkdf2", {"c": 2**31 - 1}, "pbkdf2 with c=2147483647 rounds costs more than any standard "
+     "keystore (at most 10000000); refusing to decrypt"),
+])
+def test_a_keystore_that_would_take_hours_or_gigabytes_is_refused(
+        tmp_path: Path, kdf: str, params: dict[str, int], message: str) -> None:
+    from disburser import keys
+
+    doc = Account.encrypt(KEY, "pw", kdf=kdf, iterations=2 if kdf == "pbkdf2" else 2)
+    doc["crypto"]["kdfparams"].update(params)
+    ks = tmp_path / "k.json"
+    ks.write_text(json.dumps(doc))
+    with pytest.raises(SettingsError) as e:
+        keys.from_keystore(ks, "pw", password_source="x")
+    assert str(e.value) == f"keystore {ks}: {message}"
+
+
+def test_standard_keystores_decrypt() -> None:
+    """eth-account's and geth's scrypt (n=2^18 r=8 p=1), Foundry's (n=2^13 r=8 p=1), geth's
+    light one (n=2^12 r=8 p=6) and pbkdf2 at eth-account's default rounds stay under the
+    limits."""
+    from disburser import keys
+
+    for kdf, params in (("scrypt", {"n": 2**18, "r": 8, "p": 1}),
+                        ("scrypt", {"n": 2**13, "r": 8, "p": 1}),
+                        ("scrypt", {"n": 2**12, "r": 8, "p": 6}),
+                        ("pbkdf2", {"c": 1_000_000})):
+        keys._refuse_costly_kdf({"crypto": {"kdf": kdf, "kdfparams": params}}, Path("k"))
+
+
+def test_a_password_file_reads_the_same_with_a_byte_order_mark_or_crlf(tmp_path: Path) -> None:
+    from disburser import keys
+
+    for raw in (b"secret pw\n", b"\xef\xbb\xbfsecret pw\r\n", b"secret pw"):
+        (tmp_path / "pw").write_bytes(raw)
+        assert keys.read_password(None, str(tmp_path / "pw")) == "secret pw"
