@@ -633,12 +633,15 @@ def send(
         first_block = c.head().number
         ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
                                first_block=first_block)
+        # A manifest accepted before under a higher ceiling: refused here, before the
+        # approval or anything else is sent (the signing-time check would come later).
+        ledger.check_ceiling(m.program, cfg.ceiling)
         if retry_failed:
             ledger.requeue_failed(m.root)
         try:
             result = sender.run(m)
         except DisburserError as e:
-            progress.done()
+            progress.stopped(sender.snapshot(m.root))
             if sender.broadcast_any and e.exit_code == 2:
                 e.exit_code = 1  # something was sent: not a refusal
             raise
@@ -724,15 +727,17 @@ class _ProgressPrinter:
         self.tty = sys.stderr.isatty()
         self.last = 0.0
         self.first_done: int | None = None
+        self.started: float | None = None
         self.shown = False
 
-    def __call__(self, p: Any) -> None:
+    def __call__(self, p: Any, *, force: bool = False) -> None:
         from disburser.amounts import format_units
 
         now = time.monotonic()
         if self.first_done is None:
             self.first_done = p.done
-        if now - self.last < (0.2 if self.tty else 5.0) and p.done < p.total:
+            self.started = p.started
+        if now - self.last < (0.2 if self.tty else 5.0) and p.done < p.total and not force:
             return
         self.last = now
         elapsed = max(now - p.started, 1e-6)
@@ -747,6 +752,15 @@ class _ProgressPrinter:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
         self.shown = True
+
+    def stopped(self, p: Any) -> None:
+        """A run that ends in an error: the line as it stands now, not as it stood at the
+        last print (up to 5 s before, when stderr is a log file)."""
+        if self.shown:
+            if self.started is not None:
+                p.started = self.started
+            self(p, force=True)
+        self.done()
 
     def done(self) -> None:
         if self.tty and self.shown:

@@ -349,15 +349,17 @@ class Ledger:
             return True
 
     def check_acceptable(self, m: Manifest, *, ceiling: int) -> None:
-        """What ``accept_manifest`` would refuse (CeilingError), without recording anything:
-        for ``send --dry-run``. A manifest already recorded is acceptable under the header
-        it was recorded with."""
+        """What ``send`` would refuse (CeilingError) before sending, without recording
+        anything: for ``send --dry-run``. A manifest already recorded is acceptable under the
+        header it was recorded with, while its program's accepted total is within
+        ``ceiling`` (a ceiling lowered since: ``check_ceiling``)."""
         with self.session() as s:
             existing = s.get(ManifestRow, m.root)
             if existing is None:
                 self._refuse_unacceptable(s, m, ceiling)
-            else:
-                _refuse_other_header(existing, m)
+                return
+            _refuse_other_header(existing, m)
+        self.check_ceiling(m.program, ceiling)
 
     def _refuse_unacceptable(self, s: Session, m: Manifest, ceiling: int) -> int:
         """Refuse a new manifest that repeats a user of its program or would take the
@@ -442,7 +444,8 @@ class Ledger:
                 select(col(ManifestRow.total)).where(col(ManifestRow.program) == program)))
 
     def check_ceiling(self, program: str, ceiling: int) -> None:
-        """Re-checked whenever a batch is signed: every payment we may send belongs to an
+        """Checked when `send` starts (a ceiling lowered since the manifests were accepted)
+        and again whenever a batch is signed: every payment we may send belongs to an
         accepted manifest, so accepted totals within the ceiling bound what can be paid."""
         committed = self.committed(program)
         if committed > ceiling:

@@ -302,6 +302,10 @@ class Sender:
                  failed=result.failed, unpaid=result.unpaid, amount_paid=str(result.amount_paid))
         return result
 
+    def snapshot(self, root: str) -> Progress:
+        """Payments of ``root`` as the ledger holds them now (for a run's last words)."""
+        return self._progress(root)
+
     def _progress(self, root: str, started: float | None = None,
                   counts: Counts | None = None) -> Progress:
         c = counts or self.ledger.counts([root])

@@ -43,7 +43,10 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
             "remaining_under_ceiling": str(ceiling - paid),
             # What a new manifest of this program may still total: acceptance checks the
             # ceiling against everything accepted, paid or not (invariant 2).
-            "uncommitted": str(ceiling - committed),
+            "uncommitted": str(max(ceiling - committed, 0)),
+            # A ceiling lowered below what was accepted: no new manifest fits, and `send`
+            # refuses the program's manifests until it is raised again.
+            "over_ceiling_by": str(max(committed - ceiling, 0)),
             "payments": {st.value: c.by_status.get(st.value, 0) for st in PaymentStatus},
             "started_at": prog.started_at,
             "deadline": prog.deadline,
@@ -99,7 +102,7 @@ def _allowance(s: Any, ledger: Ledger) -> str | None:
     try:
         from disburser.chain import RpcChain, Transport
 
-        c = RpcChain(s.rpc_url, Transport(s.rpc_url, retries=0, timeout=2.0))
+        c = RpcChain(s.rpc_url, Transport(s.rpc_url, retries=0, timeout=5.0))
         return str(c.allowance(s.token, payers.pop(), s.batch_contract))
     except Exception:  # noqa: BLE001 - status works without a node
         return None
@@ -114,8 +117,10 @@ def render_status(d: dict[str, Any]) -> str:
         lines.append(f"  committed   {format_units(int(p['committed']), dec)}")
         lines.append(f"  paid        {format_units(int(p['paid']), dec)}")
         lines.append(f"  owed        {format_units(int(p['owed']), dec)}")
-        lines.append(f"  uncommitted {format_units(int(p['uncommitted']), dec)} (what a new "
-                     "manifest of this program may still total)")
+        over = int(p["over_ceiling_by"])
+        lines.append(f"  uncommitted {format_units(int(p['uncommitted']), dec)} " + (
+            f"(OVER the ceiling by {format_units(over, dec)}: no new manifest fits)" if over
+            else "(what a new manifest of this program may still total)"))
         pay = ", ".join(f"{k} {v}" for k, v in p["payments"].items() if v)
         lines.append(f"  payments    {pay or 'none'}")
         lines.append(f"  rate        {p['rate_per_s']}/s")

@@ -163,3 +163,24 @@ def test_bad_debug_in_the_env_file(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=_clean_env())
     assert (r.returncode, r.stderr) == (
         2, "disburser: error: .env: DISBURSER_DEBUG: 'maybe' is not a boolean (1 or 0)\n")
+
+
+def test_a_run_that_stops_prints_its_progress_as_it_stands(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """With stderr a log file the progress line is printed every 5 s; a run that ends in an
+    error prints it once more, as the ledger holds it then (not as it stood up to 5 s
+    before), with the rate from the run's start."""
+    from disburser.cli import _ProgressPrinter
+    from disburser.sender import Progress
+
+    printer = _ProgressPrinter(6)
+    printer(Progress(total=80, done=0, amount_total=334_000_000, started=100.0))
+    printer(Progress(total=80, done=10, amount_done=1, amount_total=334_000_000))  # throttled
+    printer.stopped(Progress(total=80, done=24, amount_done=100_000_000,
+                             amount_total=334_000_000))
+    lines = capsys.readouterr().err.splitlines()
+    assert [x.split(")")[0] for x in lines] == ["paid 0/80 (  0.0%", "paid 24/80 ( 30.0%"]
+    assert "100/334 tokens" in lines[-1]
+    silent = _ProgressPrinter(6)  # nothing shown yet: nothing to correct
+    silent.stopped(Progress(total=80, done=24))
+    assert capsys.readouterr().err == ""

@@ -192,6 +192,29 @@ def test_over_the_ceiling_across_manifests(env: Env) -> None:
         mf.load(first).root]
 
 
+def test_a_ceiling_lowered_below_what_was_accepted_refuses_before_anything_is_sent(
+        env: Env) -> None:
+    """Two manifests accepted under the default ceiling, one paid; the ceiling is then set
+    below their total: sending the other is refused (a dry run too) before the approval or
+    anything else goes out, and status shows the program over its ceiling."""
+    first = env.signed_manifest(3, name="a.json", seed="a")  # 6.75 tokens
+    assert env.cli("send", str(first), "--yes").code == 0
+    second = env.signed_manifest(3, name="b.json", seed="b")
+    m2 = mf.load(second)
+    Ledger(Path(env.vars["DISBURSER_DB"])).accept_manifest(
+        m2, ceiling=300_000_000 * 10**6, signers=list(mf.signers_of(m2)))
+    message = ("program together-initiative-2025-10: accepted manifests total 13500000 base "
+               "units, over the ceiling 10000000")
+    for args in (["--yes"], ["--dry-run"]):
+        _assert_refused(env, ["send", str(second), *args], message,
+                        extra={"DISBURSER_CEILING": "10"}, ledger_empty=False, exact=True)
+    (p,) = json.loads(env.cli("status", "--json", extra={"DISBURSER_CEILING": "10"}).out)[
+        "programs"]
+    assert (p["uncommitted"], p["over_ceiling_by"]) == ("0", "3500000")
+    text = env.cli("status", extra={"DISBURSER_CEILING": "10"}).out
+    assert "  uncommitted 0 (OVER the ceiling by 3.5: no new manifest fits)" in text
+
+
 def test_the_same_payments_signed_for_another_program_are_refused(env: Env) -> None:
     """The paymentsRoot commits to the payments only: the same payments re-signed under
     another program would be paid twice. The real run and the dry run refuse alike."""
