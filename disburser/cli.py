@@ -633,17 +633,17 @@ def send(
         first_block = c.head().number
         ledger.accept_manifest(m, ceiling=cfg.ceiling, signers=v.approved,
                                first_block=first_block)
-        # A manifest accepted before under a higher ceiling: refused here, before the
-        # approval or anything else is sent (the signing-time check would come later).
-        ledger.check_ceiling(m.program, cfg.ceiling)
         if retry_failed:
             ledger.requeue_failed(m.root)
         try:
             result = sender.run(m)
         except DisburserError as e:
-            progress.stopped(sender.snapshot(m.root))
             if sender.broadcast_any and e.exit_code == 2:
                 e.exit_code = 1  # something was sent: not a refusal
+            try:
+                progress.stopped(sender.snapshot(m.root) if progress.shown else None)
+            except Exception:  # noqa: BLE001 - the run's own error is the one to report
+                progress.done()
             raise
         progress.done()
     typer.echo(f"confirmed {result.confirmed}, failed {result.failed}, unpaid {result.unpaid}; "
@@ -756,7 +756,7 @@ class _ProgressPrinter:
     def stopped(self, p: Any) -> None:
         """A run that ends in an error: the line as it stands now, not as it stood at the
         last print (up to 5 s before, when stderr is a log file)."""
-        if self.shown:
+        if self.shown and p is not None:
             if self.started is not None:
                 p.started = self.started
             self(p, force=True)

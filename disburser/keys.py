@@ -3,6 +3,7 @@ object: no repr, no logging, no error message carries it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -127,9 +128,10 @@ def _read_keystore(path: Path) -> Any:
 # What decrypting may cost: geth's "standard" scrypt is n=2^18, r=8, p=1 (256 MiB, ~1 s),
 # eth-account's pbkdf2 default c=1,000,000. A file asking for far more would hang the run or
 # exhaust memory before any password check: refused.
-SCRYPT_MAX_MEMORY = 2**30  # bytes: 128 * n * r
-SCRYPT_MAX_WORK = 2**22  # n * r * p
+SCRYPT_MAX_MEMORY = 2**30  # bytes: 128 * n * r (n=2^20, r=8: eth-account's iterations=2^20)
+SCRYPT_MAX_WORK = 2**23  # n * r * p
 PBKDF2_MAX_ROUNDS = 10_000_000
+MAX_DKLEN = 64  # every keystore derives 32 bytes
 
 
 def _refuse_costly_kdf(doc: Any, path: Path) -> None:
@@ -138,6 +140,9 @@ def _refuse_costly_kdf(doc: Any, path: Path) -> None:
         return  # decrypt names what is missing
     params, kdf = crypto["kdfparams"], crypto.get("kdf")
     try:
+        if int(params.get("dklen", 32)) > MAX_DKLEN:
+            raise SettingsError(f"keystore {path}: a derived key of {params['dklen']} bytes "
+                                f"(a keystore's is 32); refusing to decrypt")
         if kdf == "scrypt":
             n, r, p = (int(params.get(k, 0)) for k in ("n", "r", "p"))
             if 128 * n * r > SCRYPT_MAX_MEMORY or n * r * p > SCRYPT_MAX_WORK:
@@ -175,8 +180,9 @@ def read_password(value: str | None, file: str | None) -> str | None:
         return value
     if file:
         try:
-            # utf-8-sig: an editor's byte-order mark is not part of the password (as in .env)
-            return Path(file).read_text(encoding="utf-8-sig").rstrip("\r\n")
+            # As geth's --password: every character but the line ending, a byte-order mark
+            # too (keystores made from such a file hold it in their password).
+            return Path(file).read_text().rstrip("\r\n")
         except FileNotFoundError:
             raise SettingsError(f"password file {file}: no such file") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -197,27 +203,46 @@ def new_keystore(path: Path, password: str) -> str:
     if not path.parent.is_dir():
         raise InputError(f"{path}: no such directory {path.parent}")
     key = secrets.token_bytes(32)
-    doc = Account.encrypt(key, password)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    text = json.dumps(Account.encrypt(key, password))
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # fails if the path exists by now (no rename over it)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _write_synced(fd, text)  # mkstemp: mode 0600
+        try:
+            os.link(tmp, path)  # fails if the path exists by now (no rename over it)
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+            # FAT/exFAT (a USB stick), SMB, some FUSE mounts: no hard links. Written in
+            # place instead, still only if nothing is there.
+            _write_synced(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), text)
     except FileExistsError:
         raise InputError(f"{path}: already exists; refusing to overwrite a keystore") from None
     except OSError as e:
         raise InputError(f"{path}: cannot write ({e.strerror})") from None
     finally:
-        os.unlink(tmp)
-    dfd = os.open(path.parent, os.O_RDONLY)
+        if tmp is not None:
+            os.unlink(tmp)
     try:
-        os.fsync(dfd)  # the new name survives a crash once the address is printed
-    finally:
-        os.close(dfd)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the new name survives a crash once the address is printed
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass  # a filesystem that cannot sync a directory: the file itself is synced
     address: str = Account.from_key(key).address
     return address
+
+
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+
+
+def _write_synced(fd: int, text: str) -> None:
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def keystore_address(path: Path, password_file: str | None) -> str:

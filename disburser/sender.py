@@ -235,6 +235,10 @@ class Sender:
         self._skip_paid_by_transfers(m.root, m.count)
         # Settle what an earlier run left in flight before new allowance or batches.
         self._drain()
+        # A ceiling lowered since the program's manifests were accepted: refused before any
+        # allowance or batch (what was in flight was signed under the ceiling of its day,
+        # and is settled above: the ledger's figures stay true for the decision).
+        self.ledger.check_ceiling(m.program, self.cfg.ceiling)
         if self._reads_bitmap():
             self._skip_paid_on_chain(m.root, m.count)
         owed = self._check_funds(m.root)

@@ -922,6 +922,40 @@ def test_a_second_runner_on_the_same_ledger_or_payer_exits_2_naming_the_first(
 # --- 9. operator control ----------------------------------------------------------------------
 
 
+def test_a_lowered_ceiling_refuses_new_sends_after_settling_what_is_in_flight(
+        manual: tuple[Env, Miner]) -> None:
+    """A run killed with batches in the pool; they are mined; the ceiling is then set below
+    what the program's two manifests total. The next `send` first settles the batches the killed run
+    left (signed under the ceiling of their day: the chain mines them anyway), then refuses
+    before any allowance or batch, so that `status` shows true figures for the decision."""
+    env, miner = manual
+    m = env.signed_manifest(30)
+    p = env.popen("send", str(m), "--yes")
+    try:
+        batches = batches_in_pool(env, miner, 3)
+    finally:
+        p.kill()
+        p.wait()
+    miner.auto()
+    wait_for(lambda: not pool(env), "the batches mined")
+    # a second manifest of the program, accepted; the ceiling then fits each, not both
+    other = mf.load(env.signed_manifest(3, name="b.json", seed="b"))
+    ledger(env).accept_manifest(other, ceiling=10**20, signers=list(mf.signers_of(other)))
+    nonce = env.payer_nonce()
+    total = mf.load(m).total + other.total
+    whole = -(-mf.load(m).total // 10**6)  # whole tokens: the first fits, both do not
+    r = env.cli("send", str(m), "--yes", extra={"DISBURSER_CEILING": str(whole)})
+    assert (r.code, r.err.strip().splitlines()[-1]) == (2, (
+        f"disburser: error: program together-initiative-2025-10: accepted manifests total "
+        f"{total} base units, over the ceiling {whole * 10**6}"))
+    assert env.payer_nonce() == nonce  # nothing sent
+    led = ledger(env)
+    assert {t.nonce: t.status for t in led.txs(dn.PAYER) if t.kind == "batch"} == {
+        t.nonce: TxStatus.CONFIRMED.value for t in batches}
+    d = json.loads(env.cli("status", "--json", extra={"DISBURSER_CEILING": str(whole)}).out)
+    assert d["programs"][0]["payments"]["confirmed"] == 30 and d["in_flight"] == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_cleanly_status_shows_in_flight_and_a_rerun_resumes(
         manual: tuple[Env, Miner], sig: int) -> None:
@@ -937,6 +971,9 @@ def test_signal_stops_cleanly_status_shows_in_flight_and_a_rerun_resumes(
     assert err.rstrip().endswith("disburser: error: stopped by operator; state is saved, run "
                                  "`send` again to resume")
     assert "Traceback" not in err
+    # the progress line once more, as the ledger holds it at the stop (stderr is a pipe
+    # here: the periodic line may be seconds old)
+    assert err.rstrip().splitlines()[-2].startswith("paid 0/30 (  0.0%)  failed 0  0/")
     led = ledger(env)
     r = env.cli("status")
     assert r.code == 0, r.err

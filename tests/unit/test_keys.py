@@ -92,6 +92,8 @@ def test_a_new_keystore_never_replaces_a_file_that_appears_meanwhile(
      "more than any standard keystore (geth: n=262144 r=8 p=1); refusing to decrypt"),
     ("pbkdf2", {"c": 2**31 - 1}, "pbkdf2 with c=2147483647 rounds costs more than any standard "
      "keystore (at most 10000000); refusing to decrypt"),
+    ("pbkdf2", {"dklen": 2**30}, "a derived key of 1073741824 bytes (a keystore's is 32); "
+     "refusing to decrypt"),
 ])
 def test_a_keystore_that_would_take_hours_or_gigabytes_is_refused(
         tmp_path: Path, kdf: str, params: dict[str, int], message: str) -> None:
@@ -107,21 +109,64 @@ def test_a_keystore_that_would_take_hours_or_gigabytes_is_refused(
 
 
 def test_standard_keystores_decrypt() -> None:
-    """eth-account's and geth's scrypt (n=2^18 r=8 p=1), Foundry's (n=2^13 r=8 p=1), geth's
+    """eth-account's and geth's scrypt (n=2^18 r=8 p=1, and eth-account's at
+    iterations=2^20), Foundry's (n=2^13 r=8 p=1), geth's
     light one (n=2^12 r=8 p=6) and pbkdf2 at eth-account's default rounds stay under the
     limits."""
     from disburser import keys
 
     for kdf, params in (("scrypt", {"n": 2**18, "r": 8, "p": 1}),
+                        ("scrypt", {"n": 2**20, "r": 8, "p": 1}),  # iterations=2**20
                         ("scrypt", {"n": 2**13, "r": 8, "p": 1}),
                         ("scrypt", {"n": 2**12, "r": 8, "p": 6}),
                         ("pbkdf2", {"c": 1_000_000})):
         keys._refuse_costly_kdf({"crypto": {"kdf": kdf, "kdfparams": params}}, Path("k"))
 
 
-def test_a_password_file_reads_the_same_with_a_byte_order_mark_or_crlf(tmp_path: Path) -> None:
+def test_a_password_file_is_read_as_geth_reads_it(tmp_path: Path) -> None:
+    """Every character but the line ending: CRLF or LF alike; a byte-order mark is kept, so
+    a keystore made from such a file (by this tool or by geth) opens with the same file."""
     from disburser import keys
 
-    for raw in (b"secret pw\n", b"\xef\xbb\xbfsecret pw\r\n", b"secret pw"):
+    for raw in (b"secret pw\n", b"secret pw\r\n", b"secret pw"):
         (tmp_path / "pw").write_bytes(raw)
         assert keys.read_password(None, str(tmp_path / "pw")) == "secret pw"
+    (tmp_path / "bom").write_bytes(b"\xef\xbb\xbfsecret pw\r\n")
+    pw = keys.read_password(None, str(tmp_path / "bom"))
+    assert pw == "\ufeffsecret pw"
+    address = keys.new_keystore(tmp_path / "k.json", pw)
+    assert keys.from_keystore(tmp_path / "k.json", keys.read_password(None, str(
+        tmp_path / "bom")), password_source="x").address == address
+
+
+def test_a_keystore_is_written_where_hard_links_are_not_to_be_had(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAT/exFAT, SMB and some FUSE mounts refuse hard links (EPERM, ENOTSUP): the keystore
+    is written in place, still never over a file; a directory that cannot be written is one
+    line."""
+    import errno
+    import os
+
+    from disburser import keys
+
+    def no_link(src: str, dst: Path) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    address = keys.new_keystore(tmp_path / "k.json", "password one")
+    assert keys.from_keystore(tmp_path / "k.json", "password one",
+                              password_source="x").address == address
+    assert oct((tmp_path / "k.json").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(InputError, match="already exists; refusing to overwrite"):
+        keys.new_keystore(tmp_path / "k.json", "password two")
+    assert keys.from_keystore(tmp_path / "k.json", "password one",
+                              password_source="x").address == address
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json"]
+
+    def no_space(*a: object, **k: object) -> tuple[int, str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tempfile.mkstemp", no_space)
+    with pytest.raises(InputError) as e:
+        keys.new_keystore(tmp_path / "n.json", "password three")
+    assert str(e.value) == f"{tmp_path / 'n.json'}: cannot write (No space left on device)"
