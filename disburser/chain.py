@@ -656,3 +656,13 @@ class RpcChain:
 
     def rpc(self, method: str, params: Sequence[Any] = ()) -> Any:
         return self.t.call(method, params)
+
+
+def check_decimals(chain: RpcChain, token: str, expected: int, then: str) -> None:
+    """Fail closed unless ``token`` has ``expected`` decimals on chain (DESIGN.md: read from
+    the chain, equal to the network profile's). ``then`` ends the message: what the
+    mismatch would have done where it was caught."""
+    dec = chain.decimals(token)
+    if dec != expected:
+        raise ChainMismatchError(f"token {token} has {dec} decimals on chain, the network "
+                                 f"profile expects {expected}{then}")

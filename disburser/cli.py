@@ -488,14 +488,16 @@ def manifest_proof(
     from disburser import manifest as mf
     from disburser.merkle import MerkleTree
 
-    # The command line wins over a standing DISBURSER_INDEX / DISBURSER_ID setting.
-    env = ParameterSource.ENVIRONMENT
-    if payment_id is not None and ctx.get_parameter_source("index") is env \
-            and ctx.get_parameter_source("payment_id") is not env:
-        index = None
-    if index is not None and ctx.get_parameter_source("payment_id") is env \
-            and ctx.get_parameter_source("index") is not env:
-        payment_id = None
+    # Both given, one by a standing DISBURSER_INDEX / DISBURSER_ID setting: the command
+    # line wins.
+    from_env = {n: ctx.get_parameter_source(n) is ParameterSource.ENVIRONMENT
+                for n in ("index", "payment_id")}
+    if index is not None and payment_id is not None \
+            and from_env["index"] != from_env["payment_id"]:
+        if from_env["index"]:
+            index = None
+        else:
+            payment_id = None
     if (index is None) == (payment_id is None):
         raise InputError("give one of --index N or --id ID" if index is None else
                          "give --index or --id, not both")

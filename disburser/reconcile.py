@@ -1036,7 +1036,7 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     from disburser import ledger as lg
     from disburser import manifest as mf
     from disburser import report
-    from disburser.chain import RpcChain, display_url
+    from disburser.chain import RpcChain, check_decimals, display_url
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt}: one of {', '.join(FORMATS)}")
@@ -1085,13 +1085,9 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
                                  "DISBURSER_NETWORK)")
     if not chain.code(s.token):
         raise ChainMismatchError(f"DISBURSER_TOKEN {s.token}: no contract on chain {cid}")
-    dec = chain.decimals(s.token)
-    if dec != s.decimals:
-        # Ceilings are settings in whole tokens: with the wrong decimals they are checked
-        # at the wrong scale.
-        raise ChainMismatchError(
-            f"token {s.token} has {dec} decimals on chain, the network profile expects "
-            f"{s.decimals} (DISBURSER_DECIMALS / DISBURSER_NETWORK)")
+    # Ceilings are settings in whole tokens: with the wrong decimals they are checked at
+    # the wrong scale.
+    check_decimals(chain, s.token, s.decimals, " (DISBURSER_DECIMALS / DISBURSER_NETWORK)")
     head = chain.head()
     start = from_block if from_block is not None else default_from_block(entries, info)
     if start > head.number:

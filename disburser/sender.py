@@ -1361,11 +1361,8 @@ def check_chain(chain: ch.RpcChain, cfg: SendConfig) -> ch.Head:
     cid = check_chain_id(chain, cfg)
     if not chain.code(cfg.token):
         raise ChainMismatchError(f"DISBURSER_TOKEN {cfg.token}: no contract on chain {cid}")
-    dec = chain.decimals(cfg.token)
-    if dec != cfg.decimals:
-        raise ChainMismatchError(
-            f"token {cfg.token} has {dec} decimals on chain, the network profile expects "
-            f"{cfg.decimals}: refusing to pay amounts built for {cfg.decimals}")
+    ch.check_decimals(chain, cfg.token, cfg.decimals,
+                      f": refusing to pay amounts built for {cfg.decimals}")
     if cfg.mode is Mode.BATCH:
         if cfg.batch_contract is None:
             raise ChainMismatchError(

@@ -9,14 +9,13 @@ from typing import Any
 
 from disburser.amounts import format_units
 from disburser.domain import PaymentStatus, TxStatus
-from disburser.ledger import EventRow, Ledger
+from disburser.ledger import Ledger
 
 
 def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     txs = ledger.txs()
-    tx_root = {t.id: t.root for t in txs}
-    confirmed = ledger.events("tx_confirmed")
+    confirmed = _recent_confirmations(ledger, {t.id: t.root for t in txs}, now)
     programs = []
     for prog in ledger.programs():
         # What acceptance checks against: the setting (the ledger's record, for a program a
@@ -30,7 +29,7 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
         done = c.by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
             c.by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
         total = sum(c.by_status.values())
-        rate = _rate(confirmed, tx_root, set(roots), now)
+        rate = _rate(confirmed, set(roots), now)
         failed = c.by_status.get(PaymentStatus.FAILED.value, 0)
         left = total - done - failed
         eta = now + left / rate if rate > 0 and left > 0 else (now if left == 0 else None)
@@ -74,23 +73,30 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
     return data
 
 
-def _rate(confirmed: list[EventRow], tx_root: dict[int | None, str | None], roots: set[str],
-          now: float, window: float = 600.0) -> float:
+RATE_WINDOW = 600.0  # seconds of confirmations a rate is taken over
+
+
+def _recent_confirmations(ledger: Ledger, tx_root: dict[int | None, str | None],
+                          now: float) -> list[tuple[float, str | None, int]]:
+    """(when, manifest root, payments) of each transaction confirmed in the last
+    RATE_WINDOW seconds, in order: read once for every program."""
+    out = []
+    for e in ledger.events("tx_confirmed"):
+        if e.ts >= now - RATE_WINDOW:
+            data = json.loads(e.data)
+            out.append((e.ts, tx_root.get(data.get("tx_id")), int(data.get("count", 0) or 0)))
+    return out
+
+
+def _rate(confirmed: list[tuple[float, str | None, int]], roots: set[str],
+          now: float) -> float:
     """A program's payments (those of its manifests, ``roots``) confirmed per second over
-    the last ``window`` seconds. Another program's run says nothing of this one's pace."""
-    n = 0
-    first: float | None = None
-    for e in confirmed:
-        if e.ts < now - window:
-            continue
-        data = json.loads(e.data)
-        if tx_root.get(data.get("tx_id")) not in roots:
-            continue
-        n += int(data.get("count", 0) or 0)
-        first = e.ts if first is None else first
-    if first is None or n == 0:
+    the last RATE_WINDOW seconds. Another program's run says nothing of this one's pace."""
+    mine = [(ts, n) for ts, root, n in confirmed if root in roots]
+    total = sum(n for _, n in mine)
+    if not total:
         return 0.0
-    return n / max(now - first, 1.0)
+    return total / max(now - mine[0][0], 1.0)
 
 
 def _allowance(s: Any, ledger: Ledger) -> str | None:
