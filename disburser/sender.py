@@ -40,7 +40,8 @@ log = structlog.get_logger("disburser.send")
 PER_RECIPIENT_GAS = 31_000
 STALL_SECONDS = 60.0
 PROGRESS_EVERY = 1.0
-WINDOW = 4  # batches measured and written ahead together, with a broadcasting thread
+WINDOW = 4  # batches measured and written ahead together, with broadcasting threads
+LANES = 2  # broadcasting threads (connections) sending the windows, see broadcast.py
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 # Seconds the chain's nonce may stay at or below a nonce the ledger holds final before the
@@ -144,9 +145,10 @@ class Sender:
         self._idle = 0.0  # the current wait between polls that changed nothing
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
-        # The batch windows' broadcasting thread (see broadcast.py): None until first
-        # needed, False where the chain client cannot give it a connection of its own.
+        # The batch windows' broadcasting threads (see broadcast.py): None until first
+        # needed, False where the chain client cannot give them connections of their own.
         self._bcast: Broadcaster | None | bool = None
+        self.lanes = LANES
         # Whether this run put anything on the wire: an error after that is not "refused,
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
         self.broadcast_any = False
@@ -572,7 +574,7 @@ class Sender:
             if self._broadcaster_on():
                 # Small windows keep the node fed: measuring and signing 16 batches takes
                 # ~0.1 s, time in which the node would have mined four; the loop goes on
-                # with the next window while the broadcasting thread sends this one. With
+                # with the next window while the broadcasting threads send this one. With
                 # nothing in flight, one batch first: the node starts on it at once.
                 slots = min(slots, WINDOW if pending else 1)
             sent = (self._send_batches(m, slots) if self.cfg.mode is Mode.BATCH
@@ -874,9 +876,10 @@ class Sender:
         """Sign transactions at consecutive nonces, write them all ahead in one database
         transaction, then broadcast them: several in one JSON-RPC batch, or ``one_by_one``
         (batches: ~95 kB each, and a node refuses requests over a few MB) by the
-        broadcasting thread where there is one, which sends them in order while this thread
-        goes on; its outcomes are handled by the next poll. Anything else first waits for
-        that thread to finish, so that nonces go out in order."""
+        broadcasting threads where there are, which send them in nonce order (two lanes:
+        two at a time) while this thread goes on; their outcomes are handled by the next
+        poll. Anything else first waits for those threads to finish, so that nonces go out
+        in order."""
         bcast = self._broadcaster() if one_by_one else None
         if bcast is None:
             self._flush_broadcasts()
@@ -936,10 +939,15 @@ class Sender:
     def _broadcaster(self) -> Broadcaster | None:
         if self._bcast is None:
             fork = getattr(self.chain, "for_thread", None)
-            client = fork() if fork is not None else None
-            self._bcast = (Broadcaster(client.send_raw, on_close=getattr(client, "close",
-                                                                         lambda: None))
-                           if client is not None else False)
+            clients = [fork() for _ in range(self.lanes)] if fork is not None else []
+            if clients and all(c is not None for c in clients):
+                def close() -> None:
+                    for c in clients:
+                        getattr(c, "close", lambda: None)()
+
+                self._bcast = Broadcaster(*(c.send_raw for c in clients), on_close=close)
+            else:
+                self._bcast = False
         return self._bcast if isinstance(self._bcast, Broadcaster) else None
 
     def _broadcaster_on(self) -> bool:
@@ -949,14 +957,17 @@ class Sender:
         return self._bcast.outstanding if isinstance(self._bcast, Broadcaster) else {}
 
     def _collect_broadcasts(self, wait: float | None = None) -> bool:
-        """Handle what the broadcasting thread has finished, as ``_broadcast`` would have.
-        After a failure: the failure first (it may stop the run), then the transactions the
-        thread held back are sent from here, in order. True when anything came back."""
+        """Handle what the broadcasting threads have finished, as ``_broadcast`` would have.
+        The sends that went out first (with two lanes one may have left after a failed
+        earlier nonce), then failures in nonce order (one may stop the run), then the
+        transactions held back are sent from here, in nonce order. True when anything came
+        back."""
         bcast = self._bcast
         if not isinstance(bcast, Broadcaster) or not bcast.outstanding:
             return False
         got = bcast.results(wait)
         held: list[Outgoing] = []
+        failed: list[tuple[Outgoing, Exception]] = []
         for item, err in got:
             if err is None:
                 self._broadcast_accepted(item.tx_id, item.nonce, item.tx_hash)
@@ -965,10 +976,12 @@ class Sender:
             elif not isinstance(err, Exception):
                 raise err
             else:
-                self._broadcast_failed(err, item.nonce, item.tx_hash, others_pending=False)
-        for item in held:
+                failed.append((item, err))
+        for item, err in sorted(failed, key=lambda f: f[0].nonce):
+            self._broadcast_failed(err, item.nonce, item.tx_hash, others_pending=False)
+        for item in sorted(held, key=lambda o: o.nonce):
             self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
-        if held or any(err is not None for _, err in got):
+        if held or failed:
             bcast.resume()
         for item, _ in got:
             if item.last_of_window:  # each window's broadcast is over, whatever its outcome
@@ -1050,7 +1063,7 @@ class Sender:
         self._watch_head(head.number, open_txs)
         lowest_pending = min((t.nonce for t in open_txs if t.status == TxStatus.PENDING.value),
                              default=None)
-        # A transaction the broadcasting thread has not handed back is not looked at: the
+        # A transaction the broadcasting threads have not handed back is not looked at: the
         # node may not have it yet (it would look dropped), or may have mined it already.
         outstanding = self._outstanding()
         if outstanding:

@@ -1,4 +1,5 @@
-"""The broadcasting thread on its own: order, a failure halts it, close sends nothing more.
+"""The broadcasting threads on their own: order, a failure halts them, close sends nothing
+more; with two lanes, two sends on the wire at once and at most one after a failure.
 Its use by the send loop is in test_sender_decisions.py (decisions) and in every batch-mode
 integration, fault and crash test (real Anvil)."""
 
@@ -107,6 +108,85 @@ def test_close_waits_for_the_send_on_the_wire_and_sends_nothing_still_queued() -
     assert closer.is_alive()  # close waits for the send on the wire
     node.gate.set()
     closer.join(60)
-    assert not closer.is_alive() and not b._thread.is_alive()
+    assert not closer.is_alive() and not any(t.is_alive() for t in b._threads)
     assert node.sent == ["0x00"]  # 0x01 and 0x02 stay written ahead only
     assert closed == [True]
+
+
+class TwoLaneNode(Node):
+    """Holds every send at the gate until two are on the wire at once (or 60 s pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_wire = 0
+        self.most_on_wire = 0
+        self.lock = threading.Lock()
+        self.both = threading.Event()
+
+    def send(self, raw: str) -> str:
+        with self.lock:
+            self.on_wire += 1
+            self.most_on_wire = max(self.most_on_wire, self.on_wire)
+            if self.on_wire == 2:
+                self.both.set()
+        try:
+            self.both.wait(60)
+            return super().send(raw)
+        finally:
+            with self.lock:
+                self.on_wire -= 1
+
+
+def test_two_lanes_have_two_sends_on_the_wire_and_hand_every_outcome_back() -> None:
+    node = TwoLaneNode()
+    b = Broadcaster(node.send, node.send)
+    for i in range(6):
+        b.put(_item(i))
+    got = _all(b)
+    assert sorted(got, key=lambda g: g[0]) == [(i, None) for i in range(6)]
+    assert node.most_on_wire == 2
+    assert sorted(node.sent) == [f"0x{i:02x}" for i in range(6)]
+    b.close()
+
+
+class SlowFailure(Node):
+    """Nonce 0 hangs until released, then fails (a send retried for long, then refused);
+    the others go through at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.refusal = ch.NodeError("txpool is full")
+
+    def send(self, raw: str) -> str:
+        if raw == "0x00":
+            assert self.release.wait(60), "the test never released nonce 0"
+            raise self.refusal
+        return super().send(raw)
+
+
+def test_with_two_lanes_a_failure_lets_out_only_the_send_already_on_the_wire() -> None:
+    """While nonce 0 hangs on one lane, the other sends nonce 1 and then waits: nothing
+    further than one past an unanswered send. Nonce 0 fails: 2 and later come back
+    NotSent, never sent."""
+    node = SlowFailure()
+    b = Broadcaster(node.send, node.send)
+    for i in range(5):
+        b.put(_item(i))
+    for _ in range(200):
+        if node.sent:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)  # time in which a lane not held back would send 2, 3 and 4
+    assert node.sent == ["0x01"]
+    node.release.set()
+    got = dict(_all(b))
+    assert got[0] is node.refusal and got[1] is None
+    assert all(isinstance(got[i], NotSent) for i in (2, 3, 4))
+    assert node.sent == ["0x01"]
+    b.resume()
+    b.put(_item(5))
+    b.put(_item(6))
+    assert sorted(_all(b), key=lambda g: g[0]) == [(5, None), (6, None)]
+    assert node.sent[1:] in (["0x05", "0x06"], ["0x06", "0x05"])
+    b.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from disburser import chain as ch
 from disburser import policy
@@ -325,6 +326,7 @@ MAIN, THREAD = threading.main_thread().name, "disburser-broadcast"
 def threaded(tmp_path: Path) -> Iterator[tuple[ThreadedChain, Sender]]:
     chain = ThreadedChain()
     s = _sender(tmp_path, chain)
+    s.lanes = 1  # sends in a fixed order: the refusals below are by position
     try:
         yield chain, s
     finally:
@@ -355,6 +357,42 @@ def test_a_refusal_met_by_the_broadcasting_thread_stops_the_run_before_later_non
     assert str(e.value).startswith(f"node refused transaction {h} at nonce 1: "
                                    "txpool is full; nothing more is sent.")
     assert chain.by == [(THREAD, raws[0])]  # nonces 2 and 3 stay written ahead, never sent
+    assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
+
+
+def test_with_two_lanes_a_refusal_stops_the_run_with_only_the_next_nonce_sent(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """Nonce 0 is refused after nonce 1, on the other lane, went out: the run stops on the
+    refusal, naming nonce 0; nonce 1's send is handled (logged), 2 and 3 never go out."""
+    chain, s = threaded
+    s.lanes = 2
+    m = _accepted(s, 4)
+    first_out, ready = threading.Event(), threading.Event()
+    send = chain.send_raw
+    raws: list[str] = []
+
+    def slow_refusal(raw: str) -> str:
+        assert ready.wait(60)  # until the raw bytes below are known
+        if raw == raws[0]:
+            assert first_out.wait(60)
+            raise ch.NodeError("txpool is full")
+        out = send(raw)
+        first_out.set()
+        return out
+
+    chain.send_raw = slow_refusal  # type: ignore[method-assign]
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    raws += [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
+    ready.set()
+    with capture_logs() as logs, pytest.raises(FailClosed) as e:
+        s._flush_broadcasts()
+    tx = s.ledger.txs(s.payer)[0]
+    h = s.ledger.attempts(tx.id or 0)[0].hash
+    assert str(e.value).startswith(f"node refused transaction {h} at nonce 0: "
+                                   "txpool is full; nothing more is sent.")
+    assert chain.by == [(THREAD, raws[1])]  # nonces 2 and 3 stay written ahead, never sent
+    assert [x["nonce"] for x in logs if x["event"] == "transfer_broadcast"] == [1]
     assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
 
 
