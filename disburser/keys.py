@@ -25,25 +25,27 @@ class Signer:
     """Signs EIP-1559 transactions (and EIP-712 digests) with one private key."""
 
     def __init__(self, private_key: bytes) -> None:
-        from eth_account import Account
+        # libsecp256k1 (coincurve) alone: eth-account's import costs ~0.5 s of every `send`
+        # (its BLS code), and the address is keccak of the public key (a test checks it
+        # against eth-account's for many keys).
+        from coincurve import PrivateKey
 
         if len(private_key) != 32:
             raise InputError("private key must be 32 bytes")
         try:
-            self._account = Account.from_key(private_key)
+            self._secp = PrivateKey(private_key)  # refuses 0 and anything >= the group order
         except Exception:  # noqa: BLE001 - the library's message may quote the key
             raise InputError("private key is not a valid secp256k1 key") from None
-        self.address: str = self._account.address
-        from coincurve import PrivateKey
-
-        self._secp = PrivateKey(private_key)
+        self._key = bytes(private_key)
+        public = self._secp.public_key.format(compressed=False)[1:]
+        self.address: str = to_checksum("0x" + keccak(public)[12:].hex())
 
     def __repr__(self) -> str:
         return f"Signer({self.address})"
 
     @property
     def key_bytes(self) -> bytes:
-        return bytes(self._account.key)
+        return self._key
 
     def sign_tx(self, *, chain_id: int, nonce: int, to: str, data: str, gas: int,
                 max_fee: int, tip: int, value: int = 0) -> SignedTx:

@@ -48,6 +48,30 @@ def test_sign_tx_matches_eth_account(chain_id: int, nonce: int, to: str, data: s
     assert SIGNER.sign_tx(**kw) == _eth_account(**kw)  # type: ignore[arg-type]
 
 
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+@settings(max_examples=200, deadline=None)
+@given(k=st.integers(min_value=1, max_value=SECP256K1_N - 1))
+def test_the_address_is_eth_accounts(k: int) -> None:
+    key = k.to_bytes(32, "big")
+    signer = Signer(key)
+    assert signer.address == Account.from_key(key).address
+    assert signer.key_bytes == key
+
+
+@pytest.mark.parametrize("k", [0, SECP256K1_N, 2**256 - 1])
+def test_a_key_outside_the_group_is_refused_without_quoting_it(k: int) -> None:
+    with pytest.raises(InputError) as e:
+        Signer(k.to_bytes(32, "big"))
+    assert str(e.value) == "private key is not a valid secp256k1 key"
+
+
+def test_a_key_of_the_wrong_length_is_refused() -> None:
+    with pytest.raises(InputError, match="^private key must be 32 bytes$"):
+        Signer(b"\x01" * 31)
+
+
 def test_sign_tx_long_calldata_matches_eth_account() -> None:
     # Batch calldata is ~95 kB: RLP length-of-length prefixes of 3 bytes.
     data = "0x" + random.Random(7).randbytes(95_000).hex()
