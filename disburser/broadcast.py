@@ -11,14 +11,20 @@ from one queue in nonce order. With two, the next batch is on its way while the 
 still taking the one before, so both are in its pool when it builds the next block (on
 automine one batch a block becomes two; over the internet two uploads overlap). A later
 nonce may reach the node a moment before an earlier one; a node keeps it until the gap is
-filled.
+filled. A transaction goes out beside the one before it only when the engine marks it
+``alongside``: when both fit one block together. Under automine a node mines what is ready
+when a transaction arrives, as much as fits a block, and leaves the rest for the next
+arrival: two that do not fit together, sent last, would leave one in the pool for good.
 
 It touches neither the ledger nor the log. Every outcome goes back to the engine's thread,
 which handles it exactly as if it had sent the transaction itself. After the first failure
-it starts no send: what no lane had taken yet comes back as ``NotSent``, so that the engine
-handles the failure (which may stop the run) before it sends the rest itself. Only a send
-another lane had already started (at most ``lanes - 1`` of them) can still go out: each is
-written ahead like every other, and a run that stops leaves it for the next to settle.
+no send that had not passed its lane's gate starts: the rest comes back as ``NotSent``, so
+that the engine handles the failure (which may stop the run) before it sends the rest
+itself. Only a send another lane had already let through (at most ``lanes - 1`` of them)
+can still go out: each is written ahead like every other, and a run that stops leaves it
+for the next to settle. A node that keeps no nonce gaps (Hardhat on automine) refuses a
+later nonce that arrives first ("nonce too high"); the engine sends it again and goes one
+at a time from then on.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class Outgoing:
     raw: str
     tx_hash: str
     last_of_window: bool = False
+    # May be on the wire while the send before it is unanswered: only where both fit one
+    # block together (see the module's docstring).
+    alongside: bool = False
 
 
 class NotSent(Exception):
@@ -61,8 +70,9 @@ class Broadcaster:
         # Handed over and not yet handed back, by tx id. The engine's thread only.
         self.outstanding: dict[int, Outgoing] = {}
         # Sends are numbered in the order they were put. A lane starts send s only once
-        # every send before s - (lanes - 1) went out: while one is unanswered, at most
-        # lanes - 1 later ones are on the wire, and none after a failure.
+        # every send before s - (lanes - 1) went out (before s, unless s goes alongside):
+        # while one is unanswered, at most lanes - 1 later ones are on the wire, and none
+        # after a failure.
         self._next = 0  # the number of the next put (the engine's thread only)
         self._cv = threading.Condition()
         self._low = 0  # the lowest number not yet sent successfully
@@ -80,8 +90,9 @@ class Broadcaster:
     def _loop(self, send: Callable[[str], object]) -> None:
         while (entry := self._todo.get()) is not None:
             seq, item = entry
+            after = seq - (self._lanes - 1) if item.alongside else seq
             with self._cv:
-                while not self._halt.is_set() and self._low < seq - (self._lanes - 1):
+                while not self._halt.is_set() and self._low < after:
                     self._cv.wait()
                 halted = self._halt.is_set()
             if halted:
@@ -106,8 +117,10 @@ class Broadcaster:
     def results(self, wait: float | None = None) -> list[Result]:
         """What has finished, in the order it finished (lanes may finish out of nonce
         order). ``wait``: block up to that long for the first when something is
-        outstanding. After a failure, waits until everything is back (the rest comes back
-        NotSent at once; only sends already on the wire are waited for)."""
+        outstanding. When what it took holds a failure, waits until everything is back
+        (the rest comes back NotSent at once; only sends already on the wire are waited
+        for). A call after the one that took the failure may return only a send that
+        finished later."""
         out: list[Result] = []
         if wait is not None and self.outstanding:
             try:
@@ -145,6 +158,15 @@ class Broadcaster:
             self._cv.notify_all()
         for _ in self._threads:
             self._todo.put(None)
+        # A second Ctrl-C while a send is on the wire does not cut this wait short (the
+        # run's lock would be released with a send still going out); it is raised after.
+        interrupted: KeyboardInterrupt | None = None
         for t in self._threads:
-            t.join()
+            while t.is_alive():
+                try:
+                    t.join()
+                except KeyboardInterrupt as e:
+                    interrupted = e
         self._on_close()
+        if interrupted is not None:
+            raise interrupted

@@ -38,6 +38,11 @@ class NonceTooLow(NodeError):
     """The nonce is used: by this transaction (fine) or another one (look it up)."""
 
 
+class NonceTooHigh(NodeError):
+    """An earlier nonce has not reached the node yet, and this node keeps no gaps (Hardhat
+    on automine): sent again once the earlier one is there."""
+
+
 class Underpriced(NodeError):
     """A replacement did not raise fees enough, or fees are below the node's floor."""
 
@@ -63,6 +68,8 @@ _ERROR_TABLE: tuple[tuple[str, type[NodeError]], ...] = (
     ("nonce too low", NonceTooLow),
     ("nonce is too low", NonceTooLow),
     ("oldnonce", NonceTooLow),
+    ("nonce too high", NonceTooHigh),
+    ("nonce is too high", NonceTooHigh),
     ("replacement transaction underpriced", Underpriced),
     ("underpriced", Underpriced),
     ("max fee per gas less than block base fee", Underpriced),

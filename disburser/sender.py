@@ -149,6 +149,9 @@ class Sender:
         # needed, False where the chain client cannot give them connections of their own.
         self._bcast: Broadcaster | None | bool = None
         self.lanes = LANES
+        self._last_put_gas: int | None = None  # gas limit of the last one handed to them
+        self._gaps_refused = False  # the node refused a nonce sent before the one below it
+        self._window_ends: list[Outgoing] = []  # windows whose last send is back, see below
         # Whether this run put anything on the wire: an error after that is not "refused,
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
         self.broadcast_any = False
@@ -913,8 +916,12 @@ class Sender:
         if bcast is not None:
             self.broadcast_any = True
             for k, (tx_id, n) in enumerate(zip(ids, new, strict=True)):
+                # Beside the one before only if both fit one block (see broadcast.py).
+                alongside = (not self._gaps_refused and self._last_put_gas is not None
+                             and self._last_put_gas + n.gas_limit <= head.gas_limit)
                 bcast.put(Outgoing(tx_id, n.nonce, n.raw, n.tx_hash,
-                                   last_of_window=k == len(new) - 1))
+                                   last_of_window=k == len(new) - 1, alongside=alongside))
+                self._last_put_gas = n.gas_limit
             return  # "after_broadcast" is passed once the window's last send is handled
         if len(new) == 1 or one_by_one:
             for tx_id, n in zip(ids, new, strict=True):
@@ -940,13 +947,15 @@ class Sender:
         if self._bcast is None:
             fork = getattr(self.chain, "for_thread", None)
             clients = [fork() for _ in range(self.lanes)] if fork is not None else []
-            if clients and all(c is not None for c in clients):
-                def close() -> None:
-                    for c in clients:
-                        getattr(c, "close", lambda: None)()
 
+            def close() -> None:
+                for c in clients:
+                    getattr(c, "close", lambda: None)()
+
+            if clients and all(c is not None for c in clients):
                 self._bcast = Broadcaster(*(c.send_raw for c in clients), on_close=close)
             else:
+                close()
                 self._bcast = False
         return self._bcast if isinstance(self._bcast, Broadcaster) else None
 
@@ -968,23 +977,32 @@ class Sender:
         got = bcast.results(wait)
         held: list[Outgoing] = []
         failed: list[tuple[Outgoing, Exception]] = []
+        fatal: BaseException | None = None
         for item, err in got:
             if err is None:
                 self._broadcast_accepted(item.tx_id, item.nonce, item.tx_hash)
             elif isinstance(err, NotSent):
                 held.append(item)
             elif not isinstance(err, Exception):
-                raise err
+                fatal = fatal or err  # raised once every send that went out is handled
             else:
                 failed.append((item, err))
+        if fatal is not None:
+            raise fatal
         for item, err in sorted(failed, key=lambda f: f[0].nonce):
             self._broadcast_failed(err, item.nonce, item.tx_hash, others_pending=False)
         for item in sorted(held, key=lambda o: o.nonce):
             self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
         if held or failed:
             bcast.resume()
-        for item, _ in got:
-            if item.last_of_window:  # each window's broadcast is over, whatever its outcome
+        # A window's broadcast is over, whatever its outcome, once its last send and every
+        # one before it are back (with two lanes the last may come back first).
+        self._window_ends += [item for item, _ in got if item.last_of_window]
+        if self._window_ends:
+            lowest = min((o.nonce for o in bcast.outstanding.values()), default=None)
+            over = [o for o in self._window_ends if lowest is None or o.nonce < lowest]
+            self._window_ends = [o for o in self._window_ends if o not in over]
+            for _ in over:
                 self._crash_point("after_broadcast")
         return bool(got)
 
@@ -1019,6 +1037,13 @@ class Sender:
             # A newer attempt at this nonce is in the pool, or the fee is below the node's
             # floor: the poll loop decides whether to bump.
             log.info("transfer_underpriced", nonce=nonce, tx_hash=tx_hash, error=str(e))
+        elif isinstance(e, ch.NonceTooHigh):
+            # A later nonce reached a node that keeps no gaps before the earlier one (two
+            # lanes): nothing at this nonce is in its pool, so the poll finds it missing and
+            # sends the stored bytes again. From now on one at a time.
+            self._gaps_refused = True
+            log.info("transfer_nonce_gap_refused", nonce=nonce, tx_hash=tx_hash,
+                     error=str(e))
         elif isinstance(e, ch.NonceTooLow):
             # Mined already (by this attempt or another of ours) or taken by a foreign tx:
             # the poll resolves it by looking the hashes up, never by re-signing.

@@ -547,6 +547,23 @@ def test_small_block_gas_limit_shrinks_batches(tmp_path: Path) -> None:
         assert max(t.count for t in batches) < 200
 
 
+def test_batches_that_do_not_fit_a_block_together_are_sent_one_at_a_time(
+        tmp_path: Path) -> None:
+    """A block of 16M gas holds one full batch. Under automine two sent at once would leave
+    the second in the pool until something else arrived; after the last batch nothing does,
+    and the run would wait forever (a real process, so that a hang is a timeout here)."""
+    with dn.Anvil(gas_limit=16_000_000) as anvil:
+        env = make_env(tmp_path, anvil, dn.setup(anvil.url))
+        m = env.signed_manifest(2_000)
+        r = env.proc("send", str(m), "--yes", timeout=90)
+        assert r.code == 0, r.err
+        assert_exactly_once(env, m)
+        batches = [t for t in ledger(env).txs(dn.PAYER) if t.kind == "batch"]
+        assert len(batches) >= 4 and sum(t.count for t in batches) == 2_000
+        assert all(2 * t.gas_limit > 16_000_000 for t in batches[:-1])  # one a block
+        assert env.chain.rpc("txpool_status")["pending"] == "0x0"
+
+
 # --- 5. confirmations and reorgs ------------------------------------------------------------
 
 

@@ -32,8 +32,9 @@ class Node:
         return "0x"
 
 
-def _item(i: int, last: bool = False) -> Outgoing:
-    return Outgoing(tx_id=i, nonce=i, raw=f"0x{i:02x}", tx_hash=f"0xh{i}", last_of_window=last)
+def _item(i: int, last: bool = False, alongside: bool = True) -> Outgoing:
+    return Outgoing(tx_id=i, nonce=i, raw=f"0x{i:02x}", tx_hash=f"0xh{i}", last_of_window=last,
+                    alongside=alongside)
 
 
 def _all(b: Broadcaster) -> list[tuple[int, BaseException | None]]:
@@ -149,6 +150,40 @@ def test_two_lanes_have_two_sends_on_the_wire_and_hand_every_outcome_back() -> N
     b.close()
 
 
+class Counting(Node):
+    """Counts the sends on the wire at once; each takes 20 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_wire = 0
+        self.most_on_wire = 0
+        self.lock = threading.Lock()
+
+    def send(self, raw: str) -> str:
+        with self.lock:
+            self.on_wire += 1
+            self.most_on_wire = max(self.most_on_wire, self.on_wire)
+        try:
+            time.sleep(0.02)
+            return super().send(raw)
+        finally:
+            with self.lock:
+                self.on_wire -= 1
+
+
+def test_two_lanes_send_one_at_a_time_what_may_not_go_alongside() -> None:
+    """Transactions that do not fit one block together: never two on the wire, in order
+    (under automine the second could be left in the pool for good)."""
+    node = Counting()
+    b = Broadcaster(node.send, node.send)
+    for i in range(6):
+        b.put(_item(i, alongside=False))
+    assert _all(b) == [(i, None) for i in range(6)]
+    assert node.most_on_wire == 1
+    assert node.sent == [f"0x{i:02x}" for i in range(6)]
+    b.close()
+
+
 class SlowFailure(Node):
     """Nonce 0 hangs until released, then fails (a send retried for long, then refused);
     the others go through at once."""
@@ -156,13 +191,16 @@ class SlowFailure(Node):
     def __init__(self) -> None:
         super().__init__()
         self.release = threading.Event()
+        self.first_sent = threading.Event()
         self.refusal = ch.NodeError("txpool is full")
 
     def send(self, raw: str) -> str:
         if raw == "0x00":
             assert self.release.wait(60), "the test never released nonce 0"
             raise self.refusal
-        return super().send(raw)
+        out = super().send(raw)
+        self.first_sent.set()
+        return out
 
 
 def test_with_two_lanes_a_failure_lets_out_only_the_send_already_on_the_wire() -> None:
@@ -173,10 +211,7 @@ def test_with_two_lanes_a_failure_lets_out_only_the_send_already_on_the_wire() -
     b = Broadcaster(node.send, node.send)
     for i in range(5):
         b.put(_item(i))
-    for _ in range(200):
-        if node.sent:
-            break
-        time.sleep(0.01)
+    assert node.first_sent.wait(60)
     time.sleep(0.2)  # time in which a lane not held back would send 2, 3 and 4
     assert node.sent == ["0x01"]
     node.release.set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 
 from disburser import chain as ch
 from disburser import policy
-from disburser.broadcast import Broadcaster
+from disburser.broadcast import THREAD_NAME, Broadcaster
 from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment, PaymentStatus
 from disburser.errors import FailClosed, RpcError, SettingsError
@@ -319,7 +320,7 @@ class ThreadedChain(FakeChain):
         return "0x"
 
 
-MAIN, THREAD = threading.main_thread().name, "disburser-broadcast"
+MAIN, THREAD = threading.main_thread().name, THREAD_NAME
 
 
 @pytest.fixture
@@ -376,9 +377,12 @@ def test_with_two_lanes_a_refusal_stops_the_run_with_only_the_next_nonce_sent(
         if raw == raws[0]:
             assert first_out.wait(60)
             raise ch.NodeError("txpool is full")
-        out = send(raw)
         first_out.set()
-        return out
+        # Back only after the refusal is: the engine gets the failure first and must still
+        # handle this send, which went out.
+        assert isinstance(s._bcast, Broadcaster) and s._bcast._halt.wait(60)
+        time.sleep(0.05)
+        return send(raw)
 
     chain.send_raw = slow_refusal  # type: ignore[method-assign]
     s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
@@ -394,6 +398,133 @@ def test_with_two_lanes_a_refusal_stops_the_run_with_only_the_next_nonce_sent(
     assert chain.by == [(THREAD, raws[1])]  # nonces 2 and 3 stay written ahead, never sent
     assert [x["nonce"] for x in logs if x["event"] == "transfer_broadcast"] == [1]
     assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
+
+
+@pytest.mark.parametrize(("gas", "alongside"), [(15_000_000, [False, True, True]),
+                                                (15_000_001, [False, False, False])])
+def test_a_batch_goes_beside_the_one_before_only_if_both_fit_one_block(
+        threaded: tuple[ThreadedChain, Sender], gas: int, alongside: list[bool]) -> None:
+    """Under automine two ready batches that do not fit one block leave one in the pool
+    until something else arrives: at the end of a run, for good."""
+    chain, s = threaded
+    s.lanes = 2
+    m = _accepted(s, 3)  # the fake's head: a 30M block
+    s._broadcaster()
+    assert isinstance(s._bcast, Broadcaster)
+    put: list[bool] = []
+    real_put = s._bcast.put
+    s._bcast.put = lambda item: (put.append(item.alongside), real_put(item))[1]  # type: ignore[method-assign]
+    rows = s.ledger.queued(m.root)
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", gas, [r], 10) for r in rows[:2]])
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", gas, [rows[2]], 10)])  # the next window: the same
+    s._flush_broadcasts()
+    assert put == alongside
+    assert len(chain.sent) == 3
+
+
+def _two_lanes(s: Sender, m: Manifest, n: int, node: Any, chain: ThreadedChain
+               ) -> list[str]:
+    """Writes ``n`` one-payment batches ahead on two lanes whose sends go to ``node(raw,
+    raws)`` (held until the raw bytes are known); the raw bytes in nonce order."""
+    s.lanes = 2
+    raws: list[str] = []
+    ready = threading.Event()
+    send = chain.send_raw
+
+    def gated(raw: str) -> str:
+        assert ready.wait(60)
+        return node(raw, raws, send)
+
+    chain.send_raw = gated  # type: ignore[method-assign]
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)[:n]])
+    raws += [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
+    ready.set()
+    return raws
+
+
+def test_with_two_lanes_failures_are_handled_in_nonce_order(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """Nonce 1 is refused (it comes back first) while nonce 0's answer is lost: the lost
+    one is handled first (left to the poll), then the refusal stops the run naming 1."""
+    chain, s = threaded
+    m = _accepted(s, 3)
+    both = threading.Barrier(2, timeout=60)
+
+    def node(raw: str, raws: list[str], send: Any) -> str:
+        both.wait()  # both on the wire
+        if raw == raws[1]:
+            raise ch.NodeError("txpool is full")
+        assert isinstance(s._bcast, Broadcaster) and s._bcast._halt.wait(60)
+        time.sleep(0.05)
+        raise RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
+
+    _two_lanes(s, m, 3, node, chain)
+    with capture_logs() as logs, pytest.raises(FailClosed) as e:
+        s._flush_broadcasts()
+    assert " at nonce 1: txpool is full" in str(e.value)
+    assert [(x["event"], x["nonce"]) for x in logs] == [
+        ("transfer_broadcast_unknown", 0), ("transfer_broadcast_refused", 1)]
+    assert chain.sent == []  # nonce 2 never went out
+
+
+def test_a_node_that_keeps_no_nonce_gaps_gets_one_at_a_time_after_refusing_one(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """Hardhat on automine refuses a later nonce that arrives first: not a refusal that
+    stops the run (the poll sends the stored bytes again), and no two at once after."""
+    chain, s = threaded
+    m = _accepted(s, 4)
+
+    def node(raw: str, raws: list[str], send: Any) -> str:
+        if raw == raws[1]:
+            raise ch.NonceTooHigh("Nonce too high. Expected nonce to be 0 but got 1. Note "
+                                  "that transactions can't be queued when automining.")
+        return str(send(raw))
+
+    raws = _two_lanes(s, m, 2, node, chain)
+    with capture_logs() as logs:
+        s._flush_broadcasts()  # no exception
+    assert [x["nonce"] for x in logs if x["event"] == "transfer_nonce_gap_refused"] == [1]
+    assert chain.sent == [raws[0]]
+    assert s._gaps_refused
+    assert isinstance(s._bcast, Broadcaster)
+    put: list[bool] = []
+    real_put = s._bcast.put
+    s._bcast.put = lambda item: (put.append(item.alongside), real_put(item))[1]  # type: ignore[method-assign]
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    s._flush_broadcasts()
+    assert put == [False, False]
+
+
+def test_a_windows_broadcast_is_over_only_when_every_send_of_it_is_back(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """With two lanes a window's last send may come back before the one below it: the
+    "after_broadcast" point (where the crash tests kill the run) waits for both."""
+    chain, s = threaded
+    m = _accepted(s, 2)
+    release = threading.Event()
+
+    def node(raw: str, raws: list[str], send: Any) -> str:
+        if raw == raws[0]:
+            assert release.wait(60)
+        return str(send(raw))
+
+    _two_lanes(s, m, 2, node, chain)
+    passed: list[str] = []
+    s._crash_point = passed.append  # type: ignore[method-assign]
+    assert isinstance(s._bcast, Broadcaster)
+    for _ in range(6000):  # until nonce 1, the window's last, is back
+        s._collect_broadcasts(wait=0.01)
+        if len(s._bcast.outstanding) == 1:
+            break
+    assert [o.nonce for o in s._bcast.outstanding.values()] == [0]
+    assert passed == []
+    release.set()
+    s._flush_broadcasts()
+    assert passed == ["after_broadcast"]
 
 
 def test_after_an_ambiguous_failure_the_engine_sends_the_held_back_rest_in_order(
