@@ -41,7 +41,9 @@ PER_RECIPIENT_GAS = 31_000
 STALL_SECONDS = 60.0
 PROGRESS_EVERY = 1.0
 WINDOW = 4  # batches measured and written ahead together, with broadcasting threads
-LANES = 2  # broadcasting threads (connections) sending the windows, see broadcast.py
+# Broadcasting threads (connections) sending the windows, see broadcast.py. Two: the rule
+# for what may go out together (two that fit one block) is a rule for pairs.
+LANES = 2
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 # Seconds the chain's nonce may stay at or below a nonce the ledger holds final before the
@@ -151,6 +153,7 @@ class Sender:
         self.lanes = LANES
         self._last_put_gas: int | None = None  # gas limit of the last one handed to them
         self._gaps_refused = False  # the node refused a nonce sent before the one below it
+        self._gap_refused: set[str] = set()  # hashes so refused, not yet sent again
         self._window_ends: list[Outgoing] = []  # windows whose last send is back, see below
         # Whether this run put anything on the wire: an error after that is not "refused,
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
@@ -946,6 +949,7 @@ class Sender:
     def _broadcaster(self) -> Broadcaster | None:
         if self._bcast is None:
             fork = getattr(self.chain, "for_thread", None)
+            assert 1 <= self.lanes <= 2, "the rule for what goes out together is for pairs"
             clients = [fork() for _ in range(self.lanes)] if fork is not None else []
 
             def close() -> None:
@@ -1038,10 +1042,20 @@ class Sender:
             # floor: the poll loop decides whether to bump.
             log.info("transfer_underpriced", nonce=nonce, tx_hash=tx_hash, error=str(e))
         elif isinstance(e, ch.NonceTooHigh):
+            if not any(t.nonce < nonce and t.status == TxStatus.PENDING.value
+                       for t in self.ledger.open_txs(self.payer)):
+                # Nothing of ours below it can fill the gap: the chain has not seen nonces
+                # the ledger holds done (a node reset, another chain under the same id).
+                raise FailClosed(
+                    f"node refused transaction {tx_hash} at nonce {nonce}: {e}; the chain's "
+                    f"nonce for {self.payer} is below what the ledger holds, and no "
+                    "transaction of the ledger's can fill the gap (was the node reset, or "
+                    "is this another chain?). Nothing more is sent") from None
             # A later nonce reached a node that keeps no gaps before the earlier one (two
             # lanes): nothing at this nonce is in its pool, so the poll finds it missing and
             # sends the stored bytes again. From now on one at a time.
             self._gaps_refused = True
+            self._gap_refused.add(tx_hash)
             log.info("transfer_nonce_gap_refused", nonce=nonce, tx_hash=tx_hash,
                      error=str(e))
         elif isinstance(e, ch.NonceTooLow):
@@ -1207,7 +1221,12 @@ class Sender:
                                 base_fee=head.base_fee)
             else:
                 # Dropped from the pool (or never arrived): the same bytes again.
-                log.warning("transfer_dropped_rebroadcast", nonce=t.nonce, tx_hash=last.hash)
+                if last.hash in self._gap_refused:  # refused for a gap now filled
+                    self._gap_refused.discard(last.hash)
+                    log.info("transfer_resent_after_gap", nonce=t.nonce, tx_hash=last.hash)
+                else:
+                    log.warning("transfer_dropped_rebroadcast", nonce=t.nonce,
+                                tx_hash=last.hash)
                 assert self._latest_nonce is not None  # a pool lookup was due (_check_due)
                 self._broadcast(t.id, t.nonce, self.ledger.attempt_raw(last.id), last.hash)
                 changed = True

@@ -499,6 +499,55 @@ def test_a_node_that_keeps_no_nonce_gaps_gets_one_at_a_time_after_refusing_one(
     assert put == [False, False]
 
 
+TOO_HIGH = "Nonce too high. Expected nonce to be 0 but got 1."
+
+
+def test_a_batch_refused_for_a_gap_is_sent_again_by_the_next_poll(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """Nonce 1 reached a node that keeps no gaps before nonce 0 could: the poll finds it
+    missing and sends the same bytes again, saying why (not as a drop)."""
+    chain, s = threaded
+    now = [1000.0]
+    s.clock = lambda: now[0]
+    chain.refuse_nth[2] = ch.classify(-32000, TOO_HIGH)
+    m = _accepted(s, 3)
+    raws = _window(s, m, 3)
+    with capture_logs() as logs:
+        s._flush_broadcasts()  # no exception: nonce 0 is pending below it
+        assert chain.sent == [raws[0], raws[2]]  # 2 held back, then sent by the engine
+        hashes = {a.hash: a.raw for t in s.ledger.txs(s.payer)
+                  for a in s.ledger.attempts(t.id or 0)}
+        chain.known = lambda hs: {h: hashes[h] in chain.sent for h in hs}  # type: ignore[attr-defined]
+        chain.receipts = lambda hs: {h: None for h in hs}  # type: ignore[attr-defined]
+        chain.block_hashes = lambda ns: {}  # type: ignore[attr-defined]
+        now[0] += 0.01
+        s._poll()
+    assert chain.sent == [raws[0], raws[2], raws[1]]  # the same bytes, never re-signed
+    assert [(x["event"], x["nonce"]) for x in logs if x["event"].startswith(
+        ("transfer_nonce_gap", "transfer_resent", "transfer_dropped"))] == [
+        ("transfer_nonce_gap_refused", 1), ("transfer_resent_after_gap", 1)]
+    assert len(s.ledger.attempts(s.ledger.txs(s.payer)[1].id or 0)) == 1
+
+
+def test_nonce_too_high_with_nothing_of_ours_below_stops_the_run(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """The chain has not seen nonces the ledger holds done (a node reset): no transaction
+    of the ledger's can fill the gap, and re-sending forever would hide it."""
+    chain, s = threaded
+    m = _accepted(s, 1)
+    s._sign_and_send(kind="batch", root=m.root, to=BATCH, data="0x", gas=60_000,
+                     rows=s.ledger.queued(m.root), amount=10, program="p")
+    tx = s.ledger.txs(s.payer)[0]
+    chain.refuse_nth[2] = ch.classify(-32000, TOO_HIGH)
+    with pytest.raises(FailClosed) as e:
+        s._broadcast(tx.id or 0, tx.nonce, "0xab", "0xhash")
+    assert str(e.value) == (
+        f"node refused transaction 0xhash at nonce {tx.nonce}: {TOO_HIGH}; the chain's nonce "
+        f"for {s.payer} is below what the ledger holds, and no transaction of the ledger's "
+        "can fill the gap (was the node reset, or is this another chain?). Nothing more is "
+        "sent")
+
+
 def test_a_windows_broadcast_is_over_only_when_every_send_of_it_is_back(
         threaded: tuple[ThreadedChain, Sender]) -> None:
     """With two lanes a window's last send may come back before the one below it: the
