@@ -215,7 +215,7 @@ def _details(r: dict[str, Any]) -> list[str]:
         out += ["", f"### Profile of a batch-mode send ({_n(p['n'])} recipients, cProfile)",
                 "", f"Under the profiler: send {p['send_seconds']:.2f} s, `Sender.run` "
                 f"{p['run_seconds']:.2f} s. cProfile sees the send loop's thread only: the "
-                "broadcasting thread's sends (`eth_sendRawTransaction`, where the node mines "
+                "broadcasting threads' sends (`eth_sendRawTransaction`, where the node mines "
                 "under automine) are not in these tables. disburser's functions by cumulative "
                 "time:", ""]
         out += _table(["function", "calls", "cumulative", "% of Sender.run"],
