@@ -114,28 +114,42 @@ def test_close_waits_for_the_send_on_the_wire_and_sends_nothing_still_queued() -
     assert closed == [True]
 
 
-class TwoLaneNode(Node):
-    """Holds every send at the gate until two are on the wire at once (or 60 s pass)."""
+class Counting(Node):
+    """Counts the sends on the wire at once; each stays there ``_on_wire`` long (20 ms)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.on_wire = 0
         self.most_on_wire = 0
         self.lock = threading.Lock()
-        self.both = threading.Event()
+
+    def _on_wire(self, count: int) -> None:
+        time.sleep(0.02)
 
     def send(self, raw: str) -> str:
         with self.lock:
             self.on_wire += 1
             self.most_on_wire = max(self.most_on_wire, self.on_wire)
-            if self.on_wire == 2:
-                self.both.set()
+            count = self.on_wire
         try:
-            self.both.wait(60)
+            self._on_wire(count)
             return super().send(raw)
         finally:
             with self.lock:
                 self.on_wire -= 1
+
+
+class TwoLaneNode(Counting):
+    """Holds every send until two are on the wire at once (or 60 s pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.both = threading.Event()
+
+    def _on_wire(self, count: int) -> None:
+        if count == 2:
+            self.both.set()
+        self.both.wait(60)
 
 
 def test_two_lanes_have_two_sends_on_the_wire_and_hand_every_outcome_back() -> None:
@@ -148,27 +162,6 @@ def test_two_lanes_have_two_sends_on_the_wire_and_hand_every_outcome_back() -> N
     assert node.most_on_wire == 2
     assert sorted(node.sent) == [f"0x{i:02x}" for i in range(6)]
     b.close()
-
-
-class Counting(Node):
-    """Counts the sends on the wire at once; each takes 20 ms."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_wire = 0
-        self.most_on_wire = 0
-        self.lock = threading.Lock()
-
-    def send(self, raw: str) -> str:
-        with self.lock:
-            self.on_wire += 1
-            self.most_on_wire = max(self.most_on_wire, self.on_wire)
-        try:
-            time.sleep(0.02)
-            return super().send(raw)
-        finally:
-            with self.lock:
-                self.on_wire -= 1
 
 
 def test_two_lanes_send_one_at_a_time_what_may_not_go_alongside() -> None:

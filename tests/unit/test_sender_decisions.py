@@ -361,19 +361,36 @@ def test_a_refusal_met_by_the_broadcasting_thread_stops_the_run_before_later_non
     assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
 
 
+def _two_lanes(s: Sender, m: Manifest, n: int, node: Any, chain: ThreadedChain
+               ) -> list[str]:
+    """Writes ``n`` one-payment batches ahead on two lanes whose sends go to ``node(raw,
+    raws)`` (held until the raw bytes are known); the raw bytes in nonce order."""
+    s.lanes = 2
+    raws: list[str] = []
+    ready = threading.Event()
+    send = chain.send_raw
+
+    def gated(raw: str) -> str:
+        assert ready.wait(60)
+        return node(raw, raws, send)
+
+    chain.send_raw = gated  # type: ignore[method-assign]
+    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
+                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)[:n]])
+    raws += [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
+    ready.set()
+    return raws
+
+
 def test_with_two_lanes_a_refusal_stops_the_run_with_only_the_next_nonce_sent(
         threaded: tuple[ThreadedChain, Sender]) -> None:
     """Nonce 0 is refused after nonce 1, on the other lane, went out: the run stops on the
     refusal, naming nonce 0; nonce 1's send is handled (logged), 2 and 3 never go out."""
     chain, s = threaded
-    s.lanes = 2
     m = _accepted(s, 4)
-    first_out, ready = threading.Event(), threading.Event()
-    send = chain.send_raw
-    raws: list[str] = []
+    first_out = threading.Event()
 
-    def slow_refusal(raw: str) -> str:
-        assert ready.wait(60)  # until the raw bytes below are known
+    def node(raw: str, raws: list[str], send: Any) -> str:
         if raw == raws[0]:
             assert first_out.wait(60)
             raise ch.NodeError("txpool is full")
@@ -382,13 +399,9 @@ def test_with_two_lanes_a_refusal_stops_the_run_with_only_the_next_nonce_sent(
         # handle this send, which went out.
         assert isinstance(s._bcast, Broadcaster) and s._bcast._halt.wait(60)
         time.sleep(0.05)
-        return send(raw)
+        return str(send(raw))
 
-    chain.send_raw = slow_refusal  # type: ignore[method-assign]
-    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
-                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
-    raws += [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
-    ready.set()
+    raws = _two_lanes(s, m, 4, node, chain)
     with capture_logs() as logs, pytest.raises(FailClosed) as e:
         s._flush_broadcasts()
     tx = s.ledger.txs(s.payer)[0]
@@ -422,27 +435,6 @@ def test_a_batch_goes_beside_the_one_before_only_if_both_fit_one_block(
     s._flush_broadcasts()
     assert put == alongside
     assert len(chain.sent) == 3
-
-
-def _two_lanes(s: Sender, m: Manifest, n: int, node: Any, chain: ThreadedChain
-               ) -> list[str]:
-    """Writes ``n`` one-payment batches ahead on two lanes whose sends go to ``node(raw,
-    raws)`` (held until the raw bytes are known); the raw bytes in nonce order."""
-    s.lanes = 2
-    raws: list[str] = []
-    ready = threading.Event()
-    send = chain.send_raw
-
-    def gated(raw: str) -> str:
-        assert ready.wait(60)
-        return node(raw, raws, send)
-
-    chain.send_raw = gated  # type: ignore[method-assign]
-    s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
-                          items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)[:n]])
-    raws += [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
-    ready.set()
-    return raws
 
 
 def test_with_two_lanes_failures_are_handled_in_nonce_order(
