@@ -11,10 +11,11 @@ from one queue in nonce order. With two, the next batch is on its way while the 
 still taking the one before, so both are in its pool when it builds the next block (on
 automine one batch a block becomes two; over the internet two uploads overlap). A later
 nonce may reach the node a moment before an earlier one; most nodes keep it until the gap
-is filled (see the end for one that does not). A transaction goes out beside the one before it only when the engine marks it
-``alongside``: when both fit one block together. Under automine a node mines what is ready
-when a transaction arrives, as much as fits a block, and leaves the rest for the next
-arrival: two that do not fit together, sent last, would leave one in the pool for good.
+is filled (see the end for one that does not). A transaction goes out beside the one
+before it only when the engine marks it ``alongside``: when both fit one block together.
+Under automine a node mines what is ready when a transaction arrives, as much as fits a
+block, and leaves the rest for the next arrival: two that do not fit together, sent last,
+would leave one in the pool for good.
 
 It touches neither the ledger nor the log. Every outcome goes back to the engine's thread,
 which handles it exactly as if it had sent the transaction itself. After the first failure
