@@ -152,7 +152,7 @@ class Sender:
         self._bcast: Broadcaster | None | bool = None
         self.lanes = LANES
         self._last_put_gas: int | None = None  # gas limit of the last one handed to them
-        self._gaps_refused = False  # the node refused a nonce sent before the one below it
+        self._one_at_a_time = False  # lanes never two at once: the node keeps no nonce gaps
         self._gap_refused: set[str] = set()  # hashes so refused, not yet sent again
         self._window_ends: list[Outgoing] = []  # windows whose last send is back, see below
         # Whether this run put anything on the wire: an error after that is not "refused,
@@ -920,7 +920,7 @@ class Sender:
             self.broadcast_any = True
             for k, (tx_id, n) in enumerate(zip(ids, new, strict=True)):
                 # Beside the one before only if both fit one block (see broadcast.py).
-                alongside = (not self._gaps_refused and self._last_put_gas is not None
+                alongside = (not self._one_at_a_time and self._last_put_gas is not None
                              and self._last_put_gas + n.gas_limit <= head.gas_limit)
                 bcast.put(Outgoing(tx_id, n.nonce, n.raw, n.tx_hash,
                                    last_of_window=k == len(new) - 1, alongside=alongside))
@@ -1054,7 +1054,7 @@ class Sender:
             # A later nonce reached a node that keeps no gaps before the earlier one (two
             # lanes): nothing at this nonce is in its pool, so the poll finds it missing and
             # sends the stored bytes again. From now on one at a time.
-            self._gaps_refused = True
+            self._one_at_a_time = True
             self._gap_refused.add(tx_hash)
             log.info("transfer_nonce_gap_refused", nonce=nonce, tx_hash=tx_hash,
                      error=str(e))

@@ -480,7 +480,7 @@ def test_a_node_that_keeps_no_nonce_gaps_gets_one_at_a_time_after_refusing_one(
         s._flush_broadcasts()  # no exception
     assert [x["nonce"] for x in logs if x["event"] == "transfer_nonce_gap_refused"] == [1]
     assert chain.sent == [raws[0]]
-    assert s._gaps_refused
+    assert s._one_at_a_time
     assert isinstance(s._bcast, Broadcaster)
     put: list[bool] = []
     real_put = s._bcast.put
