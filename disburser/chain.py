@@ -70,6 +70,8 @@ _ERROR_TABLE: tuple[tuple[str, type[NodeError]], ...] = (
     ("oldnonce", NonceTooLow),
     ("nonce too high", NonceTooHigh),
     ("nonce is too high", NonceTooHigh),
+    ("noncegap", NonceTooHigh),  # Nethermind, a sender's future nonce it will not keep
+    ("nonce gap", NonceTooHigh),
     ("replacement transaction underpriced", Underpriced),
     ("underpriced", Underpriced),
     ("max fee per gas less than block base fee", Underpriced),

@@ -19,7 +19,7 @@ import structlog
 
 from disburser import chain as ch
 from disburser import policy
-from disburser.broadcast import Broadcaster, NotSent, Outgoing
+from disburser.broadcast import Broadcaster, NotSent, Outgoing, Send
 from disburser.domain import Manifest, Mode, PaymentStatus, TxStatus
 from disburser.errors import (
     ChainMismatchError,
@@ -43,7 +43,6 @@ PROGRESS_EVERY = 1.0
 WINDOW = 4  # batches measured and written ahead together, with broadcasting threads
 # Broadcasting threads (connections) sending the windows, see broadcast.py. Two: the rule
 # for what may go out together (two that fit one block) is a rule for pairs.
-LANES = 2
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 # Seconds the chain's nonce may stay at or below a nonce the ledger holds final before the
@@ -147,14 +146,11 @@ class Sender:
         self._idle = 0.0  # the current wait between polls that changed nothing
         self._batch_size = cfg.batch_size
         self._txs_sent = 0
-        # The batch windows' broadcasting threads (see broadcast.py): None until first
-        # needed, False where the chain client cannot give them connections of their own.
+        # The batch windows' broadcasting thread (see broadcast.py): None until first
+        # needed, False where the chain client cannot give it a connection of its own.
         self._bcast: Broadcaster | None | bool = None
-        self.lanes = LANES
-        self._last_put_gas: int | None = None  # gas limit of the last one handed to them
-        self._one_at_a_time = False  # lanes never two at once: the node keeps no nonce gaps
+        self._one_at_a_time = False  # no pairs: the node keeps no nonce gaps
         self._gap_refused: set[str] = set()  # hashes so refused, not yet sent again
-        self._window_ends: list[Outgoing] = []  # windows whose last send is back, see below
         # Whether this run put anything on the wire: an error after that is not "refused,
         # nothing sent" (exit 2) but "stopped with payments in progress" (exit 1).
         self.broadcast_any = False
@@ -882,10 +878,10 @@ class Sender:
         """Sign transactions at consecutive nonces, write them all ahead in one database
         transaction, then broadcast them: several in one JSON-RPC batch, or ``one_by_one``
         (batches: ~95 kB each, and a node refuses requests over a few MB) by the
-        broadcasting threads where there are, which send them in nonce order (two lanes:
-        two at a time) while this thread goes on; their outcomes are handled by the next
-        poll. Anything else first waits for those threads to finish, so that nonces go out
-        in order."""
+        broadcasting thread where there is one, which sends them in nonce order (two
+        at a time where they fit one block together) while this thread goes on; their
+        outcomes are handled by the next poll. Anything else first waits for that thread to
+        finish, so that nonces go out in order."""
         bcast = self._broadcaster() if one_by_one else None
         if bcast is None:
             self._flush_broadcasts()
@@ -918,13 +914,15 @@ class Sender:
                      max_fee=n.max_fee, tip=n.tip)
         if bcast is not None:
             self.broadcast_any = True
-            for k, (tx_id, n) in enumerate(zip(ids, new, strict=True)):
-                # Beside the one before only if both fit one block (see broadcast.py).
-                alongside = (not self._one_at_a_time and self._last_put_gas is not None
-                             and self._last_put_gas + n.gas_limit <= head.gas_limit)
-                bcast.put(Outgoing(tx_id, n.nonce, n.raw, n.tx_hash,
-                                   last_of_window=k == len(new) - 1, alongside=alongside))
-                self._last_put_gas = n.gas_limit
+            out = [Outgoing(tx_id, n.nonce, n.raw, n.tx_hash, last_of_window=k == len(new) - 1)
+                   for k, (tx_id, n) in enumerate(zip(ids, new, strict=True))]
+            k = 0
+            while k < len(out):
+                # Two together only where they fit one block together (see broadcast.py).
+                two = (not self._one_at_a_time and k + 1 < len(out)
+                       and new[k].gas_limit + new[k + 1].gas_limit <= head.gas_limit)
+                bcast.put(*out[k:k + 2 if two else k + 1])
+                k += 2 if two else 1
             return  # "after_broadcast" is passed once the window's last send is handled
         if len(new) == 1 or one_by_one:
             for tx_id, n in zip(ids, new, strict=True):
@@ -949,17 +947,11 @@ class Sender:
     def _broadcaster(self) -> Broadcaster | None:
         if self._bcast is None:
             fork = getattr(self.chain, "for_thread", None)
-            assert 1 <= self.lanes <= 2, "the rule for what goes out together is for pairs"
-            clients = [fork() for _ in range(self.lanes)] if fork is not None else []
-
-            def close() -> None:
-                for c in clients:
-                    getattr(c, "close", lambda: None)()
-
-            if clients and all(c is not None for c in clients):
-                self._bcast = Broadcaster(*(c.send_raw for c in clients), on_close=close)
+            client = fork() if fork is not None else None
+            if client is not None:
+                self._bcast = Broadcaster(_sender_of(client),
+                                          on_close=getattr(client, "close", lambda: None))
             else:
-                close()
                 self._bcast = False
         return self._bcast if isinstance(self._bcast, Broadcaster) else None
 
@@ -971,8 +963,8 @@ class Sender:
 
     def _collect_broadcasts(self, wait: float | None = None) -> bool:
         """Handle what the broadcasting threads have finished, as ``_broadcast`` would have.
-        The sends that went out first (with two lanes one may have left after a failed
-        earlier nonce), then failures in nonce order (one may stop the run), then the
+        The sends that went out first (the later nonce of a pair may have gone out beside a
+        failed earlier one), then failures in nonce order (one may stop the run), then the
         transactions held back are sent from here, in nonce order. True when anything came
         back."""
         bcast = self._bcast
@@ -999,14 +991,10 @@ class Sender:
             self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
         if held or failed:
             bcast.resume()
-        # A window's broadcast is over, whatever its outcome, once its last send and every
-        # one before it are back (with two lanes the last may come back first).
-        self._window_ends += [item for item, _ in got if item.last_of_window]
-        if self._window_ends:
-            lowest = min((o.nonce for o in bcast.outstanding.values()), default=None)
-            over = [o for o in self._window_ends if lowest is None or o.nonce < lowest]
-            self._window_ends = [o for o in self._window_ends if o not in over]
-            for _ in over:
+        # A window's broadcast is over, whatever its outcome, once its last send is back:
+        # sends come back in nonce order, so every one before it is back too.
+        for item, _ in got:
+            if item.last_of_window:
                 self._crash_point("after_broadcast")
         return bool(got)
 
@@ -1051,9 +1039,9 @@ class Sender:
                     f"nonce for {self.payer} is below what the ledger holds, and no "
                     "transaction of the ledger's can fill the gap (was the node reset, or "
                     "is this another chain?). Nothing more is sent") from None
-            # A later nonce reached a node that keeps no gaps before the earlier one (two
-            # lanes): nothing at this nonce is in its pool, so the poll finds it missing and
-            # sends the stored bytes again. From now on one at a time.
+            # A later nonce reached a node that keeps no gaps before the earlier one (a
+            # pair, sent later nonce first): nothing at this nonce is in its pool, so the
+            # poll finds it missing and sends the stored bytes again. No pairs from now on.
             self._one_at_a_time = True
             self._gap_refused.add(tx_hash)
             log.info("transfer_nonce_gap_refused", nonce=nonce, tx_hash=tx_hash,
@@ -1401,6 +1389,22 @@ class Sender:
                  tip=new.tip)
         self._broadcast(t.id, t.nonce, signed.raw, signed.hash, others_pending=True)
         return True
+
+
+def _sender_of(client: Any) -> Send:
+    """The broadcasting thread's send on ``client``: one transaction alone (a refusal is
+    raised, as by ``send_raw``), two in one JSON-RPC request (an outcome each). A request for
+    two that fails as a whole leaves both unknown: each gets an RpcError, and the poll looks
+    them up and sends again what the node does not have."""
+    def send(raws: Sequence[str]) -> Sequence[object]:
+        if len(raws) == 1:
+            client.send_raw(raws[0])
+            return [None]
+        try:
+            return list(client.send_raw_many(raws))
+        except DisburserError as e:
+            return [RpcError(f"request of {len(raws)} transactions failed: {e}")] * len(raws)
+    return send
 
 
 def check_chain_id(chain: ch.RpcChain, cfg: SendConfig) -> int:

@@ -1,40 +1,50 @@
-"""The broadcasting threads on their own: order, a failure halts them, close sends nothing
-more; with two lanes, two sends on the wire at once and at most one after a failure.
-Its use by the send loop is in test_sender_decisions.py (decisions) and in every batch-mode
-integration, fault and crash test (real Anvil)."""
+"""The broadcasting thread on its own: order, pairs later nonce first in one request, a
+failure halts it, close sends nothing more. Its use by the send loop is in
+test_sender_decisions.py (decisions) and in every batch-mode integration, fault and crash
+test (real Anvil)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 from disburser import chain as ch
 from disburser.broadcast import Broadcaster, NotSent, Outgoing
 
 
 class Node:
-    """Records what arrives; ``refuse`` maps raw bytes to the error they get; ``gate``
-    holds each send until it is set."""
+    """Records each request (the raw bytes it carried, in order) and what it accepted;
+    ``refuse`` maps raw bytes to the error they get; ``gate`` holds each request until it
+    is set; ``fail_request`` makes the next request fail as a whole."""
 
     def __init__(self) -> None:
+        self.requests: list[list[str]] = []
         self.sent: list[str] = []
         self.refuse: dict[str, Exception] = {}
         self.gate = threading.Event()
         self.gate.set()
-        self.entered = threading.Event()  # a send has started
+        self.entered = threading.Event()  # a request has started
+        self.fail_request: Exception | None = None
 
-    def send(self, raw: str) -> str:
+    def send(self, raws: Sequence[str]) -> list[object]:
         self.entered.set()
         assert self.gate.wait(60), "the test never opened the gate"
-        if raw in self.refuse:
-            raise self.refuse[raw]
-        self.sent.append(raw)
-        return "0x"
+        self.requests.append(list(raws))
+        if self.fail_request is not None:
+            raise self.fail_request
+        out: list[object] = []
+        for raw in raws:
+            if raw in self.refuse:
+                out.append(self.refuse[raw])
+            else:
+                self.sent.append(raw)
+                out.append("0x")
+        return out
 
 
-def _item(i: int, last: bool = False, alongside: bool = True) -> Outgoing:
-    return Outgoing(tx_id=i, nonce=i, raw=f"0x{i:02x}", tx_hash=f"0xh{i}", last_of_window=last,
-                    alongside=alongside)
+def _item(i: int, last: bool = False) -> Outgoing:
+    return Outgoing(tx_id=i, nonce=i, raw=f"0x{i:02x}", tx_hash=f"0xh{i}", last_of_window=last)
 
 
 def _all(b: Broadcaster) -> list[tuple[int, BaseException | None]]:
@@ -52,8 +62,21 @@ def test_sends_in_order_and_hands_every_outcome_back() -> None:
     for i in range(5):
         b.put(_item(i))
     assert _all(b) == [(i, None) for i in range(5)]
-    assert node.sent == [f"0x{i:02x}" for i in range(5)]
+    assert node.requests == [[f"0x{i:02x}"] for i in range(5)]
     assert b.outstanding == {}
+    b.close()
+
+
+def test_a_pair_goes_in_one_request_later_nonce_first_and_comes_back_in_nonce_order() -> None:
+    """The later nonce first: a node that mines when a transaction arrives holds it for the
+    gap, and the earlier one makes both ready at once (one block for two)."""
+    node = Node()
+    b = Broadcaster(node.send)
+    b.put(_item(0))
+    b.put(_item(1), _item(2))
+    b.put(_item(3), _item(4))
+    assert _all(b) == [(i, None) for i in range(5)]
+    assert node.requests == [["0x00"], ["0x02", "0x01"], ["0x04", "0x03"]]
     b.close()
 
 
@@ -73,6 +96,35 @@ def test_after_a_failure_nothing_more_is_sent_until_resumed() -> None:
     b.put(_item(5))
     assert _all(b) == [(5, None)]
     assert node.sent == ["0x00", "0x01", "0x05"]
+    b.close()
+
+
+def test_a_failure_in_a_pair_lets_out_only_its_later_nonce() -> None:
+    """The earlier nonce of a pair is refused: the later one went out beside it, in the same
+    request; the next pair comes back NotSent, never sent."""
+    node = Node()
+    refusal = ch.NodeError("txpool is full")
+    node.refuse["0x00"] = refusal
+    b = Broadcaster(node.send)
+    b.put(_item(0), _item(1))
+    b.put(_item(2), _item(3))
+    got = _all(b)
+    assert got[:2] == [(0, refusal), (1, None)]
+    assert [i for i, _ in got[2:]] == [2, 3] and all(isinstance(e, NotSent) for _, e in got[2:])
+    assert node.requests == [["0x01", "0x00"]]
+    b.close()
+
+
+def test_a_pair_whose_request_fails_as_a_whole_gets_the_error_for_both() -> None:
+    node = Node()
+    lost = ch.RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
+    node.fail_request = lost
+    b = Broadcaster(node.send)
+    b.put(_item(0), _item(1))
+    b.put(_item(2))
+    got = _all(b)
+    assert got[:2] == [(0, lost), (1, lost)] and isinstance(got[2][1], NotSent)
+    assert node.requests == [["0x01", "0x00"]]
     b.close()
 
 
@@ -109,112 +161,6 @@ def test_close_waits_for_the_send_on_the_wire_and_sends_nothing_still_queued() -
     assert closer.is_alive()  # close waits for the send on the wire
     node.gate.set()
     closer.join(60)
-    assert not closer.is_alive() and not any(t.is_alive() for t in b._threads)
+    assert not closer.is_alive() and not b._thread.is_alive()
     assert node.sent == ["0x00"]  # 0x01 and 0x02 stay written ahead only
     assert closed == [True]
-
-
-class Counting(Node):
-    """Counts the sends on the wire at once; each stays there ``_on_wire`` long (20 ms)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_wire = 0
-        self.most_on_wire = 0
-        self.lock = threading.Lock()
-
-    def _on_wire(self, count: int) -> None:
-        time.sleep(0.02)
-
-    def send(self, raw: str) -> str:
-        with self.lock:
-            self.on_wire += 1
-            self.most_on_wire = max(self.most_on_wire, self.on_wire)
-            count = self.on_wire
-        try:
-            self._on_wire(count)
-            return super().send(raw)
-        finally:
-            with self.lock:
-                self.on_wire -= 1
-
-
-class TwoLaneNode(Counting):
-    """Holds every send until two are on the wire at once (or 60 s pass)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.both = threading.Event()
-
-    def _on_wire(self, count: int) -> None:
-        if count == 2:
-            self.both.set()
-        self.both.wait(60)
-
-
-def test_two_lanes_have_two_sends_on_the_wire_and_hand_every_outcome_back() -> None:
-    node = TwoLaneNode()
-    b = Broadcaster(node.send, node.send)
-    for i in range(6):
-        b.put(_item(i))
-    got = _all(b)
-    assert sorted(got, key=lambda g: g[0]) == [(i, None) for i in range(6)]
-    assert node.most_on_wire == 2
-    assert sorted(node.sent) == [f"0x{i:02x}" for i in range(6)]
-    b.close()
-
-
-def test_two_lanes_send_one_at_a_time_what_may_not_go_alongside() -> None:
-    """Transactions that do not fit one block together: never two on the wire, in order
-    (under automine the second could be left in the pool for good)."""
-    node = Counting()
-    b = Broadcaster(node.send, node.send)
-    for i in range(6):
-        b.put(_item(i, alongside=False))
-    assert _all(b) == [(i, None) for i in range(6)]
-    assert node.most_on_wire == 1
-    assert node.sent == [f"0x{i:02x}" for i in range(6)]
-    b.close()
-
-
-class SlowFailure(Node):
-    """Nonce 0 hangs until released, then fails (a send retried for long, then refused);
-    the others go through at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-        self.first_sent = threading.Event()
-        self.refusal = ch.NodeError("txpool is full")
-
-    def send(self, raw: str) -> str:
-        if raw == "0x00":
-            assert self.release.wait(60), "the test never released nonce 0"
-            raise self.refusal
-        out = super().send(raw)
-        self.first_sent.set()
-        return out
-
-
-def test_with_two_lanes_a_failure_lets_out_only_the_send_already_on_the_wire() -> None:
-    """While nonce 0 hangs on one lane, the other sends nonce 1 and then waits: nothing
-    further than one past an unanswered send. Nonce 0 fails: 2 and later come back
-    NotSent, never sent."""
-    node = SlowFailure()
-    b = Broadcaster(node.send, node.send)
-    for i in range(5):
-        b.put(_item(i))
-    assert node.first_sent.wait(60)
-    time.sleep(0.2)  # time in which a lane not held back would send 2, 3 and 4
-    assert node.sent == ["0x01"]
-    node.release.set()
-    got = dict(_all(b))
-    assert got[0] is node.refusal and got[1] is None
-    assert all(isinstance(got[i], NotSent) for i in (2, 3, 4))
-    assert node.sent == ["0x01"]
-    b.resume()
-    b.put(_item(5))
-    b.put(_item(6))
-    assert sorted(_all(b), key=lambda g: g[0]) == [(5, None), (6, None)]
-    assert node.sent[1:] in (["0x05", "0x06"], ["0x06", "0x05"])
-    b.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from structlog.testing import capture_logs
 
 from disburser import chain as ch
 from disburser import policy
-from disburser.broadcast import THREAD_NAME, Broadcaster
+from disburser.broadcast import THREAD_NAME, Broadcaster, Outgoing
 from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment, PaymentStatus
 from disburser.errors import FailClosed, RpcError, SettingsError
@@ -298,7 +297,8 @@ def test_a_priced_out_or_overdue_transaction_is_due_for_a_check_though_just_seen
 
 class ThreadedChain(FakeChain):
     """A FakeChain that gives the broadcasting thread a client (itself), refusing some sends
-    by position and recording which thread sent what."""
+    by position (a pair counts as two, the later nonce first) and recording which thread
+    sent what."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -319,6 +319,16 @@ class ThreadedChain(FakeChain):
         self.by.append((threading.current_thread().name, raw))
         return "0x"
 
+    def send_raw_many(self, raws: list[str]) -> list[object]:
+        """One request: an outcome each, as Transport.batch answers."""
+        out: list[object] = []
+        for raw in raws:
+            try:
+                out.append(self.send_raw(raw))
+            except (ch.NodeError, RpcError) as e:
+                out.append(e)
+        return out
+
 
 MAIN, THREAD = threading.main_thread().name, THREAD_NAME
 
@@ -327,7 +337,6 @@ MAIN, THREAD = threading.main_thread().name, THREAD_NAME
 def threaded(tmp_path: Path) -> Iterator[tuple[ThreadedChain, Sender]]:
     chain = ThreadedChain()
     s = _sender(tmp_path, chain)
-    s.lanes = 1  # sends in a fixed order: the refusals below are by position
     try:
         yield chain, s
     finally:
@@ -346,26 +355,45 @@ def _window(s: Sender, m: Manifest, n: int) -> list[str]:
 
 def test_a_refusal_met_by_the_broadcasting_thread_stops_the_run_before_later_nonces(
         threaded: tuple[ThreadedChain, Sender]) -> None:
+    """The window goes as two pairs, each later nonce first. Nonce 0 is refused: the run
+    stops naming it; nonce 1, which went out beside it, is handled (logged); the second pair
+    stays written ahead, never sent."""
     chain, s = threaded
     chain.refuse_nth[2] = ch.NodeError("txpool is full")
     m = _accepted(s, 4)
     raws = _window(s, m, 4)
     assert s.broadcast_any
-    with pytest.raises(FailClosed) as e:
+    with capture_logs() as logs, pytest.raises(FailClosed) as e:
         s._flush_broadcasts()
-    tx = s.ledger.txs(s.payer)[1]
+    tx = s.ledger.txs(s.payer)[0]
     h = s.ledger.attempts(tx.id or 0)[0].hash
-    assert str(e.value).startswith(f"node refused transaction {h} at nonce 1: "
+    assert str(e.value).startswith(f"node refused transaction {h} at nonce 0: "
                                    "txpool is full; nothing more is sent.")
-    assert chain.by == [(THREAD, raws[0])]  # nonces 2 and 3 stay written ahead, never sent
+    assert chain.by == [(THREAD, raws[1])]  # nonces 2 and 3 stay written ahead, never sent
+    assert [x["nonce"] for x in logs if x["event"] == "transfer_broadcast"] == [1]
     assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
 
 
-def _two_lanes(s: Sender, m: Manifest, n: int, node: Any, chain: ThreadedChain
-               ) -> list[str]:
-    """Writes ``n`` one-payment batches ahead on two lanes whose sends go to ``node(raw,
-    raws)`` (held until the raw bytes are known); the raw bytes in nonce order."""
-    s.lanes = 2
+def test_a_refusal_in_a_later_unit_stops_the_run_with_everything_before_it_handled(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """Nonce 3 (the second pair's later nonce, sent first) is refused: nonce 2 went out in
+    the same request; nonces 0 and 1 before; nonce 4 (alone) never goes out."""
+    chain, s = threaded
+    chain.refuse_nth[3] = ch.NodeError("txpool is full")
+    m = _accepted(s, 5)
+    raws = _window(s, m, 5)
+    with capture_logs() as logs, pytest.raises(FailClosed) as e:
+        s._flush_broadcasts()
+    assert " at nonce 3: txpool is full" in str(e.value)
+    assert chain.by == [(THREAD, raws[1]), (THREAD, raws[0]), (THREAD, raws[2])]
+    assert [x["nonce"] for x in logs if x["event"] == "transfer_broadcast"] == [0, 1, 2]
+
+
+def _gated_window(s: Sender, m: Manifest, n: int, node: Any, chain: ThreadedChain
+                  ) -> list[str]:
+    """Writes ``n`` one-payment batches ahead, handed to the broadcasting thread whose sends
+    go to ``node(raw, raws, send)`` (held until the raw bytes are known); the raw bytes in
+    nonce order."""
     raws: list[str] = []
     ready = threading.Event()
     send = chain.send_raw
@@ -382,78 +410,56 @@ def _two_lanes(s: Sender, m: Manifest, n: int, node: Any, chain: ThreadedChain
     return raws
 
 
-def test_with_two_lanes_a_refusal_stops_the_run_with_only_the_next_nonce_sent(
-        threaded: tuple[ThreadedChain, Sender]) -> None:
-    """Nonce 0 is refused after nonce 1, on the other lane, went out: the run stops on the
-    refusal, naming nonce 0; nonce 1's send is handled (logged), 2 and 3 never go out."""
-    chain, s = threaded
-    m = _accepted(s, 4)
-    first_out = threading.Event()
-
-    def node(raw: str, raws: list[str], send: Any) -> str:
-        if raw == raws[0]:
-            assert first_out.wait(60)
-            raise ch.NodeError("txpool is full")
-        first_out.set()
-        # Back only after the refusal is: the engine gets the failure first and must still
-        # handle this send, which went out.
-        assert isinstance(s._bcast, Broadcaster) and s._bcast._halt.wait(60)
-        time.sleep(0.05)
-        return str(send(raw))
-
-    raws = _two_lanes(s, m, 4, node, chain)
-    with capture_logs() as logs, pytest.raises(FailClosed) as e:
-        s._flush_broadcasts()
-    tx = s.ledger.txs(s.payer)[0]
-    h = s.ledger.attempts(tx.id or 0)[0].hash
-    assert str(e.value).startswith(f"node refused transaction {h} at nonce 0: "
-                                   "txpool is full; nothing more is sent.")
-    assert chain.by == [(THREAD, raws[1])]  # nonces 2 and 3 stay written ahead, never sent
-    assert [x["nonce"] for x in logs if x["event"] == "transfer_broadcast"] == [1]
-    assert [t.status for t in s.ledger.txs(s.payer)] == ["pending"] * 4
-
-
-@pytest.mark.parametrize(("gas", "alongside"), [(15_000_000, [False, True, True]),
-                                                (15_000_001, [False, False, False])])
-def test_a_batch_goes_beside_the_one_before_only_if_both_fit_one_block(
-        threaded: tuple[ThreadedChain, Sender], gas: int, alongside: list[bool]) -> None:
-    """Under automine two ready batches that do not fit one block leave one in the pool
-    until something else arrives: at the end of a run, for good."""
-    chain, s = threaded
-    s.lanes = 2
-    m = _accepted(s, 3)  # the fake's head: a 30M block
+def _record_units(s: Sender) -> list[list[int]]:
+    """The nonces of each unit the engine hands to the broadcasting thread, from now on."""
     s._broadcaster()
     assert isinstance(s._bcast, Broadcaster)
-    put: list[bool] = []
+    units: list[list[int]] = []
     real_put = s._bcast.put
-    s._bcast.put = lambda item: (put.append(item.alongside), real_put(item))[1]  # type: ignore[method-assign]
+
+    def put(*unit: Outgoing) -> None:
+        units.append([o.nonce for o in unit])
+        real_put(*unit)
+
+    s._bcast.put = put  # type: ignore[method-assign]
+    return units
+
+
+@pytest.mark.parametrize(("gas", "units", "order"), [(15_000_000, [[0, 1], [2]], [1, 0, 2]),
+                                                     (15_000_001, [[0], [1], [2]], [0, 1, 2])])
+def test_two_go_together_later_nonce_first_only_if_both_fit_one_block(
+        threaded: tuple[ThreadedChain, Sender], gas: int, units: list[list[int]],
+        order: list[int]) -> None:
+    """Under automine two ready batches that do not fit one block leave one in the pool
+    until something else arrives: at the end of a run, for good. Pairs never span
+    windows (the next window's first goes alone)."""
+    chain, s = threaded
+    m = _accepted(s, 3)  # the fake's head: a 30M block
+    put = _record_units(s)
     rows = s.ledger.queued(m.root)
     s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
                           items=[("0x", gas, [r], 10) for r in rows[:2]])
     s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
                           items=[("0x", gas, [rows[2]], 10)])  # the next window: the same
     s._flush_broadcasts()
-    assert put == alongside
-    assert len(chain.sent) == 3
+    assert put == units
+    raws = [a.raw for t in s.ledger.txs(s.payer) for a in s.ledger.attempts(t.id or 0)]
+    assert chain.sent == [raws[k] for k in order]
 
 
-def test_with_two_lanes_failures_are_handled_in_nonce_order(
+def test_failures_in_a_pair_are_handled_in_nonce_order(
         threaded: tuple[ThreadedChain, Sender]) -> None:
-    """Nonce 1 is refused (it comes back first) while nonce 0's answer is lost: the lost
-    one is handled first (left to the poll), then the refusal stops the run naming 1."""
+    """Nonce 1 is refused (it went first) while nonce 0's answer is lost: the lost one is
+    handled first (left to the poll), then the refusal stops the run naming 1."""
     chain, s = threaded
     m = _accepted(s, 3)
-    both = threading.Barrier(2, timeout=60)
 
     def node(raw: str, raws: list[str], send: Any) -> str:
-        both.wait()  # both on the wire
         if raw == raws[1]:
             raise ch.NodeError("txpool is full")
-        assert isinstance(s._bcast, Broadcaster) and s._bcast._halt.wait(60)
-        time.sleep(0.05)
         raise RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
 
-    _two_lanes(s, m, 3, node, chain)
+    _gated_window(s, m, 3, node, chain)
     with capture_logs() as logs, pytest.raises(FailClosed) as e:
         s._flush_broadcasts()
     assert " at nonce 1: txpool is full" in str(e.value)
@@ -465,7 +471,7 @@ def test_with_two_lanes_failures_are_handled_in_nonce_order(
 def test_a_node_that_keeps_no_nonce_gaps_gets_one_at_a_time_after_refusing_one(
         threaded: tuple[ThreadedChain, Sender]) -> None:
     """Hardhat on automine refuses a later nonce that arrives first: not a refusal that
-    stops the run (the poll sends the stored bytes again), and no two at once after."""
+    stops the run (the poll sends the stored bytes again), and no pairs after."""
     chain, s = threaded
     m = _accepted(s, 4)
 
@@ -475,20 +481,17 @@ def test_a_node_that_keeps_no_nonce_gaps_gets_one_at_a_time_after_refusing_one(
                                   "that transactions can't be queued when automining.")
         return str(send(raw))
 
-    raws = _two_lanes(s, m, 2, node, chain)
+    raws = _gated_window(s, m, 2, node, chain)
     with capture_logs() as logs:
         s._flush_broadcasts()  # no exception
     assert [x["nonce"] for x in logs if x["event"] == "transfer_nonce_gap_refused"] == [1]
     assert chain.sent == [raws[0]]
     assert s._one_at_a_time
-    assert isinstance(s._bcast, Broadcaster)
-    put: list[bool] = []
-    real_put = s._bcast.put
-    s._bcast.put = lambda item: (put.append(item.alongside), real_put(item))[1]  # type: ignore[method-assign]
+    put = _record_units(s)
     s._sign_and_send_many(kind="batch", root=m.root, to=BATCH, program="p", one_by_one=True,
                           items=[("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
     s._flush_broadcasts()
-    assert put == [False, False]
+    assert put == [[2], [3]]
 
 
 TOO_HIGH = "Nonce too high. Expected nonce to be 0 but got 1."
@@ -501,7 +504,7 @@ def test_a_batch_refused_for_a_gap_is_sent_again_by_the_next_poll(
     chain, s = threaded
     now = [1000.0]
     s.clock = lambda: now[0]
-    chain.refuse_nth[2] = ch.classify(-32000, TOO_HIGH)
+    chain.refuse_nth[1] = ch.classify(-32000, TOO_HIGH)  # nonce 1, sent first of its pair
     m = _accepted(s, 3)
     raws = _window(s, m, 3)
     with capture_logs() as logs:
@@ -542,26 +545,26 @@ def test_nonce_too_high_with_nothing_of_ours_below_stops_the_run(
 
 def test_a_windows_broadcast_is_over_only_when_every_send_of_it_is_back(
         threaded: tuple[ThreadedChain, Sender]) -> None:
-    """With two lanes a window's last send may come back before the one below it: the
-    "after_broadcast" point (where the crash tests kill the run) waits for both."""
+    """The "after_broadcast" point (where the crash tests kill the run) is passed once the
+    window's last send is back, not before: nonces 0 and 1 back, 2 on the wire."""
     chain, s = threaded
-    m = _accepted(s, 2)
+    m = _accepted(s, 3)
     release = threading.Event()
 
     def node(raw: str, raws: list[str], send: Any) -> str:
-        if raw == raws[0]:
+        if raw == raws[2]:
             assert release.wait(60)
         return str(send(raw))
 
-    _two_lanes(s, m, 2, node, chain)
+    _gated_window(s, m, 3, node, chain)
     passed: list[str] = []
     s._crash_point = passed.append  # type: ignore[method-assign]
     assert isinstance(s._bcast, Broadcaster)
-    for _ in range(6000):  # until nonce 1, the window's last, is back
+    for _ in range(6000):  # until the pair of nonces 0 and 1 is back
         s._collect_broadcasts(wait=0.01)
         if len(s._bcast.outstanding) == 1:
             break
-    assert [o.nonce for o in s._bcast.outstanding.values()] == [0]
+    assert [o.nonce for o in s._bcast.outstanding.values()] == [2]
     assert passed == []
     release.set()
     s._flush_broadcasts()
@@ -571,12 +574,13 @@ def test_a_windows_broadcast_is_over_only_when_every_send_of_it_is_back(
 def test_after_an_ambiguous_failure_the_engine_sends_the_held_back_rest_in_order(
         threaded: tuple[ThreadedChain, Sender]) -> None:
     chain, s = threaded
-    chain.refuse_nth[1] = RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
+    chain.refuse_nth[2] = RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
     m = _accepted(s, 4)
     raws = _window(s, m, 3)
     s._flush_broadcasts()  # no exception: the poll looks nonce 0 up and re-sends it
-    # The thread stopped at the failure; the engine sent the rest itself, in nonce order.
-    assert chain.by == [(MAIN, raws[1]), (MAIN, raws[2])]
+    # The thread stopped at the failure (nonce 1 had gone first, in the same request); the
+    # engine sent the rest itself.
+    assert chain.by == [(THREAD, raws[1]), (MAIN, raws[2])]
     assert s._outstanding() == {}
     # Resumed: the thread takes the next window again.
     more = _window(s, m, 1)

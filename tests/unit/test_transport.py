@@ -100,3 +100,18 @@ def test_simulate_reads_geth_revert_data_from_the_error() -> None:
                                                       ["0x", "0x"])
     assert (ok1, used1, ok2) == (True, 57963, False)
     assert ch.decode_revert(ret2) == (None, "nope!")
+
+
+@pytest.mark.parametrize(("message", "cls"), [
+    ("Nonce too high. Expected nonce to be 0 but got 1.", ch.NonceTooHigh),  # Hardhat
+    ("nonce is too high", ch.NonceTooHigh),
+    ("NonceGap, Future nonce. Expected nonce: 5", ch.NonceTooHigh),  # Nethermind
+    ("nonce too low: next nonce 7, tx nonce 6", ch.NonceTooLow),  # geth
+    ("already known", ch.AlreadyKnown),
+    ("replacement transaction underpriced", ch.Underpriced),
+    ("txpool is full", ch.NodeError),
+])
+def test_node_errors_are_classified_by_their_message(message: str, cls: type) -> None:
+    """The send loop's decisions hang on these classes: a later nonce refused for a gap
+    (sent first of a pair) must not read as a definite refusal."""
+    assert type(ch.classify(-32000, message)) is cls
