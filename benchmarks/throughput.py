@@ -95,9 +95,11 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch", *, measure: bool = Fal
       order: the next batch reaches the pool while the node is still taking the one before,
       so a block often holds two (the engine's way from ce3608e to 7a2a2a9).
     - ``pairs``: two transactions per request on one connection, the later nonce first
-      (the engine's broadcasting thread): the node holds the later one for the gap and the
-      earlier one makes both ready at once, so automine mines them in one block. Two go
-      together only where they fit one block together, as in the engine.
+      (how the engine's broadcasting thread sends to a node mining on arrival): the node
+      holds the later one for the gap and the earlier one makes both ready at once, so
+      automine mines them in one block. Two go together only where they fit one block
+      together, as in the engine, but from the first transaction on (the engine sends its
+      first batch alone and pairs within windows of 4).
     - ``rpc-batch``: JSON-RPC batches of sends, then evm_mine until the last receipt:
       under automine a batch of sends leaves all but the first block's transactions waiting
       for the next arrival, so the tail is mined by hand. Anvil has been seen to lose one
@@ -151,7 +153,7 @@ def _raw(ctx: Ctx, n: int, how: str, kind: str = "batch", *, measure: bool = Fal
                 two = k + 1 < len(signed) and gases[k] + gases[k + 1] <= head.gas_limit
                 unit = signed[k:k + 2] if two else signed[k:k + 1]
                 for res in c.send_raw_many([s.raw for s in reversed(unit)]):
-                    if isinstance(res, Exception):
+                    if isinstance(res, Exception) and not isinstance(res, ch.AlreadyKnown):
                         raise res
                 k += len(unit)
         elif how == "lanes":

@@ -72,6 +72,8 @@ _ERROR_TABLE: tuple[tuple[str, type[NodeError]], ...] = (
     ("nonce is too high", NonceTooHigh),
     ("noncegap", NonceTooHigh),  # Nethermind, a sender's future nonce it will not keep
     ("nonce gap", NonceTooHigh),
+    ("future transaction tries to replace pending", NonceTooHigh),  # geth, a full pool
+    ("gapped-nonce tx", NonceTooHigh),  # geth, a sender with an EIP-7702 delegation
     ("replacement transaction underpriced", Underpriced),
     ("underpriced", Underpriced),
     ("max fee per gas less than block base fee", Underpriced),
@@ -548,6 +550,15 @@ class RpcChain:
 
     def send_raw(self, raw: str) -> str:
         return str(self.t.call("eth_sendRawTransaction", [raw]))
+
+    def mines_on_arrival(self) -> bool:
+        """Whether the node builds a block as soon as a transaction arrives (Anvil's
+        automine, asked with ``anvil_getAutomine``). Any other node, one that knows no such
+        method included, is taken to mine on a clock."""
+        try:
+            return self.t.call("anvil_getAutomine") is True
+        except DisburserError:
+            return False
 
     def send_raw_many(self, raws: Sequence[str]) -> list[Any]:
         return self.t.batch([("eth_sendRawTransaction", [r]) for r in raws])

@@ -40,9 +40,7 @@ log = structlog.get_logger("disburser.send")
 PER_RECIPIENT_GAS = 31_000
 STALL_SECONDS = 60.0
 PROGRESS_EVERY = 1.0
-WINDOW = 4  # batches measured and written ahead together, with broadcasting threads
-# Broadcasting threads (connections) sending the windows, see broadcast.py. Two: the rule
-# for what may go out together (two that fit one block) is a rule for pairs.
+WINDOW = 4  # batches measured and written ahead together, with a broadcasting thread
 LOOKUP_EVERY = 1.0  # seconds between lookups of a transaction while no block comes
 RECEIPT_WAIT = 120.0  # seconds a mined transaction of ours may lack a receipt
 # Seconds the chain's nonce may stay at or below a nonce the ledger holds final before the
@@ -576,7 +574,7 @@ class Sender:
             if self._broadcaster_on():
                 # Small windows keep the node fed: measuring and signing 16 batches takes
                 # ~0.1 s, time in which the node would have mined four; the loop goes on
-                # with the next window while the broadcasting threads send this one. With
+                # with the next window while the broadcasting thread sends this one. With
                 # nothing in flight, one batch first: the node starts on it at once.
                 slots = min(slots, WINDOW if pending else 1)
             sent = (self._send_batches(m, slots) if self.cfg.mode is Mode.BATCH
@@ -949,7 +947,9 @@ class Sender:
             fork = getattr(self.chain, "for_thread", None)
             client = fork() if fork is not None else None
             if client is not None:
-                self._bcast = Broadcaster(_sender_of(client),
+                later_first = client.mines_on_arrival()
+                log.info("broadcasting", pairs_later_nonce_first=later_first)
+                self._bcast = Broadcaster(_sender_of(client, later_first=later_first),
                                           on_close=getattr(client, "close", lambda: None))
             else:
                 self._bcast = False
@@ -962,7 +962,7 @@ class Sender:
         return self._bcast.outstanding if isinstance(self._bcast, Broadcaster) else {}
 
     def _collect_broadcasts(self, wait: float | None = None) -> bool:
-        """Handle what the broadcasting threads have finished, as ``_broadcast`` would have.
+        """Handle what the broadcasting thread has finished, as ``_broadcast`` would have.
         The sends that went out first (the later nonce of a pair may have gone out beside a
         failed earlier one), then failures in nonce order (one may stop the run), then the
         transactions held back are sent from here, in nonce order. True when anything came
@@ -1090,7 +1090,7 @@ class Sender:
         self._watch_head(head.number, open_txs)
         lowest_pending = min((t.nonce for t in open_txs if t.status == TxStatus.PENDING.value),
                              default=None)
-        # A transaction the broadcasting threads have not handed back is not looked at: the
+        # A transaction the broadcasting thread has not handed back is not looked at: the
         # node may not have it yet (it would look dropped), or may have mined it already.
         outstanding = self._outstanding()
         if outstanding:
@@ -1391,19 +1391,52 @@ class Sender:
         return True
 
 
-def _sender_of(client: Any) -> Send:
-    """The broadcasting thread's send on ``client``: one transaction alone (a refusal is
-    raised, as by ``send_raw``), two in one JSON-RPC request (an outcome each). A request for
-    two that fails as a whole leaves both unknown: each gets an RpcError, and the poll looks
-    them up and sends again what the node does not have."""
+def _sender_of(client: Any, *, later_first: bool) -> Send:
+    """The broadcasting thread's send on ``client`` (see broadcast.py): one transaction
+    alone; two in one JSON-RPC request, the later nonce first where ``later_first`` (a node
+    that mines on arrival), else in nonce order. Outcomes come back in nonce order.
+
+    - A request of two that fails in transport (unreachable after the retries) leaves both
+      unknown: each gets an RpcError, and the poll looks them up and sends again what the
+      node does not have.
+    - A node that refuses a request of two as a whole (some providers take no JSON-RPC
+      batches) gets them one at a time, in nonce order, from then on (only this once when
+      it was a rate limit).
+    - One of two that comes back rate limited (a request's elements are not retried) is
+      sent again alone, with the transport's backoff.
+    """
+    batches_refused = False
+
+    def one_by_one(raws: Sequence[str]) -> list[object]:
+        out: list[object] = []
+        for raw in raws:
+            if out and isinstance(out[-1], BaseException):
+                out.append(NotSent())  # after a failure nothing later goes out
+                continue
+            try:
+                out.append(client.send_raw(raw))
+            except DisburserError as e:
+                out.append(e)
+        return out
+
     def send(raws: Sequence[str]) -> Sequence[object]:
-        if len(raws) == 1:
-            client.send_raw(raws[0])
-            return [None]
+        nonlocal batches_refused
+        if len(raws) == 1 or batches_refused:
+            return one_by_one(raws)
+        wire = list(raws[::-1]) if later_first else list(raws)
         try:
-            return list(client.send_raw_many(raws))
+            got = list(client.send_raw_many(wire))
+        except ch.NodeError as e:
+            batches_refused = batches_refused or not ch.rate_limited(e)
+            return one_by_one(raws)
         except DisburserError as e:
             return [RpcError(f"request of {len(raws)} transactions failed: {e}")] * len(raws)
+        if later_first:
+            got.reverse()
+        for k, r in enumerate(got):
+            if isinstance(r, ch.NodeError) and ch.rate_limited(r):
+                got[k] = one_by_one([raws[k]])[0]
+        return got
     return send
 
 

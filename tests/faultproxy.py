@@ -18,6 +18,8 @@ Faults (each with its own share of requests):
 whatever the timing); ``limit`` caps the number of faults. Other faults are drawn from
 ``random.Random(seed)`` in arrival order: the mix is reproducible for one client, although
 how many polls a run makes (so which request draws what) depends on timing.
+
+Every request that parses as JSON is kept in ``requests``, in arrival order.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()  # "fault:method" and "forwarded:method"
         self.faults = 0
+        self.requests: list[Any] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -111,6 +114,9 @@ class FaultProxy:
             doc = json.loads(body)
         except ValueError:
             doc = {}
+        else:
+            with self._lock:
+                self.requests.append(doc)
         calls = doc if isinstance(doc, list) else [doc]
         methods = [str(c.get("method")) for c in calls if isinstance(c, dict)]
         fault = self._choose(methods)

@@ -14,6 +14,7 @@ from disburser.amounts import format_units
 from disburser.domain import PaymentStatus, TxStatus
 from disburser.ledger import HISTORY_CHECKED, PAID_BY_BITMAP, PAID_BY_TRANSFER, Ledger
 from tests.conftest import Env, fresh_address
+from tests.faultproxy import FaultProxy
 
 
 def _ledger(env: Env) -> Ledger:
@@ -76,6 +77,37 @@ def test_send_pays_everyone_exactly_once(env: Env, mode: str) -> None:
     assert r.code == 0, r.err
     assert "in 0 new transaction(s)" in r.out
     assert env.payer_nonce() == nonce
+
+
+@pytest.mark.parametrize("automine", [True, False])
+def test_two_batches_go_in_one_request_later_nonce_first_only_to_a_node_mining_on_arrival(
+        env: Env, automine: bool) -> None:
+    """Six batches: windows of 1, 4 and 1, the window of 4 as two requests of two. To Anvil
+    on automine the later nonce goes first (held for the gap, then mined with the earlier
+    one in one block); to a node mining on a clock, in nonce order (a busy pool may refuse
+    a nonce that arrives before the one below it)."""
+    if not automine:
+        env.chain.rpc("evm_setAutomine", [False])
+        env.chain.rpc("evm_setIntervalMining", [1])
+    assert env.chain.mines_on_arrival() is automine
+    m = env.signed_manifest(120)
+    with FaultProxy(env.devnet.url) as proxy:
+        r = env.cli("send", str(m), "--yes", extra={"DISBURSER_RPC_URL": proxy.url,
+                                                    "DISBURSER_BATCH_SIZE": "20"})
+    assert r.code == 0, r.err
+    _assert_all_paid_once(env, m)
+    led = _ledger(env)
+    nonce_of = {a.raw: t.nonce for t in led.txs(dn.PAYER) for a in led.attempts(t.id or 0)}
+    sends = [[nonce_of[c["params"][0]] for c in req] for req in proxy.requests
+             if isinstance(req, list) and req
+             and all(c["method"] == "eth_sendRawTransaction" for c in req)]
+    batches = [t.nonce for t in led.txs(dn.PAYER) if t.kind == "batch"]
+    assert len(batches) == 6
+    pairs = [[batches[1], batches[2]], [batches[3], batches[4]]]
+    assert sends == ([p[::-1] for p in pairs] if automine else pairs)
+    logged = [e for e in map(json.loads, Path(env.vars["DISBURSER_LOG_FILE"]).read_text()
+                             .splitlines()) if e.get("event") == "broadcasting"]
+    assert [e["pairs_later_nonce_first"] for e in logged] == [automine]
 
 
 def test_lost_ledger_batch_mode_pays_no_one_twice(env: Env) -> None:

@@ -15,14 +15,21 @@ from structlog.testing import capture_logs
 
 from disburser import chain as ch
 from disburser import policy
-from disburser.broadcast import THREAD_NAME, Broadcaster, Outgoing
+from disburser.broadcast import THREAD_NAME, Broadcaster, NotSent, Outgoing
 from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment, PaymentStatus
 from disburser.errors import FailClosed, RpcError, SettingsError
 from disburser.keys import Signer
 from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger
 from disburser.manifest import make_manifest
-from disburser.sender import METER_TRIES, NONCE_BEHIND_WAIT, WINDOW, SendConfig, Sender
+from disburser.sender import (
+    METER_TRIES,
+    NONCE_BEHIND_WAIT,
+    WINDOW,
+    SendConfig,
+    Sender,
+    _sender_of,
+)
 
 TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"
 BATCH = "0x9fE46736679d2D9a65F0992F2272dE9f3c7fa6e0"
@@ -310,6 +317,11 @@ class ThreadedChain(FakeChain):
 
     def for_thread(self) -> ThreadedChain:
         return self
+
+    automine = True  # a pair goes later nonce first, as to Anvil on automine
+
+    def mines_on_arrival(self) -> bool:
+        return self.automine
 
     def send_raw(self, raw: str) -> str:
         self.calls += 1
@@ -1082,3 +1094,80 @@ def test_the_wait_between_idle_polls_starts_short_and_doubles_to_the_interval(
     s._idle = 0.0  # what a poll that changed something does
     s._wait()
     assert slept[-1] == 0.00125
+
+
+class Wire:
+    """A client for the broadcasting thread's send: records each request (the raw bytes in
+    wire order); ``one`` and ``many`` map raw bytes to the error a lone send raises or a
+    request's element answers; ``whole`` fails every request of several as a whole."""
+
+    def __init__(self, *, one: dict[str, Exception] | None = None,
+                 many: dict[str, Exception] | None = None,
+                 whole: Exception | None = None) -> None:
+        self.requests: list[list[str]] = []
+        self.one, self.many, self.whole = one or {}, many or {}, whole
+
+    def send_raw(self, raw: str) -> str:
+        self.requests.append([raw])
+        if raw in self.one:
+            raise self.one[raw]
+        return "h" + raw
+
+    def send_raw_many(self, raws: list[str]) -> list[object]:
+        self.requests.append(list(raws))
+        if self.whole is not None:
+            raise self.whole
+        return [self.many.get(r) or "h" + r for r in raws]
+
+
+@pytest.mark.parametrize("later_first", [True, False])
+def test_a_pair_goes_in_one_request_later_nonce_first_only_to_a_node_mining_on_arrival(
+        later_first: bool) -> None:
+    wire = Wire(many={"b": ch.NonceTooHigh("nonce too high")})
+    got = _sender_of(wire, later_first=later_first)(["a", "b"])
+    assert wire.requests == [["b", "a"] if later_first else ["a", "b"]]
+    assert got == ["ha", wire.many["b"]]  # outcomes in nonce order either way
+
+
+def test_a_lone_send_returns_its_refusal() -> None:
+    refusal = ch.NodeError("txpool is full")
+    assert _sender_of(Wire(one={"a": refusal}), later_first=True)(["a"]) == [refusal]
+
+
+def test_a_node_refusing_requests_of_two_gets_one_at_a_time_from_then_on() -> None:
+    wire = Wire(whole=ch.NodeError("batch requests are not supported"))
+    send = _sender_of(wire, later_first=True)
+    assert send(["a", "b"]) == ["ha", "hb"]
+    assert send(["c", "d"]) == ["hc", "hd"]
+    assert wire.requests == [["b", "a"], ["a"], ["b"], ["c"], ["d"]]
+
+
+def test_a_request_of_two_rate_limited_as_a_whole_goes_one_at_a_time_only_this_once() -> None:
+    wire = Wire(whole=ch.NodeError("rate limit exceeded"))
+    send = _sender_of(wire, later_first=False)
+    assert send(["a", "b"]) == ["ha", "hb"]
+    wire.whole = None
+    assert send(["c", "d"]) == ["hc", "hd"]
+    assert wire.requests == [["a", "b"], ["a"], ["b"], ["c", "d"]]
+
+
+def test_one_by_one_nothing_goes_out_after_a_failure() -> None:
+    refusal = ch.NodeError("txpool is full")
+    wire = Wire(whole=ch.NodeError("batch requests are not supported"), one={"a": refusal})
+    got = _sender_of(wire, later_first=True)(["a", "b"])
+    assert got[0] is refusal and isinstance(got[1], NotSent)
+    assert wire.requests == [["b", "a"], ["a"]]
+
+
+def test_a_request_of_two_lost_in_transport_leaves_both_unknown() -> None:
+    wire = Wire(whole=RpcError("node at http://127.0.0.1:1 unreachable after 9 tries"))
+    got = _sender_of(wire, later_first=True)(["a", "b"])
+    assert [type(x) for x in got] == [RpcError, RpcError]
+    assert all(str(x).startswith("request of 2 transactions failed: node at ") for x in got)
+    assert wire.requests == [["b", "a"]]  # not sent again here: the poll looks them up
+
+
+def test_an_element_rate_limited_is_sent_again_alone() -> None:
+    wire = Wire(many={"a": ch.NodeError("rate limit exceeded")})
+    assert _sender_of(wire, later_first=True)(["a", "b"]) == ["ha", "hb"]
+    assert wire.requests == [["b", "a"], ["a"]]

@@ -106,6 +106,8 @@ def test_simulate_reads_geth_revert_data_from_the_error() -> None:
     ("Nonce too high. Expected nonce to be 0 but got 1.", ch.NonceTooHigh),  # Hardhat
     ("nonce is too high", ch.NonceTooHigh),
     ("NonceGap, Future nonce. Expected nonce: 5", ch.NonceTooHigh),  # Nethermind
+    ("future transaction tries to replace pending", ch.NonceTooHigh),  # geth, pool full
+    ("gapped-nonce tx from delegated accounts", ch.NonceTooHigh),  # geth, EIP-7702
     ("nonce too low: next nonce 7, tx nonce 6", ch.NonceTooLow),  # geth
     ("already known", ch.AlreadyKnown),
     ("replacement transaction underpriced", ch.Underpriced),
