@@ -166,6 +166,8 @@ def _details(r: dict[str, Any]) -> list[str]:
                          f"{verify}, accept {v['accept']:.2f} s")
             elif "sign" in v:
                 extra = f"signing beforehand {v['sign']:.2f} s; resent {v['resent']:.0f}"
+            if v.get("nudges"):
+                extra += f"; watchdog blocks {v['nudges']:.0f} (over the runs)"
             rows.append([label, _n(n), f"{v['rate']:,.1f}/s",
                          ", ".join(str(x) for x in v["samples"]), extra])
         out += _table(["what", "recipients", "rate (median)", "runs", "notes"], rows)

@@ -1039,9 +1039,10 @@ class Sender:
                     f"nonce for {self.payer} is below what the ledger holds, and no "
                     "transaction of the ledger's can fill the gap (was the node reset, or "
                     "is this another chain?). Nothing more is sent") from None
-            # A later nonce reached a node that keeps no gaps before the earlier one (a
-            # pair, sent later nonce first): nothing at this nonce is in its pool, so the
-            # poll finds it missing and sends the stored bytes again. No pairs from now on.
+            # A later nonce reached a node that keeps no gaps before the earlier one was in
+            # its pool (a pair sent later nonce first, or the earlier one of the pair
+            # failed): nothing at this nonce is in the pool, so the poll finds it missing
+            # and sends the stored bytes again. No pairs from now on.
             self._one_at_a_time = True
             self._gap_refused.add(tx_hash)
             log.info("transfer_nonce_gap_refused", nonce=nonce, tx_hash=tx_hash,

@@ -482,8 +482,10 @@ def test_failures_in_a_pair_are_handled_in_nonce_order(
 
 def test_a_node_that_keeps_no_nonce_gaps_gets_one_at_a_time_after_refusing_one(
         threaded: tuple[ThreadedChain, Sender]) -> None:
-    """Hardhat on automine refuses a later nonce that arrives first: not a refusal that
-    stops the run (the poll sends the stored bytes again), and no pairs after."""
+    """A node that keeps no nonce gaps (Hardhat on automine) refuses a later nonce that
+    arrives first (here first of its pair, as to a node that says it mines on arrival):
+    not a refusal that stops the run (the poll sends the stored bytes again), and no pairs
+    after."""
     chain, s = threaded
     m = _accepted(s, 4)
 
@@ -581,6 +583,27 @@ def test_a_windows_broadcast_is_over_only_when_every_send_of_it_is_back(
     release.set()
     s._flush_broadcasts()
     assert passed == ["after_broadcast"]
+
+
+def test_one_at_a_time_after_a_refused_request_of_two_the_rest_is_sent_by_the_engine(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """The node answers a request of two with one error: the thread sends them alone, in
+    nonce order. Nonce 0's answer is lost: nonce 1 comes back NotSent and the engine, having
+    left nonce 0 to the poll, sends it itself."""
+    chain, s = threaded
+
+    def refuse_many(raws: list[str]) -> list[object]:
+        raise ch.NodeError("batch requests are not supported")
+
+    chain.send_raw_many = refuse_many  # type: ignore[method-assign]
+    chain.refuse_nth[1] = RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
+    m = _accepted(s, 2)
+    raws = _window(s, m, 2)
+    with capture_logs() as logs:
+        s._flush_broadcasts()  # no exception: nonce 0 is left to the poll
+    assert chain.by == [(MAIN, raws[1])]
+    assert [(x["event"], x["nonce"]) for x in logs] == [
+        ("transfer_broadcast_unknown", 0), ("transfer_broadcast", 1)]
 
 
 def test_after_an_ambiguous_failure_the_engine_sends_the_held_back_rest_in_order(
