@@ -198,9 +198,33 @@ class Transport:
         raise AssertionError("unreachable")
 
     def batch(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Several requests in one HTTP round trip; each result is a value or a NodeError."""
+        """Several requests in one HTTP round trip; each result is a value or a NodeError.
+        A rate limit is retried with the same backoff as ``call``'s: the whole request when
+        the node refused it as a whole, else only the elements it refused (providers
+        throttle a batch element by element); after the retries the error is given back."""
         if not calls:
             return []
+        out: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                got = self._batch_once([calls[i] for i in todo])
+            except NodeError as e:
+                if not rate_limited(e) or attempt == self.retries:
+                    raise
+            else:
+                for i, r in zip(todo, got, strict=True):
+                    out[i] = r
+                todo = [i for i, r in zip(todo, got, strict=True)
+                        if isinstance(r, NodeError) and rate_limited(r)]
+                if not todo or attempt == self.retries:
+                    return out
+            self._sleep(delay * (0.5 + self._rand()))
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def _batch_once(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         first = next(self._ids)
         ids = [first + i for i in range(len(calls))]
         self._ids = itertools.count(ids[-1] + 1)

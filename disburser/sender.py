@@ -1403,8 +1403,8 @@ def _sender_of(client: Any, *, later_first: bool) -> Send:
     - A node that refuses a request of two as a whole (some providers take no JSON-RPC
       batches) gets them one at a time, in nonce order, from then on (only this once when
       it was a rate limit).
-    - One of two that comes back rate limited (a request's elements are not retried) is
-      sent again alone, with the transport's backoff.
+    - One of two still rate limited after the transport's retries (which send again only
+      the elements refused) is sent again alone, with the transport's backoff.
     """
     batches_refused = False
 

@@ -12,6 +12,9 @@ Faults (each with its own share of requests):
 - ``error_after``: forwarded, then HTTP 502 instead of the node's answer (ambiguous too).
 - ``delay``: held ``delay`` seconds, then forwarded; a client with a shorter timeout gives
   up and retries while the first copy still reaches the node.
+- ``limit_element``: the first request of a JSON-RPC batch (or a lone request) is answered
+  with a rate-limit error inside a 200 answer and not forwarded; the rest are forwarded
+  (providers throttle a batch element by element).
 
 ``only`` restricts a fault to some JSON-RPC methods (a batch counts as each of its methods).
 ``first`` forces a fault on the first n requests it applies to (a fault that must happen,
@@ -36,7 +39,8 @@ from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("reset", "http429", "http502", "truncate", "drop_response", "error_after", "delay")
+FAULTS = ("reset", "http429", "http502", "truncate", "drop_response", "error_after", "delay",
+          "limit_element")
 
 
 class FaultProxy:
@@ -129,6 +133,8 @@ class FaultProxy:
             return _reply(h, 429 if fault == "http429" else 502, b"busy")
         if fault == "delay":
             time.sleep(self.delay)
+        if fault == "limit_element" and calls and isinstance(calls[0], dict):
+            return _reply(h, 200, self._limit_first(calls, batch=isinstance(doc, list)))
         answer = self._forward(body)
         self.stats[f"forwarded:{tag}"] += 1
         if fault == "drop_response":
@@ -138,6 +144,14 @@ class FaultProxy:
         if fault == "truncate":
             return _reply(h, 200, answer, truncate=True)
         _reply(h, 200, answer)
+
+    def _limit_first(self, calls: list[Any], *, batch: bool) -> bytes:
+        limited = {"jsonrpc": "2.0", "id": calls[0].get("id"),
+                   "error": {"code": -32005, "message": "rate limit exceeded"}}
+        if not batch:
+            return json.dumps(limited).encode()
+        rest = json.loads(self._forward(json.dumps(calls[1:]).encode())) if calls[1:] else []
+        return json.dumps([limited, *rest]).encode()
 
     def _forward(self, body: bytes) -> bytes:
         req = urllib.request.Request(self.upstream, data=body,

@@ -117,3 +117,68 @@ def test_node_errors_are_classified_by_their_message(message: str, cls: type) ->
     """The send loop's decisions hang on these classes: a later nonce refused for a gap
     (sent first of a pair) must not read as a definite refusal."""
     assert type(ch.classify(-32000, message)) is cls
+
+
+class BatchScripted(ch.Transport):
+    """Answers each JSON-RPC batch with the next scripted function of its requests."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.sleeps: list[float] = []
+        super().__init__("http://127.0.0.1:1", retries=3, sleep=self.sleeps.append,
+                         rand=lambda: 0.5)
+        self.answers = answers
+        self.sent: list[list[Any]] = []
+
+    def _post(self, payload: Any) -> Any:
+        self.sent.append([(c["method"], c["params"]) for c in payload])
+        return self.answers.pop(0)(payload)
+
+
+LIMITED = {"code": -32005, "message": "rate limit exceeded"}
+
+
+def _answer(limited: set[str]) -> Any:
+    """Each request's first parameter back as its result, or a rate limit for those named."""
+    def reply(payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"jsonrpc": "2.0", "id": c["id"], "error": LIMITED} if c["params"][0] in limited
+                else {"jsonrpc": "2.0", "id": c["id"], "result": c["params"][0]}
+                for c in reversed(payload)]  # any order: answers are matched by id
+    return reply
+
+
+def test_batch_sends_again_only_the_elements_rate_limited() -> None:
+    t = BatchScripted([_answer({"b", "d"}), _answer({"d"}), _answer(set())])
+    got = t.batch([("m", ["a"]), ("m", ["b"]), ("m", ["c"]), ("m", ["d"])])
+    assert got == ["a", "b", "c", "d"]
+    assert t.sent == [[("m", ["a"]), ("m", ["b"]), ("m", ["c"]), ("m", ["d"])],
+                      [("m", ["b"]), ("m", ["d"])], [("m", ["d"])]]
+    assert t.sleeps == [0.5, 1.0]
+
+
+def test_batch_gives_back_an_element_still_rate_limited_after_the_retries() -> None:
+    t = BatchScripted([_answer({"b"})] * 4)
+    got = t.batch([("m", ["a"]), ("m", ["b"])])
+    assert got[0] == "a"
+    assert isinstance(got[1], ch.NodeError) and str(got[1]) == "rate limit exceeded"
+    assert len(t.sent) == 4 and t.sent[1:] == [[("m", ["b"])]] * 3
+
+
+def test_batch_rate_limited_as_a_whole_is_sent_again_whole() -> None:
+    def whole(_: Any) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": None, "error": LIMITED}
+    t = BatchScripted([whole, _answer(set())])
+    assert t.batch([("m", ["a"]), ("m", ["b"])]) == ["a", "b"]
+    assert t.sent == [[("m", ["a"]), ("m", ["b"])]] * 2 and t.sleeps == [0.5]
+    t = BatchScripted([whole] * 4)
+    with pytest.raises(ch.NodeError, match="rate limit exceeded"):
+        t.batch([("m", ["a"])])
+    assert len(t.sent) == 4
+
+
+def test_batch_does_not_retry_other_errors() -> None:
+    def refused(payload: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"jsonrpc": "2.0", "id": c["id"],
+                 "error": {"code": -32000, "message": "nonce too low"}} for c in payload]
+    t = BatchScripted([refused])
+    got = t.batch([("eth_sendRawTransaction", ["0x01"])])
+    assert isinstance(got[0], ch.NonceTooLow) and len(t.sent) == 1 and t.sleeps == []
