@@ -266,6 +266,8 @@ def load_policy(path: Path | None) -> Policy:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     for key in data:
         if key not in _POLICY_KEYS:
             raise InputError(f"{path}: unknown key {key!r} (known: {', '.join(_POLICY_KEYS)})")

@@ -227,6 +227,13 @@ def allocate(
     if a.total > ceiling:
         raise CeilingError(f"allocation total {a.total} base units exceeds the ceiling "
                            f"{ceiling} of program {program}")
+    if a.owed > ceiling:
+        # Users without an address yet are owed too: a later manifest of the same program
+        # must pay them under the same ceiling, which this allocation would already pass.
+        raise CeilingError(f"allocation owes {a.owed} base units (this manifest "
+                           f"{a.total}, users without a valid address {a.owed - a.total}), "
+                           f"over the ceiling {ceiling} of program {program}: the policy's "
+                           "fund_usd is above DISBURSER_CEILING")
     m = mf.make_manifest(program=program, chain_id=s.chain_id, token=s.token, payer=payer_addr,
                          not_after=_not_after(not_after), payments=a.payments,
                          source=str(addresses))

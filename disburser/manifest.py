@@ -442,41 +442,16 @@ def build_from_csv(
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except OSError as e:  # a directory, no permission
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
     with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise InputError(f"{path}: empty file")
-        cols = [h.strip() for h in header]
-        for c in ("id", "to", "amount"):
-            if cols.count(c) > 1:
-                raise InputError(f"{path}: column '{c}' appears twice in the header "
-                                 f"({','.join(cols)})")
-        for c in ("id", "to", "amount"):
-            if c not in cols:
-                raise InputError(f"{path}: missing column '{c}' (header: {','.join(cols)})")
-        ci, ct, ca = cols.index("id"), cols.index("to"), cols.index("amount")
-        payments: list[Payment] = []
-        seen: dict[str, int] = {}
-        for lineno, row in enumerate(reader, 2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path}:{lineno}"
-            if len(row) != len(cols):
-                raise InputError(f"{where}: expected {len(cols)} columns, got {len(row)}")
-            pid = check_id(row[ci].strip(), where)
-            if pid in seen:
-                raise InputError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
-            seen[pid] = lineno
-            to = check_address(row[ct].strip(), f"{where}: to", strict_checksum=False)
-            amount = parse_units(row[ca], decimals, where=f"{where}: amount")
-            if amount <= 0:
-                raise InputError(f"{where}: amount must be greater than zero")
-            if amount > MAX_UINT256:
-                raise InputError(f"{where}: amount does not fit in uint256")
-            payments.append(Payment(len(payments), pid, to, amount))
+        try:
+            payments = _csv_payments(reader, path, decimals)
+        except csv.Error as e:  # a field over the csv module's limit, a NUL
+            raise InputError(f"{path}:{reader.line_num}: {e}") from None
     if not payments:
         raise InputError(f"{path}: no payment rows")
     return make_manifest(
@@ -488,6 +463,44 @@ def build_from_csv(
         payments=payments,
         source=str(path),
     )
+
+
+def _csv_payments(reader: Any, path: Path, decimals: int) -> list[Payment]:
+    """The rows of ``manifest build``'s CSV; a fault names the file and the line it ends on
+    (a quoted cell may span lines)."""
+    header = next(reader, None)
+    if header is None:
+        raise InputError(f"{path}: empty file")
+    cols = [h.strip() for h in header]
+    for c in ("id", "to", "amount"):
+        if cols.count(c) > 1:
+            raise InputError(f"{path}: column '{c}' appears twice in the header "
+                             f"({','.join(cols)})")
+    for c in ("id", "to", "amount"):
+        if c not in cols:
+            raise InputError(f"{path}: missing column '{c}' (header: {','.join(cols)})")
+    ci, ct, ca = cols.index("id"), cols.index("to"), cols.index("amount")
+    payments: list[Payment] = []
+    seen: dict[str, int] = {}
+    for row in reader:
+        if not row or all(not c.strip() for c in row):
+            continue
+        lineno = reader.line_num
+        where = f"{path}:{lineno}"
+        if len(row) != len(cols):
+            raise InputError(f"{where}: expected {len(cols)} columns, got {len(row)}")
+        pid = check_id(row[ci].strip(), where)
+        if pid in seen:
+            raise InputError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        to = check_address(row[ct].strip(), f"{where}: to", strict_checksum=False)
+        amount = parse_units(row[ca], decimals, where=f"{where}: amount")
+        if amount <= 0:
+            raise InputError(f"{where}: amount must be greater than zero")
+        if amount > MAX_UINT256:
+            raise InputError(f"{where}: amount does not fit in uint256")
+        payments.append(Payment(len(payments), pid, to, amount))
+    return payments
 
 
 # --- EIP-712 ---------------------------------------------------------------------------

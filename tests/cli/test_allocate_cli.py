@@ -75,6 +75,36 @@ def test_allocate_over_the_ceiling_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m.json").exists()
 
 
+def test_allocate_owing_users_without_an_address_over_the_ceiling_is_refused(
+        tmp_path: Path) -> None:
+    """The manifest fits the ceiling, but what the users without an address are owed would
+    pass it: a later manifest could never pay them. Nothing is written."""
+    for name, text in {
+        "liq.csv": "user_id,time,product,loss_usd\n"
+                   "alice,2025-10-10T00:00:00Z,futures,1000\n"
+                   "bob,2025-10-11T23:59:59Z,margin,1000\n",
+        "snap.csv": "user_id,net_assets_usd\nalice,1000\nbob,2000\n",
+        "comp.csv": "user_id\n",
+        "addr.csv": f"user_id,address\nalice,{dn.OWNER}\nbob,\n",
+    }.items():
+        (tmp_path / name).write_text(text)
+    args = ["allocate", str(tmp_path / "liq.csv"), str(tmp_path / "snap.csv"),
+            "--compensated", str(tmp_path / "comp.csv"), "--addresses",
+            str(tmp_path / "addr.csv"), "--program", "p", "-o", str(tmp_path / "m.json"),
+            "--report", str(tmp_path / "r.csv")]
+    r = CliRunner().invoke(app, args, env={**ENV, "DISBURSER_CEILING": "1000"},
+                           catch_exceptions=False)
+    assert (r.exit_code, r.stderr) == (
+        2, "disburser: error: allocation owes 1800000000 base units (this manifest "
+           "1000000000, users without a valid address 800000000), over the ceiling "
+           "1000000000 of program p: the policy's fund_usd is above DISBURSER_CEILING\n")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "r.csv").exists()
+    r = CliRunner().invoke(app, args, env={**ENV, "DISBURSER_CEILING": "1800"},
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert mf.load(tmp_path / "m.json").total == 1_000_000_000
+
+
 @pytest.mark.parametrize("row, message", [
     ("2025-10-10T12:00:00+02:00,futures,100",
      "time: '2025-10-10T12:00:00+02:00' is not UTC (write Z or +00:00)"),

@@ -361,3 +361,16 @@ def test_a_csv_with_a_byte_order_mark_builds(tmp_path: Path) -> None:
                         str(tmp_path / "m.json"))
     assert (code, err) == (0, "")
     assert [(p.id, p.to) for p in mf.load(tmp_path / "m.json").payments] == [("u1", to)]
+
+
+def test_build_input_that_is_no_csv_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A directory, and a field over the csv module's limit, were internal errors (exit 1
+    with the exception's name)."""
+    big = tmp_path / "big.csv"
+    big.write_text(f"id,to,amount\nu1,{fresh_address('big')},{'1' * 200_000}\n")
+    for src, message in ((tmp_path, f"{tmp_path}: cannot read (Is a directory)"),
+                         (big, f"{big}:2: field larger than field limit (131072)")):
+        code, _, err = _cli("manifest", "build", str(src), "--program", "p", "-o",
+                            str(tmp_path / "m.json"))
+        assert (code, err) == (2, f"disburser: error: {message}\n")
+        assert not (tmp_path / "m.json").exists()

@@ -595,6 +595,12 @@ def test_unreadable_policy_files(tmp_path: Path) -> None:
     path.write_text("fund_usd = ")
     with pytest.raises(InputError, match=r"policy\.toml: not valid TOML \("):
         load_policy(path)
+    path.write_bytes(b'fund_usd = "\xff"\n')  # not UTF-8: tomllib raises UnicodeDecodeError
+    with pytest.raises(InputError) as e:
+        load_policy(path)
+    assert str(e.value) == f"{path}: not UTF-8 text"
+    with pytest.raises(InputError, match=r": cannot read \(Is a directory\)"):
+        load_policy(tmp_path)  # not a file
 
 
 # ---------------------------------------------------------------------------------------

@@ -196,6 +196,25 @@ def test_build_from_csv_converts_exactly_and_refuses_bad_rows(tmp_path: Path) ->
                           decimals=6)
 
 
+def test_build_from_csv_names_the_line_a_row_ends_on_and_refuses_what_csv_cannot_read(
+        tmp_path: Path) -> None:
+    def build(p: Path) -> str:
+        with pytest.raises(InputError) as e:
+            mf.build_from_csv(p, program="p", chain_id=1, token=TOKEN, payer=PAYER,
+                              not_after=5, decimals=6)
+        return str(e.value)
+
+    p = tmp_path / "p.csv"
+    # a quoted note over two lines: the next row is on line 4, not record 3
+    p.write_text(f'id,to,amount,note\nu1,{TO},1,"two\nlines"\nu2,{TO},1.0000001,\n')
+    assert build(p) == f"{p}:4: amount: amount '1.0000001' has more than 6 decimal places"
+    p.write_text(f"id,to,amount\nu1,{TO},1\n\nu1,{TO},2\n")
+    assert build(p) == f"{p}:4: duplicate id 'u1' (first on line 2)"
+    p.write_text(f"id,to,amount\nu1,{TO},{'1' * 200_000}\n")
+    assert build(p) == f"{p}:2: field larger than field limit (131072)"
+    assert build(tmp_path) == f"{tmp_path}: cannot read (Is a directory)"
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=3 * 10**26), min_size=1, max_size=8))
 def test_any_change_of_amount_changes_the_digest(amounts: list[int]) -> None:
