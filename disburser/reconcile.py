@@ -29,8 +29,9 @@ whose full amount arrived in a block shallower than the configured confirmations
 Scope. Transfers are always matched against every manifest known (ledger and files), so
 that another program's payments never show up as unexplained outflows. ``--program P``
 then reports only P's payments, figures and findings, plus the payer-level
-``unexplained_outflow`` findings, which no program explains and which therefore concern
-every program paid from that payer.
+``unexplained_outflow`` findings of P's payers, which no program explains and which
+therefore concern every program paid from that payer (not those of a payer that pays only
+other programs).
 
 Several programs and no ``--program``: the top-level ``program`` is ``"*"``, ``ceiling``
 is the sum of the programs' ceilings and ``committed``/``paid_total``/``remaining``/
@@ -302,8 +303,10 @@ class Result:
 
 
 def dedupe(manifests: Iterable[Manifest | ManifestIn]) -> list[ManifestIn]:
-    """One entry per paymentsRoot: the same payments re-signed are the same payments. The
-    first document seen wins; signers and sources are merged."""
+    """One entry per paymentsRoot: the same payments re-signed (another deadline, other
+    approvers) are the same payments. The first document seen wins; signers and sources
+    are merged. The same payments under another program, chain, token or payer are
+    refused: which one the report would judge them under is not this function's to pick."""
     by_root: dict[str, ManifestIn] = {}
     for item in manifests:
         e = item if isinstance(item, ManifestIn) else ManifestIn(item)
@@ -311,11 +314,12 @@ def dedupe(manifests: Iterable[Manifest | ManifestIn]) -> list[ManifestIn]:
         if old is None:
             by_root[e.manifest.root] = e
             continue
-        if old.manifest.program != e.manifest.program:
-            where = ", ".join((*old.sources, *e.sources)) or e.manifest.root
-            raise InputError(
-                f"manifest {e.manifest.root} appears with program {old.manifest.program!r} "
-                f"and {e.manifest.program!r} ({where})")
+        for name in ("program", "chain_id", "token", "payer"):
+            a, b = getattr(old.manifest, name), getattr(e.manifest, name)
+            if a != b:
+                where = ", ".join((*old.sources, *e.sources)) or e.manifest.root
+                raise InputError(f"manifest {e.manifest.root} appears with {name} {a!r} "
+                                 f"and {b!r} ({where})")
         signers = old.signers + tuple(x for x in e.signers if x not in old.signers)
         sources = old.sources + tuple(x for x in e.sources if x not in old.sources)
         by_root[e.manifest.root] = replace(old, signers=signers, sources=sources)
@@ -503,10 +507,17 @@ def reconcile(
 
     from disburser.addresses import to_checksum
 
+    # ``--program P``: the payers of P's manifests, and only their unexplained outflows (a
+    # stray transfer from another program's payer is not P's finding).
+    scope_payers = sorted({e.manifest.payer for e in entries
+                           if program is None or e.manifest.program == program})
+    scope_senders = {x.lower() for x in scope_payers}
     outflows: list[dict[str, Any]] = []
     unexplained_total = 0
     for i in unexplained:
         t = logs[i]
+        if t.sender.lower() not in scope_senders:
+            continue
         unexplained_total += t.amount
         outflows.append({
             "kind": Kind.UNEXPLAINED_OUTFLOW.value, "tx_hash": t.tx_hash,
@@ -605,7 +616,7 @@ def reconcile(
         progress=top_progress,
         chain_id=chain_id,
         token=token,
-        payers=tuple(sorted({e.manifest.payer for e in entries})),
+        payers=tuple(scope_payers),
         paid_by_block=tuple(sorted(block_paid.items())),
         tx_logs=tuple((h, b, n) for h, (b, n) in tx_logs.items()),
     )
@@ -794,7 +805,8 @@ def ledger_manifests(ledger: Ledger, where: str,
     are exactly the document's (see ``_manifest_from_rows``). Otherwise the document is
     parsed and its Merkle root recomputed, and must be the accepted paymentsRoot, as on
     every run before (0.8 s at 100,000 payments, against 0.2 s). A manifest also given as
-    a file (``known``, by paymentsRoot) is taken from the file."""
+    a file (``known``, by paymentsRoot) is taken from the file when it has the ledger's
+    program, chain, token and payer (only its signatures and deadline may differ)."""
     from disburser import manifest as mf
 
     if rows is None:
@@ -809,6 +821,9 @@ def ledger_manifests(ledger: Ledger, where: str,
     out: list[ManifestIn] = []
     for row in ledger.manifests():
         m = (known or {}).get(row.root)
+        if m is not None and (m.program, m.chain_id, m.token, m.payer) != (
+                row.program, row.chain_id, row.token, row.payer):
+            m = None  # the ledger's stands; dedupe refuses the file's other header
         if m is None:
             lo, hi = spans.get(row.root, (0, 0))
             m = _manifest_from_rows(row, rows[lo:hi])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from html import escape
 from json.encoder import encode_basestring_ascii
@@ -109,7 +109,7 @@ def to_dict(r: Result, *, payments_too: bool = True) -> dict[str, Any]:
         "confirmations": r.confirmations,
         "transfers_scanned": r.transfers_scanned,
         "zero_transfers_ignored": r.zero_transfers,
-        "notes": list(r.notes),
+        "notes": ([FROM_LEDGER_START] if r.from_ledger_start else []) + list(r.notes),
         "started_at": r.started_at,
         "deadline": r.deadline,
         "progress": _progress_dict(r.progress),
@@ -169,15 +169,38 @@ def _payment_json(p: PaymentResult) -> str:
 
 
 def to_csv(r: Result) -> str:
-    """One row per payment; amounts in base units; tx hashes separated by spaces; an id or
-    reason a spreadsheet would take for a formula begins with ' (``csvcell``)."""
+    """One row per payment; then one row per finding that no payment's status shows (an
+    unexplained outflow, a ceiling passed, the ledger disagreeing, an id in two manifests),
+    its kind as the status and what it says as the reason. Amounts in base units; tx hashes
+    separated by spaces; an id or reason a spreadsheet would take for a formula begins with
+    ' (``csvcell``)."""
+    from disburser.reconcile import STATUSES
+
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for p in r.payments:
         w.writerow((p.manifest, p.idx, csvcell.text(p.id), p.to, p.amount, p.paid, p.status,
                     csvcell.text(p.reason or ""), " ".join(p.tx_hashes)))
+    for d in r.discrepancies:
+        if d["kind"] in STATUSES:  # shown by its payment's row
+            continue
+        hashes = d.get("tx_hashes") or ([d["tx_hash"]] if d.get("tx_hash") else [])
+        w.writerow((d.get("manifest", ""), d.get("index", ""), csvcell.text(d.get("id", "")),
+                    d.get("to", ""), d.get("expected", ""), d.get("paid", ""), d["kind"],
+                    csvcell.text(_finding_reason(d)), " ".join(hashes)))
     return buf.getvalue()
+
+
+def _finding_reason(d: Mapping[str, Any]) -> str:
+    """What a finding's CSV row says beyond its columns."""
+    parts = [f"{k} {d[k]}" for k in ("program", "from", "block", "ceiling", "committed",
+                                     "excess", "ledger_status", "chain_status") if k in d]
+    if d.get("ledger_tx_hashes"):
+        parts.append("ledger tx " + " ".join(d["ledger_tx_hashes"]))
+    if d.get("detail"):
+        parts.append(str(d["detail"]))
+    return "; ".join(parts)
 
 
 # --- helpers ---------------------------------------------------------------------------

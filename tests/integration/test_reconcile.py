@@ -5,6 +5,8 @@ eth_getLogs through a loopback proxy that refuses wide ranges."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 import threading
@@ -19,7 +21,7 @@ import pytest
 from disburser import chain as ch
 from disburser import devnet as dn
 from disburser import manifest as mf
-from disburser.reconcile import run_reconcile
+from disburser.reconcile import STATUSES, run_reconcile
 from disburser.settings import load as load_settings
 from tests.conftest import Env, fresh_address
 
@@ -214,11 +216,17 @@ def test_messy_run_every_finding_to_the_base_unit(env: Env) -> None:
     assert by_id(deep)[f"{RELIEF}/{victim.id}"]["status"] == "paid"
     assert not findings(deep, "pending") and findings(deep, "ledger_disagrees")
 
-    # CSV: one row per payment; the exit code is the same in every format
+    # CSV: one row per payment, then one per finding no payment row shows; the exit code
+    # is the same in every format
+    code, now = reconcile(env, str(loans_path))
+    others = sorted(d["kind"] for d in now["discrepancies"] if d["kind"] not in STATUSES)
+    assert "unexplained_outflow" in others and "ledger_disagrees" in others
     r = env.cli("reconcile", str(loans_path), "--format", "csv",
                 extra={"DISBURSER_CEILING": CEILINGS})
     assert r.code == 1
-    assert len(r.out.strip().splitlines()) == 1 + 20 + 3
+    rows = list(csv.reader(io.StringIO(r.out)))
+    assert len(rows) == 1 + 20 + 3 + len(others)
+    assert sorted(row[6] for row in rows[24:]) == others
 
     # Ledger file deleted, no manifest file: nothing to reconcile is bad input (exit 2)
     Path(env.vars["DISBURSER_DB"]).unlink()
@@ -265,6 +273,35 @@ def test_the_report_says_when_the_scan_starts_at_the_ledger(env: Env) -> None:
     assert by_id(doc)[f"{RELIEF}/{first.id}"]["status"] == "paid_twice"
     r = env.cli("reconcile", "--from-block", "0", extra={"DISBURSER_CEILING": CEILINGS})
     assert "the scan starts at the program's first block" not in r.out
+    # JSON says it too (it said "consistent" with empty notes while a payment was paid twice)
+    code, doc = reconcile(env)
+    assert (code, doc["consistent"], doc["from_block"] > 0) == (0, True, True)
+    assert doc["notes"] == ["the scan starts at the program's first block in the ledger: "
+                            "earlier transfers from the payer are not counted (--from-block 0 "
+                            "counts them)"]
+    assert reconcile(env, "--from-block", "0")[1]["notes"] == []
+
+
+def test_a_manifest_file_cannot_relabel_what_the_ledger_paid(env: Env) -> None:
+    """The same payments built under another program (unsigned, even) have the ledger's
+    paymentsRoot: given as a file, it put what relief paid under the loans ceiling, exit 0.
+    Now it is refused, exit 2, one line; the ledger alone still reconciles."""
+    path = env.signed_manifest(3, program=RELIEF)
+    assert env.cli("send", str(path), "--yes").code == 0
+    other = env.tmp / "other.json"
+    assert env.cli("manifest", "build", str(env.tmp / "m.json.csv"), "--program", LOANS,
+                   "-o", str(other)).code == 0
+    root = mf.load(path).root
+    assert mf.load(other).root == root
+    for args in ((str(other),), ("--program", RELIEF, str(other))):
+        r = env.cli("reconcile", "--format", "json", *args,
+                    extra={"DISBURSER_CEILING": CEILINGS})
+        assert (r.code, r.out) == (2, "")
+        assert r.err == (f"disburser: error: manifest {root} appears with program "
+                         f"{RELIEF!r} and {LOANS!r} (ledger, {other})\n")
+    code, doc = reconcile(env, str(path))  # the same manifest as a file: one manifest
+    assert (code, doc["program"], len(doc["manifests"])) == (0, RELIEF, 1)
+    assert doc["paid_total"] == str(sum(p.amount for p in mf.load(path).payments))
 
 
 def test_bad_input_is_refused(env: Env) -> None:

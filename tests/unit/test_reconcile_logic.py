@@ -25,6 +25,7 @@ from disburser.reconcile import (
     ManifestIn,
     ProgramInfo,
     Result,
+    dedupe,
     default_from_block,
     reconcile,
 )
@@ -336,6 +337,43 @@ def test_program_filter_reports_one_program_and_never_calls_others_unexplained()
     assert [m.root for m in r.manifests] == [relief.root]
     r2 = run([relief, loans], logs, program="loans")
     assert r2.paid_total == 400 * U and kinds(r2) == ["underpaid"]
+
+
+def test_program_filter_keeps_the_outflows_of_its_own_payers_only() -> None:
+    """A stray transfer from the payer of loans alone is not relief's finding: it made
+    `reconcile --program relief` exit 1 with both payers listed."""
+    relief = manifest([(addr(1), 100 * U)], program="relief")
+    loans = manifest([(addr(3), 10 * U)], program="loans", prefix="l", payer=OTHER_PAYER)
+    logs = [tr(addr(1), 100 * U), tr(addr(3), 10 * U, sender=OTHER_PAYER),
+            tr(addr(8), 3 * U, sender=OTHER_PAYER)]
+    r = run([relief, loans], logs, program="relief")
+    assert (r.exit_code, r.discrepancies, r.unexplained_total, r.payers) == (
+        0, (), 0, (PAYER,))
+    r = run([relief, loans], logs, program="loans")
+    assert kinds(r) == ["unexplained_outflow"] and r.unexplained_total == 3 * U
+    assert r.payers == (OTHER_PAYER,)
+    r = run([relief, loans], logs)
+    assert kinds(r) == ["unexplained_outflow"] and r.payers == (PAYER, OTHER_PAYER)
+    # a payer of both programs: its stray transfer concerns both
+    both = manifest([(addr(4), U)], program="relief", prefix="b", payer=OTHER_PAYER)
+    r = run([relief, loans, both], [*logs, tr(addr(4), U, sender=OTHER_PAYER)],
+            program="relief")
+    assert kinds(r) == ["unexplained_outflow"] and r.payers == (PAYER, OTHER_PAYER)
+
+
+def test_the_same_payments_under_another_header_are_refused() -> None:
+    """paymentsRoot covers the payments only: a file with the ledger's root and another
+    program or payer must not relabel what the ledger paid (it moved the paid total under
+    another program's ceiling)."""
+    relief = manifest([(addr(1), U)], program="relief")
+    for other in (manifest([(addr(1), U)], program="loans"),
+                  manifest([(addr(1), U)], payer=OTHER_PAYER)):
+        assert other.root == relief.root
+        field = "program" if other.program != relief.program else "payer"
+        with pytest.raises(InputError, match=f"manifest {relief.root} appears with {field} "):
+            dedupe([ManifestIn(relief, (), ("ledger",)), ManifestIn(other, (), ("m.json",))])
+    later = manifest([(addr(1), U)], not_after=2_100_000_000)  # re-signed: the same payments
+    assert len(dedupe([relief, later])) == 1
 
 
 def test_unknown_program_and_no_manifests_are_input_errors() -> None:
@@ -654,12 +692,33 @@ def test_json_contract() -> None:
         "failed", "underpaid", "unexplained_outflow"]
 
 
-def test_csv_has_one_row_per_payment() -> None:
-    rows = list(csv.reader(io.StringIO(render(mixed_result(), "csv"))))
+def test_csv_has_one_row_per_payment_then_one_per_finding_no_payment_row_shows() -> None:
+    """An unexplained outflow was only in the exit code: the CSV showed every payment paid
+    or failed and no trace of the stranger's transfer."""
+    r = mixed_result()
+    rows = list(csv.reader(io.StringIO(render(r, "csv"))))
     assert rows[0] == ["manifest", "index", "id", "to", "amount", "paid", "status", "reason",
                        "tx_hashes"]
-    assert [r[6] for r in rows[1:]] == ["paid", "underpaid", "failed"]
+    assert [r[6] for r in rows[1:]] == ["paid", "underpaid", "failed", "unexplained_outflow"]
     assert rows[2][4:6] == ["3000000", "1000000"]
+    (out,) = [d for d in r.discrepancies if d["kind"] == "unexplained_outflow"]
+    assert rows[4] == ["", "", "", addr(9), "0", "5", "unexplained_outflow",
+                       f"from {PAYER}; block 10", out["tx_hash"]]
+
+
+def test_csv_rows_of_ceiling_and_ledger_findings() -> None:
+    m = manifest([(addr(1), 2 * U)])
+    info = LedgerInfo({(m.root, 0): lpay("confirmed", hashes=("0x" + "ab" * 32,),
+                                          mined="0x" + "ab" * 32)})
+    r = run([m], [], info, ceilings=Ceilings(default=U))
+    rows = {row[6]: row for row in csv.reader(io.StringIO(render(r, "csv")))}
+    assert rows["committed_over_ceiling"] == [
+        "", "", "", "", str(U), "", "committed_over_ceiling",
+        f"program relief; ceiling {U}; committed {2 * U}; excess {U}", ""]
+    dis = rows["ledger_disagrees"]
+    assert dis[:7] == [m.root, "0", "u-0", addr(1), str(2 * U), "0", "ledger_disagrees"]
+    assert dis[7].startswith("program relief; ledger_status confirmed; chain_status unpaid; "
+                             "ledger tx 0x" + "ab" * 32)
 
 
 def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_text() -> None:
