@@ -711,7 +711,7 @@ def write_report(allocation: Allocation, path: Path, decimals: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
+            w = csv.writer(f, lineterminator="\n", quoting=csvcell.QUOTING)
             w.writerow(REPORT_COLUMNS)
             w.writerows(_report_row(d, decimals) for d in allocation.decisions)
         os.replace(tmp, path)

@@ -609,7 +609,8 @@ def reconcile(
         head_time=now,
         from_block=from_block,
         confirmations=confirmations,
-        transfers_scanned=len(logs),
+        transfers_scanned=(len(logs) if program is None else
+                           sum(1 for t in logs if t.sender.lower() in scope_senders)),
         zero_transfers=zero_transfers,
         notes=tuple(notes),
         decimals=decimals,

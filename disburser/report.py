@@ -177,7 +177,7 @@ def to_csv(r: Result) -> str:
     from disburser.reconcile import STATUSES
 
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\n", quoting=csvcell.QUOTING)
     w.writerow(CSV_COLUMNS)
     for p in r.payments:
         w.writerow((p.manifest, p.idx, csvcell.text(p.id), p.to, p.amount, p.paid, p.status,

@@ -12,9 +12,9 @@ Faults (each with its own share of requests):
 - ``error_after``: forwarded, then HTTP 502 instead of the node's answer (ambiguous too).
 - ``delay``: held ``delay`` seconds, then forwarded; a client with a shorter timeout gives
   up and retries while the first copy still reaches the node.
-- ``limit_element``: the first request of a JSON-RPC batch (or a lone request) is answered
-  with a rate-limit error inside a 200 answer and not forwarded; the rest are forwarded
-  (providers throttle a batch element by element).
+- ``limit_element``: the first request of a JSON-RPC batch of two or more is answered with
+  a rate-limit error inside a 200 answer and not forwarded; the rest are forwarded
+  (providers throttle a batch element by element). Other requests never draw it.
 
 ``only`` restricts a fault to some JSON-RPC methods (a batch counts as each of its methods).
 ``first`` forces a fault on the first n requests it applies to (a fault that must happen,
@@ -62,6 +62,7 @@ class FaultProxy:
         self.stats: Counter[str] = Counter()  # "fault:method" and "forwarded:method"
         self.faults = 0
         self.requests: list[Any] = []
+        self.limited: list[Any] = []  # the requests ``limit_element`` answered
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,7 +94,7 @@ class FaultProxy:
 
     # --- internals ---------------------------------------------------------------------
 
-    def _choose(self, methods: list[str]) -> str | None:
+    def _choose(self, methods: list[str], *, batch_of: int = 0) -> str | None:
         with self._lock:
             if not self.enabled:
                 return None
@@ -102,6 +103,8 @@ class FaultProxy:
             for fault in FAULTS:
                 allowed = self.only.get(fault)
                 if allowed is not None and not allowed.intersection(methods):
+                    continue
+                if fault == "limit_element" and batch_of < 2:
                     continue
                 if self.first.get(fault, 0) > 0:
                     self.first[fault] -= 1
@@ -123,7 +126,7 @@ class FaultProxy:
                 self.requests.append(doc)
         calls = doc if isinstance(doc, list) else [doc]
         methods = [str(c.get("method")) for c in calls if isinstance(c, dict)]
-        fault = self._choose(methods)
+        fault = self._choose(methods, batch_of=len(calls) if isinstance(doc, list) else 0)
         tag = "+".join(sorted(set(methods))) or "?"
         if fault is not None:
             self.stats[f"{fault}:{tag}"] += 1
@@ -133,8 +136,8 @@ class FaultProxy:
             return _reply(h, 429 if fault == "http429" else 502, b"busy")
         if fault == "delay":
             time.sleep(self.delay)
-        if fault == "limit_element" and calls and isinstance(calls[0], dict):
-            return _reply(h, 200, self._limit_first(calls, batch=isinstance(doc, list)))
+        if fault == "limit_element" and isinstance(calls[0], dict):
+            return _reply(h, 200, self._limit_first(calls))
         answer = self._forward(body)
         self.stats[f"forwarded:{tag}"] += 1
         if fault == "drop_response":
@@ -145,12 +148,12 @@ class FaultProxy:
             return _reply(h, 200, answer, truncate=True)
         _reply(h, 200, answer)
 
-    def _limit_first(self, calls: list[Any], *, batch: bool) -> bytes:
+    def _limit_first(self, calls: list[Any]) -> bytes:
+        with self._lock:
+            self.limited.append(calls[0])
         limited = {"jsonrpc": "2.0", "id": calls[0].get("id"),
                    "error": {"code": -32005, "message": "rate limit exceeded"}}
-        if not batch:
-            return json.dumps(limited).encode()
-        rest = json.loads(self._forward(json.dumps(calls[1:]).encode())) if calls[1:] else []
+        rest = json.loads(self._forward(json.dumps(calls[1:]).encode()))
         return json.dumps([limited, *rest]).encode()
 
     def _forward(self, body: bytes) -> bytes:

@@ -354,7 +354,10 @@ def test_report_columns_and_values(files: Files) -> None:
     alloc = files.run()
     path = files.root / "report.csv"
     write_report(alloc, path, 6)
-    assert path.read_text().splitlines() == [
+    def quoted(line: str) -> str:  # every cell is quoted (csvcell.QUOTING)
+        return ",".join(f'"{c}"' for c in line.split(","))
+
+    assert path.read_text().splitlines() == [quoted(x) for x in [
         "user_id,decision,reason,total_loss_usd,net_assets_usd,loss_ratio,factor,"
         "amount_before,amount_after,address",
         f"'=d,ineligible,below_min_loss,10,,,1,0,0,{addr('=d')}",
@@ -362,7 +365,7 @@ def test_report_columns_and_values(files: Files) -> None:
         "b,ineligible,below_min_loss,10,,,1,0,0,0xnope",
         f"c,ineligible,no_futures_or_margin,0,-1,,1,0,0,{addr('c')}",
         "e,ineligible,below_min_loss,10,,,1,0,0,'=HYPERLINK(1)",
-    ]
+    ]]
 
 
 # ---------------------------------------------------------------------------------------

@@ -349,6 +349,7 @@ def test_program_filter_keeps_the_outflows_of_its_own_payers_only() -> None:
     r = run([relief, loans], logs, program="relief")
     assert (r.exit_code, r.discrepancies, r.unexplained_total, r.payers) == (
         0, (), 0, (PAYER,))
+    assert r.transfers_scanned == 1  # the logs of relief's payer
     r = run([relief, loans], logs, program="loans")
     assert kinds(r) == ["unexplained_outflow"] and r.unexplained_total == 3 * U
     assert r.payers == (OTHER_PAYER,)
@@ -366,10 +367,15 @@ def test_the_same_payments_under_another_header_are_refused() -> None:
     program or payer must not relabel what the ledger paid (it moved the paid total under
     another program's ceiling)."""
     relief = manifest([(addr(1), U)], program="relief")
-    for other in (manifest([(addr(1), U)], program="loans"),
-                  manifest([(addr(1), U)], payer=OTHER_PAYER)):
+    pays = list(relief.payments)
+    for field, other in (
+            ("program", manifest([(addr(1), U)], program="loans")),
+            ("payer", manifest([(addr(1), U)], payer=OTHER_PAYER)),
+            ("chain_id", make_manifest(program="relief", chain_id=1, token=TOKEN, payer=PAYER,
+                                       not_after=2_000_000_000, payments=pays)),
+            ("token", make_manifest(program="relief", chain_id=31337, token=OTHER_PAYER,
+                                    payer=PAYER, not_after=2_000_000_000, payments=pays))):
         assert other.root == relief.root
-        field = "program" if other.program != relief.program else "payer"
         with pytest.raises(InputError, match=f"manifest {relief.root} appears with {field} "):
             dedupe([ManifestIn(relief, (), ("ledger",)), ManifestIn(other, (), ("m.json",))])
     later = manifest([(addr(1), U)], not_after=2_100_000_000)  # re-signed: the same payments
@@ -726,13 +732,16 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_text() -> None:
     (CSV injection); the JSON report keeps it exactly."""
     # one that begins with ' gets one more, so that it does not print as the id after it
     ids = ['=HYPERLINK("http://evil","x")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
-           "\t=tab", "'-2+3", "plain-id", "a=b"]
+           "\t=tab", "'-2+3", "plain-id", "a=b", "a;=1+1"]
     pays = [Payment(i, pid, addr(i + 1), U) for i, pid in enumerate(ids)]
     m = make_manifest(program="relief", chain_id=31337, token=TOKEN, payer=PAYER,
                       not_after=2_000_000_000, payments=pays)
     r = run([m], [tr(addr(i + 1), U) for i in range(len(ids))])
-    rows = list(csv.reader(io.StringIO(render(r, "csv"))))
+    text = render(r, "csv")
+    rows = list(csv.reader(io.StringIO(text)))
     assert [row[2] for row in rows[1:]] == ["'" + i for i in ids[:6]] + ids[6:]
+    # every cell quoted: a spreadsheet splitting on ';' keeps "a;=1+1" in one cell
+    assert all(line.startswith('"') and line.endswith('"') for line in text.splitlines())
     assert [p["id"] for p in json.loads(render(r, "json"))["payments"]] == ids
 
 
