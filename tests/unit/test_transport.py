@@ -119,14 +119,11 @@ def test_node_errors_are_classified_by_their_message(message: str, cls: type) ->
     assert type(ch.classify(-32000, message)) is cls
 
 
-class BatchScripted(ch.Transport):
+class BatchScripted(Scripted):
     """Answers each JSON-RPC batch with the next scripted function of its requests."""
 
     def __init__(self, answers: list[Any]) -> None:
-        self.sleeps: list[float] = []
-        super().__init__("http://127.0.0.1:1", retries=3, sleep=self.sleeps.append,
-                         rand=lambda: 0.5)
-        self.answers = answers
+        super().__init__(answers)
         self.sent: list[list[Any]] = []
 
     def _post(self, payload: Any) -> Any:
