@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sa_cast
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import defer
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -314,6 +314,11 @@ class Ledger:
                 # read-then-insert of the ceiling check is serialised per program.
                 s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
                           {"k": f"disburser-program-{m.program}"})
+            else:
+                # The same for two runners on one SQLite file (two payers, two lock
+                # directories): the write lock is taken before the committed total is read,
+                # not at the first insert (sqlite3 begins a transaction only then).
+                s.execute(text("BEGIN IMMEDIATE"))
             existing = s.get(ManifestRow, m.root)
             if existing is not None:
                 _refuse_other_header(existing, m)
@@ -551,15 +556,22 @@ class Ledger:
         by: dict[str, int] = {}
         amt: dict[str, int] = {}
         with self.session() as s:
-            rows = list(s.execute(q))
-            if sqlite and any(int(row[4] or 0) > 30 for row in rows):
-                # An amount of 10^30 or more (a ceiling set that high): SQLite's CAST would
-                # saturate the high part at int64 without a word. Sum in Python, exactly.
+            try:
+                rows: list[Any] | None = list(s.execute(q))
+            except OperationalError as e:
+                # Many amounts near 10^30: the sum of the high parts passes int64.
+                if not sqlite or "overflow" not in str(e.orig):
+                    raise
+                rows = None
+            if rows is None or (sqlite and any(int(row[4] or 0) > 30 for row in rows)):
+                # An amount of 10^30 or more, or many near it (a ceiling set that high):
+                # SQLite's CAST would saturate the high part at int64 without a word, or its
+                # sum would overflow. Sum in Python, exactly.
                 return self._counts_in_python(s, roots)
-            for row in rows:
-                st, n, h, low = row[0], row[1], row[2], row[3]
-                by[st] = int(n)
-                amt[st] = int(h or 0) * cut + int(low or 0)
+        for row in rows:
+            st, n, h, low = row[0], row[1], row[2], row[3]
+            by[st] = int(n)
+            amt[st] = int(h or 0) * cut + int(low or 0)
         return Counts(by, amt)
 
     def _counts_in_python(self, s: Session, roots: Sequence[str] | None) -> Counts:

@@ -27,7 +27,9 @@ class RunnerLock:
         db_s = str(db)
         paths = []
         if "://" not in db_s:
-            paths.append(Path(db_s).with_name(Path(db_s).name + ".lock"))
+            # Resolved: the same ledger through a symbolic link takes the same lock.
+            real = Path(db_s).resolve()
+            paths.append(real.with_name(real.name + ".lock"))
         paths.append(_lock_dir(lock_dir) / f"payer-{chain_id}-{payer.lower()}.lock")
         self.paths = paths
         self._files: list[IO[str]] = []

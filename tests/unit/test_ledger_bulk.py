@@ -4,14 +4,17 @@ guards and the exact amounts of the one-at-a-time ones, on a real SQLite file.""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from disburser.devnet import PAYER
 from disburser.domain import Manifest, Payment, PaymentStatus, TxStatus
-from disburser.errors import DisburserError
+from disburser.errors import CeilingError, DisburserError, LockedError
 from disburser.ledger import Ledger, Mined, NewTx
+from disburser.locks import RunnerLock
 from disburser.manifest import make_manifest
 
 TOKEN = "0x" + "aa" * 20
@@ -49,6 +52,74 @@ def test_counts_of_amounts_past_int64_in_the_high_digits(tmp_path: Path) -> None
     led = Ledger(tmp_path / "l.sqlite")
     led.accept_manifest(m, ceiling=10**41, signers=[])
     assert led.counts([m.root]).amount_by_status == {"queued": 10**40 + 12}
+
+
+def test_counts_of_many_amounts_whose_high_parts_sum_past_int64(tmp_path: Path) -> None:
+    """Each amount has 30 digits (the SQL path), eleven of them: the sum of their digits
+    above 10^12 passes int64 and SQLite raised "integer overflow" (status and the funds
+    check died on such a manifest)."""
+    pays = [Payment(i, f"u{i}", "0x" + f"{i + 1:040x}", 9 * 10**29) for i in range(11)]
+    m = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=PAYER, not_after=2**40,
+                      payments=pays)
+    led = Ledger(tmp_path / "l.sqlite")
+    led.accept_manifest(m, ceiling=10**32, signers=[])
+    assert led.counts([m.root]).amount_by_status == {"queued": 11 * 9 * 10**29}
+
+
+def test_two_acceptances_on_one_sqlite_file_are_serialised(tmp_path: Path) -> None:
+    """Two runners on one ledger (two payers, two lock directories, one reaching the file
+    through a symbolic link): the second read the committed total before the first
+    committed, and both manifests were accepted past the ceiling (110 of 100)."""
+    real = tmp_path / "l.sqlite"
+    alias = tmp_path / "alias.sqlite"
+    a = Ledger(real)
+    alias.symlink_to(real)
+    b = Ledger(alias)
+
+    def one(payer: str, tag: str, amount: int) -> Manifest:
+        return make_manifest(program="p", chain_id=31337, token=TOKEN, payer=payer,
+                             not_after=2**40,
+                             payments=[Payment(0, tag, "0x" + "0c" * 20, amount)])
+
+    a.accept_manifest(one(PAYER, "z", 10), ceiling=100, signers=[])
+    first, second = one(PAYER, "a", 50), one("0x" + "22" * 20, "b", 50)
+    refused: list[str] = []
+    threads: list[threading.Thread] = []
+    insert = Ledger._insert_payments
+
+    def slow_insert(self: Ledger, s: Any, m: Manifest, now: int) -> None:
+        insert(self, s, m, now)
+        if m is first:  # the first has read and written, not committed: the second now
+            threads.append(threading.Thread(target=_accept, args=(b, second, refused)))
+            threads[0].start()
+            threads[0].join(0.5)  # it waits for the first's write lock (it used not to)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Ledger, "_insert_payments", slow_insert)
+        a.accept_manifest(first, ceiling=100, signers=[])
+    threads[0].join(30)
+    assert refused == ["program p: accepted 60 + this manifest 50 = 110 base units exceeds "
+                       "the ceiling 100"]
+    assert a.committed("p") == 60
+
+
+def _accept(led: Ledger, m: Manifest, refused: list[str]) -> None:
+    try:
+        led.accept_manifest(m, ceiling=100, signers=[])
+    except CeilingError as e:
+        refused.append(str(e))
+
+
+def test_the_runner_lock_of_a_ledger_is_the_same_through_a_symbolic_link(
+        tmp_path: Path) -> None:
+    real = tmp_path / "l.sqlite"
+    real.touch()
+    alias = tmp_path / "alias.sqlite"
+    alias.symlink_to(real)
+    second = RunnerLock(alias, "0x" + "22" * 20, 31337, str(tmp_path / "locks2"))
+    with RunnerLock(real, PAYER, 31337, str(tmp_path / "locks1")), \
+            pytest.raises(LockedError, match="another disburser is running"):
+        second.__enter__()
 
 
 def test_record_mine_and_finalize_many(tmp_path: Path) -> None:
