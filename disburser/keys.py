@@ -100,7 +100,8 @@ def _parse_hex_key(text: str, where: str) -> bytes:
 
 
 def from_env_var(var: str) -> Signer:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var) or re.fullmatch(
+            r"(0[xX])?[0-9a-fA-F]{32,}", var):
         # Never echoed: a key pasted where its variable's name belongs is the usual cause.
         raise SettingsError("--private-key-env: not the name of an environment variable "
                             "(give the name of the variable that holds the key, not the key)")
@@ -136,8 +137,23 @@ PBKDF2_MAX_ROUNDS = 10_000_000
 MAX_DKLEN = 64  # every keystore derives 32 bytes
 
 
+def _lower_keys(doc: Any) -> Any:
+    """The keystore as eth-keyfile reads it: every object's keys in lower case."""
+    if isinstance(doc, dict):
+        return {k.lower() if isinstance(k, str) else k: _lower_keys(v) for k, v in doc.items()}
+    return doc
+
+
 def _refuse_costly_kdf(doc: Any, path: Path) -> None:
-    crypto = (doc.get("crypto") or doc.get("Crypto")) if isinstance(doc, dict) else None
+    """Refuse, before any work, a keystore that is not V3 or whose key derivation would cost
+    more than any standard keystore's. ``doc`` has its keys in lower case, as eth-keyfile
+    reads them (``Crypto``, ``KDFPARAMS``, ``C`` are the same fields to it)."""
+    if isinstance(doc, dict) and doc.get("version") != 3:
+        # eth-keyfile also reads version 4 (EIP-2335), whose parameters sit elsewhere: a
+        # payer's keystore is V3 (geth, cast wallet, `disburser key new`).
+        raise SettingsError(f"keystore {path}: not a JSON V3 keystore (version "
+                            f"{str(doc.get('version'))[:20]!r})")
+    crypto = doc.get("crypto") if isinstance(doc, dict) else None
     if not isinstance(crypto, dict) or not isinstance(crypto.get("kdfparams"), dict):
         return  # decrypt names what is missing
     params, kdf = crypto["kdfparams"], crypto.get("kdf")
@@ -164,7 +180,7 @@ def _refuse_costly_kdf(doc: Any, path: Path) -> None:
 def from_keystore(path: Path, password: str | None, *, password_source: str) -> Signer:
     from eth_account import Account
 
-    doc = _read_keystore(path)
+    doc = _lower_keys(_read_keystore(path))
     _refuse_costly_kdf(doc, path)
     if password is None:
         raise SettingsError(f"keystore {path}: no password ({password_source} is not set)")

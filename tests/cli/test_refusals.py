@@ -371,14 +371,20 @@ def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
 
 
-def test_a_private_key_given_for_its_variables_name_is_not_echoed(env: Env) -> None:
+@pytest.mark.parametrize("prefix", ["0x", ""])
+def test_a_private_key_given_for_its_variables_name_is_not_echoed(env: Env,
+                                                                  prefix: str) -> None:
+    """Without 0x, a key that begins with a letter is a valid variable name: it was echoed
+    in "environment variable <key> is not set"."""
     m = env.signed_manifest(1, signers=())
-    key = env.vars["APPROVER_0"]
-    r = env.cli("manifest", "sign", str(m), "--private-key-env", key)
-    assert r.code == 2 and key not in r.out + r.err and key.removeprefix("0x") not in r.err
-    assert r.err == ("disburser: error: --private-key-env: not the name of an environment "
-                     "variable (give the name of the variable that holds the key, not the "
-                     "key)\n")
+    key = prefix + "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+    for args, extra in ((["--private-key-env", key], {}),
+                        ([], {"DISBURSER_PRIVATE_KEY_ENV": key})):
+        r = env.cli("manifest", "sign", str(m), *args, extra=extra)
+        assert r.code == 2 and key.removeprefix("0x") not in r.out + r.err
+        assert r.err == ("disburser: error: --private-key-env: not the name of an "
+                         "environment variable (give the name of the variable that holds "
+                         "the key, not the key)\n")
 
 
 @pytest.mark.parametrize("who", ["token", "payer", "batch contract"])

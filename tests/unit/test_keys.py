@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -144,7 +145,43 @@ def test_standard_keystores_decrypt() -> None:
                         ("scrypt", {"n": 2**13, "r": 8, "p": 1}),
                         ("scrypt", {"n": 2**12, "r": 8, "p": 6}),
                         ("pbkdf2", {"c": 1_000_000})):
-        keys._refuse_costly_kdf({"crypto": {"kdf": kdf, "kdfparams": params}}, Path("k"))
+        keys._refuse_costly_kdf({"version": 3, "crypto": {"kdf": kdf, "kdfparams": params}},
+                                Path("k"))
+
+
+def _upper_c(d: dict[str, Any]) -> None:
+    params = d["crypto"]["kdfparams"]
+    del params["c"]
+    params["C"] = 2**31 - 1
+
+
+def _upper_kdfparams(d: dict[str, Any]) -> None:
+    d["crypto"]["KDFPARAMS"] = {**d["crypto"].pop("kdfparams"), "c": 2**31 - 1}
+
+
+HOURS = ("pbkdf2 with c=2147483647 rounds costs more than any standard keystore (at most "
+         "10000000); refusing to decrypt")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_upper_c, HOURS),
+    (_upper_kdfparams, HOURS),
+    (lambda d: d.update({"version": 4}), "not a JSON V3 keystore (version '4')"),
+])
+def test_the_cost_check_reads_the_keystore_as_eth_keyfile_does(
+        tmp_path: Path, edit: Any, message: str) -> None:
+    """eth-keyfile lowercases every key before it decrypts, and also reads version 4: a
+    "C" or "KDFPARAMS" in another case, or a V4 file, went around the check and ran for
+    minutes."""
+    from disburser import keys
+
+    doc = Account.encrypt(KEY, "pw", kdf="pbkdf2", iterations=2)
+    edit(doc)
+    ks = tmp_path / "k.json"
+    ks.write_text(json.dumps(doc))
+    with pytest.raises(SettingsError) as e:
+        keys.from_keystore(ks, "pw", password_source="x")
+    assert str(e.value) == f"keystore {ks}: {message}"
 
 
 def test_a_password_file_is_read_as_geth_reads_it(tmp_path: Path) -> None:
