@@ -171,6 +171,9 @@ class Transport:
             except requests.RequestException as e:  # a URL requests cannot use, say
                 raise RpcError(f"node at {display_url(self.url)}: {_short(e, self.url)}"
                                ) from None
+            except ValueError as e:  # a host urllib3 cannot parse (settings check them)
+                raise RpcError(f"node at {display_url(self.url)}: not a usable URL "
+                               f"({type(e).__name__})") from None
         raise AssertionError("unreachable")
 
     def _call_once(self, method: str, params: Sequence[Any] = ()) -> Any:

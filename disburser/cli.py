@@ -134,6 +134,12 @@ def main_options(
     from disburser.errors import SettingsError
     from disburser.settings import load_dotenv
 
+    if ctx.get_parameter_source("env_file") is not ParameterSource.DEFAULT and (
+            not env_file.exists() or env_file.is_dir()):
+        # Named on purpose (--env-file or DISBURSER_ENV_FILE): running on the defaults
+        # instead would pay from, or build for, the wrong chain with nothing said.
+        raise SettingsError(f"{env_file}: no such settings file (--env-file / "
+                            "DISBURSER_ENV_FILE)")
     keys = load_dotenv(env_file)
     _state["dotenv"] = (env_file, keys)
     # The subcommands' options are parsed after this and see the file's variables; these

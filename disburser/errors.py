@@ -53,6 +53,12 @@ class RpcError(DisburserError):
     exit_code = 1
 
 
+class LedgerUnavailable(DisburserError):
+    """The ledger's database server cannot be reached (a shared PostgreSQL ledger)."""
+
+    exit_code = 1
+
+
 class Interrupted(DisburserError):
     """The operator asked the run to stop (SIGINT/SIGTERM); state is saved."""
 

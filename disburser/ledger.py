@@ -40,7 +40,13 @@ from sqlalchemy.orm import defer
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from disburser.domain import Manifest, PaymentStatus, TxStatus
-from disburser.errors import CeilingError, DisburserError, LockedError, SettingsError
+from disburser.errors import (
+    CeilingError,
+    DisburserError,
+    LedgerUnavailable,
+    LockedError,
+    SettingsError,
+)
 from disburser.manifest import to_json
 
 # Why a payment is paid_elsewhere: found by the batch contract's bitmap (certain: keyed by
@@ -230,7 +236,11 @@ class Ledger:
         if self.is_postgres:
             # Optional shared backend: several operators' machines, one ledger.
             url = "postgresql+psycopg://" + self.url.split("://", 1)[1]
-            self.engine: Engine = create_engine(url, pool_pre_ping=True)
+            try:
+                self.engine: Engine = create_engine(url, pool_pre_ping=True)
+            except ValueError:  # a port that is not a number, say (the URL is not echoed)
+                raise SettingsError(f"DISBURSER_DB {self.url_display}: not a usable "
+                                    "PostgreSQL URL") from None
         else:
             Path(self.url).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
@@ -239,7 +249,9 @@ class Ledger:
             SQLModel.metadata.create_all(self.engine)
         except DBAPIError as e:
             if self.is_postgres:
-                raise
+                first = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else ""
+                raise LedgerUnavailable(f"ledger DISBURSER_DB {self.url_display}: cannot be "
+                                        f"reached ({first[:160]})") from None
             # A file that is not a ledger (a manifest given as DISBURSER_DB, say), or one
             # that cannot be opened: bad settings, said in one line.
             what = "not a SQLite ledger" if "not a database" in str(e.orig) else \

@@ -9,6 +9,7 @@ and the stop flag are parameters, so tests drive time.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -1521,10 +1522,17 @@ def verify_batch_contract(chain: ch.RpcChain, address: str) -> None:
             "BatchPayout (deploy it with `disburser deploy`)")
 
 
+CRASH_POINTS = ("after_record", "after_broadcast", "after_mined", "after_confirm")
+
+
 def _parse_crash_point(spec: str) -> list[Any] | None:
+    """DISBURSER_TEST_CRASH_AT=POINT[:N], the fault tests' hook: SIGKILL at the Nth pass."""
     if not spec:
         return None
     name, _, n = spec.partition(":")
+    if name not in CRASH_POINTS or not re.fullmatch(r"[1-9][0-9]{0,8}", n or "1"):
+        raise SettingsError(f"DISBURSER_TEST_CRASH_AT: {spec[:40]!r} is not POINT[:N] with "
+                            f"POINT one of {', '.join(CRASH_POINTS)} (a test hook: unset it)")
     return [name, int(n or "1")]
 
 

@@ -18,6 +18,7 @@ DEFAULT_CEILING_TOKENS = "300000000"
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 # [0-9], not \d or int() alone: both take other scripts' digits ("٢" is 2 to int()).
 _INTEGER = re.compile(r"-?[0-9]+")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def load_dotenv(path: Path = Path(".env")) -> list[str]:
@@ -38,12 +39,18 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if line.startswith("export "):
+        if re.match(r"export\s", line):
             line = line[7:].lstrip()
         if "=" not in line:
             raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE")
         key, _, value = line.partition("=")
         key, value = key.strip(), value.strip()
+        if not _ENV_KEY.fullmatch(key):
+            # Never echoed whole: the line may be a secret pasted in the wrong place.
+            raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE with KEY a variable name "
+                                "(letters, digits, _)")
+        if "\0" in value:
+            raise SettingsError(f"{path}:{lineno}: {key}: a NUL character in the value")
         if key in seen:
             raise SettingsError(f"{path}:{lineno}: {key} is already set on line {seen[key]}")
         seen[key] = lineno
@@ -157,7 +164,8 @@ def _get(env: dict[str, str], name: str, default: str | None = None) -> str | No
     return value if value not in (None, "") else default
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 0,
+         maximum: int | None = None) -> int:
     raw = _get(env, name)
     if raw is None:
         return default
@@ -170,6 +178,8 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     value = int(text)
     if value < minimum:
         raise SettingsError(f"{PREFIX}{name}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{PREFIX}{name}: must be at most {maximum}, got {value}")
     return value
 
 
@@ -204,10 +214,20 @@ def _rpc_url(raw: str) -> str:
     if not re.match(r"^https?://[^/\s]+", raw, re.IGNORECASE):
         raise SettingsError(f"{PREFIX}RPC_URL: not an http:// or https:// URL")
     try:
-        urlsplit(raw).port  # noqa: B018 - raises on a port that is not one
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises on a port that is not one
     except ValueError:
         raise SettingsError(f"{PREFIX}RPC_URL: its port is not a number from 0 to "
                             "65535") from None
+    host = parts.hostname or ""
+    try:
+        # As the HTTP client will: an IPv6 address as it is, a name through IDNA
+        # ("127.0.0..1" has an empty label, "a b" a space).
+        name = host if ":" in host else host.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = ""
+    if not (":" in name or re.fullmatch(r"[A-Za-z0-9._-]+", name)):
+        raise SettingsError(f"{PREFIX}RPC_URL: its host is not a host name or an address")
     return raw
 
 
@@ -221,7 +241,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
             f"{PREFIX}NETWORK: unknown network {net_name!r} (one of {', '.join(PROFILES)})"
         )
     prof = PROFILES[net_name]
-    decimals = _int(env, "DECIMALS", prof.decimals)
+    # A uint256 has 78 digits: no token has more decimals than that (and 10**decimals of
+    # a number past int()'s 4,300 digits was an internal error).
+    decimals = _int(env, "DECIMALS", prof.decimals, maximum=77)
     token = checksum(_get(env, "TOKEN", prof.token) or "", where=f"{PREFIX}TOKEN")
     approvers_raw = _get(env, "APPROVERS", "") or ""
     approvers = tuple(

@@ -106,7 +106,7 @@ def make_env(tmp: Path, anvil: dn.Anvil, devnet: dn.Devnet) -> Env:
         "DISBURSER_LOCK_DIR": str(tmp / "locks"),
         "DISBURSER_CONFIRMATIONS": "1",
         "DISBURSER_POLL_INTERVAL": "0.05",
-        "DISBURSER_ENV_FILE": str(tmp / "no.env"),
+        "DISBURSER_ENV_FILE": os.devnull,  # named: it must exist
         **{f"APPROVER_{i}": k for i, k in enumerate(devnet.approver_keys)},
     }
     return Env(devnet, anvil, tmp, vars_)

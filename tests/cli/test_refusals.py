@@ -349,7 +349,14 @@ def test_send_without_yes_when_not_interactive(env: Env) -> None:
      "DISBURSER_RPC_URL: not an http:// or https:// URL"),
     ("DISBURSER_RPC_URL", "http://127.0.0.1:99999/v3/KEY-s3cret",
      "DISBURSER_RPC_URL: its port is not a number from 0 to 65535"),
+    ("DISBURSER_RPC_URL", "http://user:s3cret@127.0.0..1:8545/",
+     "DISBURSER_RPC_URL: its host is not a host name or an address"),
     ("DISBURSER_KEYSTORE", "/tmp", "keystore /tmp: cannot be read (Is a directory)"),
+    # int() refuses 10**4400's digits: an internal error before the bound
+    ("DISBURSER_DECIMALS", "4400", "DISBURSER_DECIMALS: must be at most 77, got 4400"),
+    ("DISBURSER_TEST_CRASH_AT", "x:y", "DISBURSER_TEST_CRASH_AT: 'x:y' is not POINT[:N] with "
+     "POINT one of after_record, after_broadcast, after_mined, after_confirm (a test hook: "
+     "unset it)"),
 ])
 def test_bad_setting_names_it(env: Env, name: str, value: str, message: str) -> None:
     m = env.signed_manifest(2)
@@ -369,6 +376,35 @@ def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
     _assert_refused(env, ["send", str(m), "--yes"],
                     f"{dotenv}:3: DISBURSER_CEILING is already set on line 1",
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("=5\n", "2: expected KEY=VALUE with KEY a variable name (letters, digits, _)"),
+    ("export\tDISBURSER_CEILING=10\nDISBURSER_CEILING=20\n",
+     "3: DISBURSER_CEILING is already set on line 2"),  # read, not a key "export\tDISB..."
+    ("DISBURSER_DB=a\0b\n", "2: DISBURSER_DB: a NUL character in the value"),
+])
+def test_env_file_lines_that_are_no_setting_are_refused(env: Env, text: str,
+                                                        message: str) -> None:
+    """"=5" and a NUL were internal errors; "export<TAB>KEY=..." set a variable named
+    "export\tKEY", so that the setting was silently not set."""
+    m = env.signed_manifest(2)
+    dotenv = env.tmp / "bad.env"
+    dotenv.write_text("# settings\n" + text)
+    _assert_refused(env, ["send", str(m), "--yes"], f"{dotenv}:{message}",
+                    extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
+
+
+def test_a_settings_file_named_but_missing_is_refused(env: Env) -> None:
+    """It ran on the defaults (chain 31337, the default ceiling) with nothing said."""
+    m = env.signed_manifest(2)
+    missing = env.tmp / "prod.env"
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"{missing}: no such settings file (--env-file / DISBURSER_ENV_FILE)",
+                    extra={"DISBURSER_ENV_FILE": str(missing)}, exact=True)
+    _assert_refused(env, ["--env-file", str(env.tmp), "send", str(m), "--yes"],
+                    f"{env.tmp}: no such settings file (--env-file / DISBURSER_ENV_FILE)",
+                    exact=True)
 
 
 @pytest.mark.parametrize("prefix", ["0x", ""])

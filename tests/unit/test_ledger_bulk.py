@@ -12,7 +12,13 @@ import pytest
 
 from disburser.devnet import PAYER
 from disburser.domain import Manifest, Payment, PaymentStatus, TxStatus
-from disburser.errors import CeilingError, DisburserError, LockedError
+from disburser.errors import (
+    CeilingError,
+    DisburserError,
+    LedgerUnavailable,
+    LockedError,
+    SettingsError,
+)
 from disburser.ledger import Ledger, Mined, NewTx
 from disburser.locks import RunnerLock
 from disburser.manifest import make_manifest
@@ -294,3 +300,18 @@ def test_the_program_records_the_ceiling_of_its_latest_acceptance(tmp_path: Path
     # the same manifest again (re-signed) is no new acceptance: the record stays
     assert not led.accept_manifest(more, ceiling=10**28, signers=[])
     assert [p.ceiling for p in led.programs()] == [str(10**27 + 5)]
+
+
+def test_a_postgresql_ledger_that_cannot_be_used_is_one_line_without_its_password() -> None:
+    """A port that is not a number, and a server that refuses the connection, were internal
+    errors (the second with three lines of SQLAlchemy's text)."""
+    with pytest.raises(SettingsError) as e:
+        Ledger("postgresql://u:pw-s3cret@127.0.0.1:xx/db")
+    assert str(e.value) == ("DISBURSER_DB postgresql://u:***@127.0.0.1:xx/db: not a usable "
+                            "PostgreSQL URL")
+    with pytest.raises(LedgerUnavailable) as u:
+        Ledger("postgresql://u:pw-s3cret@127.0.0.1:1/db")  # nothing listens on port 1
+    assert str(u.value).startswith("ledger DISBURSER_DB postgresql://u:***@127.0.0.1:1/db: "
+                                   "cannot be reached (")
+    assert "\n" not in str(u.value) and "s3cret" not in str(u.value)
+    assert u.value.exit_code == 1

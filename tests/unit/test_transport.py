@@ -179,3 +179,12 @@ def test_batch_does_not_retry_other_errors() -> None:
     t = BatchScripted([refused])
     got = t.batch([("eth_sendRawTransaction", ["0x01"])])
     assert isinstance(got[0], ch.NonceTooLow) and len(t.sent) == 1 and t.sleeps == []
+
+
+def test_a_host_the_http_client_cannot_parse_is_a_node_error_not_an_internal_one() -> None:
+    """Settings refuse such a URL first; a Transport made another way still fails in one
+    line, without the URL's secrets."""
+    t = ch.Transport("http://u:s3cret@127.0.0..1:1/", retries=0, sleep=lambda _: None)
+    with pytest.raises(RpcError) as e:
+        t.call("eth_chainId")
+    assert str(e.value) == "node at http://127.0.0..1:1: not a usable URL (LocationParseError)"
