@@ -1560,18 +1560,23 @@ def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s:
     from disburser.artifacts import load_artifact
 
     sender = Sender(ledger, chain, signer, config_from_settings(s, Mode.DIRECT, None))
-    sender.preflight_chain_only()
-    sender.sync_nonces()
-    sender._drain()
-    nonce = sender._next_nonce()
-    code = str(load_artifact("BatchPayout")["bytecode"])
-    gas = policy.batch_gas_limit(chain.estimate_gas_create(signer.address, code))
-    sender._sign_and_send(kind="deploy", root=None, to="", data=code, gas=gas, rows=(),
-                          amount=0)
-    sender._drain()
-    tx = ledger.tx_at(signer.address, nonce)
-    if tx is None or tx.status != TxStatus.CONFIRMED.value:
-        raise FailClosed(f"deployment at nonce {nonce} did not succeed")
+    try:
+        sender.preflight_chain_only()
+        sender.sync_nonces()
+        sender._drain()
+        nonce = sender._next_nonce()
+        code = str(load_artifact("BatchPayout")["bytecode"])
+        gas = policy.batch_gas_limit(chain.estimate_gas_create(signer.address, code))
+        sender._sign_and_send(kind="deploy", root=None, to="", data=code, gas=gas, rows=(),
+                              amount=0)
+        sender._drain()
+        tx = ledger.tx_at(signer.address, nonce)
+        if tx is None or tx.status != TxStatus.CONFIRMED.value:
+            raise FailClosed(f"deployment at nonce {nonce} did not succeed")
+    except DisburserError as e:
+        if sender.broadcast_any and e.exit_code == 2:
+            e.exit_code = 1  # something was sent: not a refusal (exit 2 says nothing was)
+        raise
     # CREATE address: keccak(rlp([sender, nonce]))[12:]
     import rlp
 

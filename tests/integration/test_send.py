@@ -451,6 +451,28 @@ def test_deploy_command_deploys_a_verified_contract(env: Env) -> None:
     _assert_all_paid_once(env, m)
 
 
+def test_a_deployment_that_fails_once_sent_exits_1_not_2(env: Env,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Exit 2 says nothing was sent. A deployment mined out of gas (its estimate cut to
+    60,000 here) is refused after its transaction went out: exit 1."""
+    from disburser import chain as ch
+    from disburser import settings as st
+    from disburser.errors import FailClosed
+    from disburser.keys import Signer
+    from disburser.sender import deploy_batch_contract
+
+    monkeypatch.setattr(ch.RpcChain, "estimate_gas_create", lambda *_: 60_000)
+    s = st.load({**env.vars})
+    nonce = env.payer_nonce()
+    with pytest.raises(FailClosed) as e:
+        deploy_batch_contract(Ledger(s.db), ch.RpcChain(s.rpc_url),
+                              Signer(bytes.fromhex(dn.PAYER_KEY[2:])), s)
+    assert str(e.value) == f"deployment at nonce {nonce} did not succeed"
+    assert e.value.exit_code == 1
+    assert env.payer_nonce() == nonce + 1  # it went out, and was mined
+
+
 def test_ledger_of_another_chain_is_refused(env: Env) -> None:
     """A ledger whose confirmed nonces the chain does not have (a reset chain, a ledger
     from another network) must not be used: signing would open a nonce gap."""
