@@ -1490,10 +1490,11 @@ def check_funds(chain: ch.RpcChain, cfg: SendConfig, payer: str, n: int, owed: i
     blacklisted, the tokens and the gas at the current fees there (every run, and
     ``send --dry-run``)."""
     if chain.paused(cfg.token):
-        raise FailClosed(f"token {cfg.token} is paused; nothing was sent. Run `send` "
-                         "again once it is unpaused")
+        raise FailClosed(f"token {cfg.token} is paused; no new transaction was signed. "
+                         "Run `send` again once it is unpaused")
     if hit := blacklisted_party(chain, cfg.token, payer, paying_through(cfg)):
-        raise FailClosed(f"the token {cfg.token} blacklists the {hit}; nothing was sent")
+        raise FailClosed(f"the token {cfg.token} blacklists the {hit}; no new transaction was "
+                         "signed")
     bal = chain.token_balance(cfg.token, payer)
     if bal < owed:
         raise FundsShortfall(

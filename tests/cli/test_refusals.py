@@ -270,7 +270,7 @@ def test_paused_token_stops_before_sending(env: Env) -> None:
     m = env.signed_manifest(3)
     dn.send_as(env.chain, dn.OWNER, env.devnet.token, dn.abi_call("pause()", [], []))
     nonce = env.payer_nonce()
-    _assert_refused(env, ["send", str(m), "--yes"], "is paused; nothing was sent")
+    _assert_refused(env, ["send", str(m), "--yes"], "is paused; no new transaction was signed")
     assert env.payer_nonce() == nonce
     # Fixed: the run resumes and pays.
     dn.send_as(env.chain, dn.OWNER, env.devnet.token, dn.abi_call("unpause()", [], []))
@@ -288,7 +288,7 @@ def test_blacklisted_batch_contract_stops_batch_mode_only(env: Env) -> None:
                dn.abi_call("blacklist(address)", ["address"], [contract]))
     _assert_refused(env, ["send", str(m), "--yes"],
                     f"the token {env.devnet.token} blacklists the batch contract {contract}; "
-                    "nothing was sent", exact=True)
+                    "no new transaction was signed", exact=True)
     r = env.cli("send", str(m), "--yes", "--mode", "direct")
     assert r.code == 0, r.err
     assert "confirmed 3, failed 0, unpaid 0" in r.out

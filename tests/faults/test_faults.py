@@ -722,11 +722,12 @@ def test_recipient_blacklisted_after_signing_is_isolated_and_the_rest_paid(
 @pytest.mark.parametrize(("stop", "lift", "stopped", "refused"), [
     (("pause()",), ("unpause()",),
      "token {token} is paused; stopped before sending any more. Run `send` again once it is "
-     "unpaused", "is paused; nothing was sent"),
+     "unpaused", "is paused; no new transaction was signed"),
     # The payer blacklisted: without the stop, every recipient would be blamed in turn.
     (("blacklist(address)", dn.PAYER), ("unBlacklist(address)", dn.PAYER),
      "the token {token} blacklists the payer {payer}; stopped before sending any more. Run "
-     "`send` again once it is lifted", "blacklists the payer {payer}; nothing was sent"),
+     "`send` again once it is lifted",
+     "blacklists the payer {payer}; no new transaction was signed"),
 ], ids=["paused", "payer_blacklisted"])
 def test_token_stops_the_payer_mid_run_then_a_rerun_finishes(
         manual: tuple[Env, Miner], stop: tuple[str, ...], lift: tuple[str, ...],
@@ -771,7 +772,8 @@ def test_preflight_fails_closed_before_sending_and_resumes_after_the_fix(
     token, c = env.devnet.token, env.chain
     if fault == "paused":
         dn.send_as(c, dn.OWNER, token, _token_call("pause()"))
-        want = f"token {token} is paused; nothing was sent. Run `send` again once it is unpaused"
+        want = (f"token {token} is paused; no new transaction was signed. Run `send` again "
+                "once it is unpaused")
     elif fault == "token_balance":
         bal = env.balance(dn.PAYER)
         dn.send_as(c, dn.PAYER, token, _token_call("transfer(address,uint256)", dn.OWNER,
