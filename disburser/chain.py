@@ -196,9 +196,14 @@ class Transport:
             except NodeError as e:
                 if not rate_limited(e) or attempt == self.retries:
                     raise
-                self._sleep(delay * (0.5 + self._rand()))
-                delay = min(delay * 2, 10.0)
+                delay = self._rate_limit_pause(delay)
         raise AssertionError("unreachable")
+
+    def _rate_limit_pause(self, delay: float) -> float:
+        """Wait before sending again what a node refused for a rate limit (full jitter
+        around ``delay``); the next delay, doubled up to 10 s."""
+        self._sleep(delay * (0.5 + self._rand()))
+        return min(delay * 2, 10.0)
 
     def batch(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         """Several requests in one HTTP round trip; each result is a value or a NodeError.
@@ -223,8 +228,7 @@ class Transport:
                         if isinstance(r, NodeError) and rate_limited(r)]
                 if not todo or attempt == self.retries:
                     return out
-            self._sleep(delay * (0.5 + self._rand()))
-            delay = min(delay * 2, 10.0)
+            delay = self._rate_limit_pause(delay)
         raise AssertionError("unreachable")
 
     def _batch_once(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:

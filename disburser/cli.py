@@ -651,10 +651,9 @@ def send(
         if retry_failed:
             ledger.requeue_failed(m.root)
         try:
-            result = sender.run(m)
-        except DisburserError as e:
-            if sender.broadcast_any and e.exit_code == 2:
-                e.exit_code = 1  # something was sent: not a refusal
+            with sender.exit_1_once_sent():
+                result = sender.run(m)
+        except DisburserError:
             try:
                 progress.stopped(sender.snapshot(m.root) if progress.shown else None)
             except Exception:  # noqa: BLE001 - the run's own error is the one to report

@@ -137,13 +137,6 @@ PBKDF2_MAX_ROUNDS = 10_000_000
 MAX_DKLEN = 64  # every keystore derives 32 bytes
 
 
-def _lower_keys(doc: Any) -> Any:
-    """The keystore as eth-keyfile reads it: every object's keys in lower case."""
-    if isinstance(doc, dict):
-        return {k.lower() if isinstance(k, str) else k: _lower_keys(v) for k, v in doc.items()}
-    return doc
-
-
 def _refuse_costly_kdf(doc: Any, path: Path) -> None:
     """Refuse, before any work, a keystore that is not V3 or whose key derivation would cost
     more than any standard keystore's. ``doc`` has its keys in lower case, as eth-keyfile
@@ -179,8 +172,11 @@ def _refuse_costly_kdf(doc: Any, path: Path) -> None:
 
 def from_keystore(path: Path, password: str | None, *, password_source: str) -> Signer:
     from eth_account import Account
+    from eth_keyfile.keyfile import normalize_keys
 
-    doc = _lower_keys(_read_keystore(path))
+    doc = _read_keystore(path)
+    if isinstance(doc, dict):
+        doc = normalize_keys(doc)  # every object's keys in lower case, as decrypt reads them
     _refuse_costly_kdf(doc, path)
     if password is None:
         raise SettingsError(f"keystore {path}: no password ({password_source} is not set)")

@@ -12,7 +12,8 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,17 @@ class Sender:
         # Fault injection for the crash tests: "point:n" kills this process with SIGKILL the
         # n-th time the loop passes `point`. Never set in production.
         self._crash_at = _parse_crash_point(os.environ.get("DISBURSER_TEST_CRASH_AT", ""))
+
+    @contextmanager
+    def exit_1_once_sent(self) -> Iterator[None]:
+        """An error raised inside, after this sender put anything on the wire, is not a
+        refusal (exit 2 says nothing was sent): it leaves with exit 1."""
+        try:
+            yield
+        except DisburserError as e:
+            if self.broadcast_any and e.exit_code == 2:
+                e.exit_code = 1
+            raise
 
     def _crash_point(self, name: str) -> None:
         if self._crash_at and self._crash_at[0] == name:
@@ -1561,7 +1573,7 @@ def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s:
     from disburser.artifacts import load_artifact
 
     sender = Sender(ledger, chain, signer, config_from_settings(s, Mode.DIRECT, None))
-    try:
+    with sender.exit_1_once_sent():
         sender.preflight_chain_only()
         sender.sync_nonces()
         sender._drain()
@@ -1574,10 +1586,6 @@ def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s:
         tx = ledger.tx_at(signer.address, nonce)
         if tx is None or tx.status != TxStatus.CONFIRMED.value:
             raise FailClosed(f"deployment at nonce {nonce} did not succeed")
-    except DisburserError as e:
-        if sender.broadcast_any and e.exit_code == 2:
-            e.exit_code = 1  # something was sent: not a refusal (exit 2 says nothing was)
-        raise
     # CREATE address: keccak(rlp([sender, nonce]))[12:]
     import rlp
 
