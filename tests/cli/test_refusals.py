@@ -354,6 +354,8 @@ def test_send_without_yes_when_not_interactive(env: Env) -> None:
     ("DISBURSER_KEYSTORE", "/tmp", "keystore /tmp: cannot be read (Is a directory)"),
     # int() refuses 10**4400's digits: an internal error before the bound
     ("DISBURSER_DECIMALS", "4400", "DISBURSER_DECIMALS: must be at most 77, got 4400"),
+    ("DISBURSER_DB", "postgresql://u:pw-s3cret@127.0.0.1:xx/db",
+     "DISBURSER_DB postgresql://u:***@127.0.0.1:xx/db: not a usable PostgreSQL URL"),
     ("DISBURSER_TEST_CRASH_AT", "x:y", "DISBURSER_TEST_CRASH_AT: 'x:y' is not POINT[:N] with "
      "POINT one of after_record, after_broadcast, after_mined, after_confirm (a test hook: "
      "unset it)"),
@@ -376,6 +378,32 @@ def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
     _assert_refused(env, ["send", str(m), "--yes"],
                     f"{dotenv}:3: DISBURSER_CEILING is already set on line 1",
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"version": 4}, "not a JSON V3 keystore (version '4')"),
+    ({"C": 2**31 - 1}, "pbkdf2 with c=2147483647 rounds costs more than any standard "
+     "keystore (at most 10000000); refusing to decrypt"),
+], ids=["version_4", "upper_case_rounds"])
+def test_a_keystore_read_otherwise_than_it_is_checked_is_refused(
+        env: Env, edit: dict[str, int], message: str) -> None:
+    """The payer's keystore as `send` reads it: a V4 file, or its pbkdf2 rounds as "C",
+    went around the cost check (and ran for minutes); refused before anything is sent."""
+    from eth_account import Account
+
+    doc = Account.encrypt(bytes.fromhex(dn.PAYER_KEY[2:]), "password1", kdf="pbkdf2",
+                          iterations=2)
+    if "C" in edit:
+        del doc["crypto"]["kdfparams"]["c"]
+        doc["crypto"]["kdfparams"]["C"] = edit["C"]
+    else:
+        doc.update(edit)
+    ks = env.tmp / "payer.json"
+    ks.write_text(json.dumps(doc))
+    m = env.signed_manifest(2)
+    _assert_refused(env, ["send", str(m), "--yes"], f"keystore {ks}: {message}",
+                    extra={"DISBURSER_PRIVATE_KEY": "", "DISBURSER_KEYSTORE": str(ks),
+                           "DISBURSER_KEYSTORE_PASSWORD": "password1"}, exact=True)
 
 
 @pytest.mark.parametrize("text, message", [
