@@ -54,12 +54,27 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
         if key in seen:
             raise SettingsError(f"{path}:{lineno}: {key} is already set on line {seen[key]}")
         seen[key] = lineno
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        value = _dotenv_value(value, where=f"{path}:{lineno}: {key}")
         if key not in os.environ:
             os.environ[key] = value
             set_here.append(key)
     return set_here
+
+
+def _dotenv_value(value: str, *, where: str) -> str:
+    """A value as a shell's ``set -a; . ./.env`` and python-dotenv read it: in quotes, what
+    is between them; unquoted, up to a ``#`` after a space (a comment). ``KEY=x # old`` was
+    the value ``x # old``: a DISBURSER_DB so written named a new, empty ledger."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end < 0:
+            raise SettingsError(f"{where}: the value opens a quote it does not close")
+        rest = value[end + 1:].strip()
+        if rest and not rest.startswith("#"):
+            raise SettingsError(f"{where}: text after the value's closing quote (quote the "
+                                "whole value, or put a comment after a space and #)")
+        return value[1:end]
+    return re.split(r"\s#", value, maxsplit=1)[0].rstrip()
 
 
 def checksum(address: str, *, where: str) -> str:
@@ -183,14 +198,32 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0,
     return value
 
 
+def _flag(env: dict[str, str], name: str) -> bool:
+    """On or off. Anything else is refused: ``TRUE`` read as off (or ``0n`` as on) would
+    be a setting that silently does not do what it says."""
+    raw = _get(env, name, "0") or "0"
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{PREFIX}{name}: {raw[:40]!r} is neither on (1, true, yes, on) nor "
+                        "off (0, false, no, off)")
+
+
+# Plain decimal seconds: float() also takes "1e-300", "nan", "٢" and "1_0".
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?|\.[0-9]+")
+
+
 def _seconds(env: dict[str, str], name: str, default: str) -> float:
     raw = _get(env, name, default) or default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{PREFIX}{name}: {raw!r} is not a number of seconds") from None
-    if not 0 < value <= 3600:
-        raise SettingsError(f"{PREFIX}{name}: must be between 0 and 3600 seconds, got {raw}")
+    if not _SECONDS.fullmatch(raw.strip()):
+        raise SettingsError(f"{PREFIX}{name}: {raw[:40]!r} is not a number of seconds")
+    value = float(raw)
+    # A poll every microsecond would hammer the node; a timeout of one would fail every call.
+    if not 0.001 <= value <= 3600:
+        raise SettingsError(f"{PREFIX}{name}: must be between 0.001 and 3600 seconds, got "
+                            f"{raw.strip()}")
     return value
 
 
@@ -275,7 +308,11 @@ def load(env: dict[str, str] | None = None) -> Settings:
             if batch_contract_raw
             else None
         ),
-        confirmations=_int(env, "CONFIRMATIONS", prof.confirmations, minimum=1),
+        # Past finality on every chain profiled (Ethereum's 64 blocks; an L2's L1 finality,
+        # ~15 min, is 3,600 of Arbitrum's blocks). More is a typo that would hold a run for
+        # days after its last payment.
+        confirmations=_int(env, "CONFIRMATIONS", prof.confirmations, minimum=1,
+                           maximum=10_000),
         max_fee_wei=_wei(env, "MAX_FEE_GWEI", prof.max_fee_gwei, 9, positive=True),
         priority_fee_wei=_wei(env, "PRIORITY_FEE_GWEI", prof.priority_fee_gwei, 9),
         max_tx_fee_wei=_wei(env, "MAX_TX_FEE_ETH", "1", 18, positive=True),
@@ -288,7 +325,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         keystore=Path(keystore) if keystore else None,
         keystore_password=_get(env, "KEYSTORE_PASSWORD"),
         private_key=_get(env, "PRIVATE_KEY"),
-        allow_plain_key=(_get(env, "ALLOW_PLAIN_KEY", "0") or "0") in ("1", "true", "yes"),
+        allow_plain_key=_flag(env, "ALLOW_PLAIN_KEY"),
         from_block=_int(env, "FROM_BLOCK", 0),
     )
 

@@ -411,6 +411,8 @@ def test_a_keystore_read_otherwise_than_it_is_checked_is_refused(
     ("export\tDISBURSER_CEILING=10\nDISBURSER_CEILING=20\n",
      "3: DISBURSER_CEILING is already set on line 2"),  # read, not a key "export\tDISB..."
     ("DISBURSER_DB=a\0b\n", "2: DISBURSER_DB: a NUL character in the value"),
+    ("DISBURSER_CEILING='10\n", "2: DISBURSER_CEILING: the value opens a quote it does not "
+     "close"),
 ])
 def test_env_file_lines_that_are_no_setting_are_refused(env: Env, text: str,
                                                         message: str) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def test_env_example_documents_every_setting() -> None:
     # _env("NAME") in cli.py builds DISBURSER_NAME
     used |= {"DISBURSER_" + n for n in re.findall(r'_env\("([A-Z_]+)"\)',
                                                    (ROOT / "disburser/cli.py").read_text())}
-    used |= {"DISBURSER_" + n for n in re.findall(r'_(?:get|int|gwei)\(env, "([A-Z_]+)"',
+    used |= {"DISBURSER_" + n for n in re.findall(r'_[a-z]+\(env, "([A-Z_]+)"',
                                                    (ROOT / "disburser/settings.py").read_text())}
     used -= {"DISBURSER_"}
     documented = set(re.findall(r"DISBURSER_[A-Z_]+[A-Z]", (ROOT / ".env.example").read_text()))
@@ -90,3 +91,77 @@ def test_integer_settings_still_take_plain_digits() -> None:
     s = st.load({"DISBURSER_QUORUM": " 1 ", "DISBURSER_CONFIRMATIONS": "12",
                  "DISBURSER_FROM_BLOCK": "0"})
     assert (s.quorum, s.confirmations, s.from_block) == (1, 12, 0)
+
+
+@pytest.mark.parametrize("line, value", [
+    ("DISBURSER_DB=prod.sqlite # moved 2026-11-20", "prod.sqlite"),
+    ("DISBURSER_DB=prod.sqlite\t# moved", "prod.sqlite"),
+    ("DISBURSER_DB='prod ledger.sqlite' # moved", "prod ledger.sqlite"),
+    ('DISBURSER_DB="a #b.sqlite"', "a #b.sqlite"),
+    ("DISBURSER_DB=a#b.sqlite", "a#b.sqlite"),  # no space before #: the shell keeps it too
+    ("DISBURSER_DB=", ""),
+    ("DISBURSER_DB=''", ""),
+], ids=["comment", "tab-comment", "quoted-comment", "hash-in-quotes", "hash-in-word",
+        "empty", "empty-quotes"])
+def test_env_file_values_are_read_as_the_shell_reads_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, value: str) -> None:
+    """An inline comment was part of the value: a DISBURSER_DB so written named a new,
+    empty ledger."""
+    monkeypatch.delenv("DISBURSER_DB", raising=False)
+    f = tmp_path / "x.env"
+    f.write_text(line + "\n")
+    assert st.load_dotenv(f) == ["DISBURSER_DB"]
+    assert os.environ["DISBURSER_DB"] == value
+
+
+@pytest.mark.parametrize("line, message", [
+    ('DISBURSER_DB="prod.sqlite', "the value opens a quote it does not close"),
+    ("DISBURSER_DB='prod'.sqlite", "text after the value's closing quote (quote the whole "
+     "value, or put a comment after a space and #)"),
+], ids=["unclosed", "after-quote"])
+def test_env_file_values_with_broken_quotes_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, message: str) -> None:
+    monkeypatch.delenv("DISBURSER_DB", raising=False)
+    f = tmp_path / "x.env"
+    f.write_text("# ledger\n" + line + "\n")
+    with pytest.raises(SettingsError) as e:
+        st.load_dotenv(f)
+    assert str(e.value) == f"{f}:2: DISBURSER_DB: {message}"
+
+
+@pytest.mark.parametrize("value, on", [
+    ("1", True), ("true", True), ("TRUE", True), (" Yes ", True), ("on", True),
+    ("0", False), ("false", False), ("No", False), ("OFF", False), ("", False),
+])
+def test_on_off_settings_read_every_usual_spelling(value: str, on: bool) -> None:
+    """TRUE and on read as off."""
+    assert st.load({"DISBURSER_ALLOW_PLAIN_KEY": value}).allow_plain_key is on
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DISBURSER_ALLOW_PLAIN_KEY": "0n"}, "DISBURSER_ALLOW_PLAIN_KEY: '0n' is neither on (1, "
+     "true, yes, on) nor off (0, false, no, off)"),
+    ({"DISBURSER_CONFIRMATIONS": "10001"}, "DISBURSER_CONFIRMATIONS: must be at most 10000, "
+     "got 10001"),
+    ({"DISBURSER_POLL_INTERVAL": "1e-300"}, "DISBURSER_POLL_INTERVAL: '1e-300' is not a "
+     "number of seconds"),
+    ({"DISBURSER_POLL_INTERVAL": "nan"}, "DISBURSER_POLL_INTERVAL: 'nan' is not a number of "
+     "seconds"),
+    ({"DISBURSER_RPC_TIMEOUT": "٣٠"}, "DISBURSER_RPC_TIMEOUT: '٣٠' is not a number of seconds"),
+    ({"DISBURSER_RPC_TIMEOUT": "0.0001"}, "DISBURSER_RPC_TIMEOUT: must be between 0.001 and "
+     "3600 seconds, got 0.0001"),
+    ({"DISBURSER_POLL_INTERVAL": "3600.5"}, "DISBURSER_POLL_INTERVAL: must be between 0.001 "
+     "and 3600 seconds, got 3600.5"),
+], ids=["flag", "confirmations", "tiny-exponent", "nan", "arabic-indic", "too-small",
+        "too-large"])
+def test_settings_that_would_silently_misbehave_are_refused(env: dict[str, str],
+                                                           message: str) -> None:
+    with pytest.raises(SettingsError) as e:
+        st.load(env)
+    assert str(e.value) == message
+
+
+def test_seconds_settings_still_take_plain_decimals() -> None:
+    s = st.load({"DISBURSER_POLL_INTERVAL": " 0.05 ", "DISBURSER_RPC_TIMEOUT": ".5",
+                 "DISBURSER_CONFIRMATIONS": "10000"})
+    assert (s.poll_interval, s.rpc_timeout, s.confirmations) == (0.05, 0.5, 10_000)
