@@ -3,7 +3,7 @@ pragma solidity ^0.8.28;
 
 /// @title BatchPayout
 /// @notice Pays a batch of a signed manifest's payments out of the caller's own tokens, at
-/// most once per (payer, paymentsRoot, index).
+/// most once per (payer, token, paymentsRoot, index).
 /// @dev No owner, no upgrade path, nothing payable, and it never holds tokens: every payment
 /// is `token.transferFrom(msg.sender, recipient, amount)`, so each Transfer log names the
 /// payer as `from`, and the payer's allowance to this contract bounds what it can move.
@@ -21,13 +21,18 @@ contract BatchPayout {
     /// entries were already paid (earlier, or earlier in this same batch) and moved nothing.
     event Disbursed(address indexed payer, bytes32 indexed root, uint256 count, uint256 total, uint256 skipped);
 
-    /// payer => paymentsRoot => word => 256 "paid" bits (bit i of word w is index w*256+i).
+    /// payer => token => paymentsRoot => word => 256 "paid" bits (bit i of word w is index
+    /// w*256+i).
     /// Keyed by payer, not by root alone: the root is public (it is in every signed manifest
     /// and every proof), so a bitmap keyed only by root would let anyone call `disburse`
     /// with that root, pay one wei of their own tokens to themselves at every index, and mark
     /// the real payer's payments as paid: the payer's batches would then skip, and the
     /// recipients would never be paid. Keyed by msg.sender, only the payer marks its own.
-    mapping(address => mapping(bytes32 => mapping(uint256 => uint256))) private _paid;
+    /// Keyed by token too: the root covers (index, to, amount, id), not the token, so the
+    /// same payments paid in another token (a rehearsal token, a bridged USDC.e instead of
+    /// native USDC) must not mark them paid in this one.
+    mapping(address => mapping(address => mapping(bytes32 => mapping(uint256 => uint256))))
+        private _paid;
 
     /// Reentrancy lock. The loop keeps the current bitmap word on the stack and writes it back
     /// when the word changes; a nested `disburse` by the same payer during a token call would
@@ -35,7 +40,7 @@ contract BatchPayout {
     bool private transient _entered;
 
     /// @notice Pay each `(indices[i], recipients[i], amounts[i])` of manifest `root` from the
-    /// caller's balance, skipping indices this caller already paid for `root`.
+    /// caller's balance, skipping indices this caller already paid for `root` in `token`.
     /// @dev Reverts as a whole with `TransferFailed(indices[i], reason)` if the token refuses
     /// any payment, so a simulated call names the culprit. Indices may come in any order and
     /// may repeat: a repeat is skipped. Consecutive indices in the same 256-index word cost one
@@ -51,7 +56,7 @@ contract BatchPayout {
         if (_entered) revert Reentered();
         _entered = true;
 
-        mapping(uint256 => uint256) storage words = _paid[msg.sender][root];
+        mapping(uint256 => uint256) storage words = _paid[msg.sender][token][root];
         // The bitmap word of the current index is kept on the stack (`word`) and written back
         // once, when the next index falls in another word and after the loop. A word that is
         // still zero was neither loaded nonzero nor marked, so it needs no write; a word that
@@ -97,14 +102,16 @@ contract BatchPayout {
         }
     }
 
-    /// @notice Whether `payer` has paid payment `index` of manifest `root` through this contract.
-    function isPaid(address payer, bytes32 root, uint256 index) external view returns (bool) {
-        return (_paid[payer][root][index >> 8] >> (index & 0xff)) & 1 == 1;
+    /// @notice Whether `payer` has paid payment `index` of manifest `root` in `token` through
+    /// this contract.
+    function isPaid(address payer, address token, bytes32 root, uint256 index) external view returns (bool) {
+        return (_paid[payer][token][root][index >> 8] >> (index & 0xff)) & 1 == 1;
     }
 
-    /// @notice The raw bitmap word `wordIndex` of (payer, root): bit i is index wordIndex*256+i.
-    function paidWord(address payer, bytes32 root, uint256 wordIndex) external view returns (uint256) {
-        return _paid[payer][root][wordIndex];
+    /// @notice The raw bitmap word `wordIndex` of (payer, token, root): bit i is index
+    /// wordIndex*256+i.
+    function paidWord(address payer, address token, bytes32 root, uint256 wordIndex) external view returns (uint256) {
+        return _paid[payer][token][root][wordIndex];
     }
 
     /// @dev `token.transferFrom(msg.sender, to, amount)` as a low-level call, judged like

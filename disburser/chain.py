@@ -321,7 +321,7 @@ def selector(signature: str) -> str:
 
 
 SEL_DISBURSE = selector("disburse(address,bytes32,uint256[],address[],uint256[])")
-SEL_PAID_WORD = selector("paidWord(address,bytes32,uint256)")
+SEL_PAID_WORD = selector("paidWord(address,address,bytes32,uint256)")
 TRANSFER_FAILED = bytes.fromhex(selector("TransferFailed(uint256,bytes)"))
 
 
@@ -692,11 +692,12 @@ class RpcChain:
     def code(self, address: str) -> bytes:
         return bytes.fromhex(str(self.t.call("eth_getCode", [address, "latest"]))[2:])
 
-    def paid_words(self, contract: str, payer: str, root: str,
+    def paid_words(self, contract: str, payer: str, token: str, root: str,
                    words: Sequence[int]) -> dict[int, int]:
         out: dict[int, int] = {}
         calls = [("eth_call", [{"to": contract, "data": "0x" + SEL_PAID_WORD + w_addr(payer)
-                                + root[2:] + w_uint(w)}, "latest"]) for w in words]
+                                + w_addr(token) + root[2:] + w_uint(w)}, "latest"])
+                 for w in words]
         for i in range(0, len(calls), 200):
             res = self.t.batch(calls[i:i + 200])
             for w, r in zip(words[i:i + 200], res, strict=True):

@@ -380,14 +380,15 @@ class Sender:
 
     def _skip_paid_on_chain(self, root: str, count: int) -> None:
         """With a lost or fresh ledger, the batch contract's bitmap still knows what this
-        payer paid for this root: those payments are never sent again. Every word of the
-        manifest's bitmap is read (one request per 51,200 payments); the queued payments are
-        looked up only when a bit is set."""
+        payer paid for this root in this token: those payments are never sent again. Every
+        word of the manifest's bitmap is read (one request per 51,200 payments); the queued
+        payments are looked up only when a bit is set."""
         assert self.cfg.batch_contract is not None
         words = list(range((count + 255) // 256))
         if not words or not self.ledger.has_queued(root):
             return
-        bitmap = self.chain.paid_words(self.cfg.batch_contract, self.payer, root, words)
+        bitmap = self.chain.paid_words(self.cfg.batch_contract, self.payer, self.cfg.token,
+                                       root, words)
         if not any(bitmap.values()):
             return
         queued = self.ledger.queued_idxs(root)

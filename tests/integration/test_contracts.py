@@ -304,11 +304,11 @@ def test_disburse_pays_recipients_and_sets_bits(chain: Chain) -> None:
         "skipped": 0,
     }
     b = chain.batch.functions
-    assert all(b.isPaid(PAYER, root, i).call() for i in indices)
-    assert not any(b.isPaid(PAYER, root, i).call() for i in (4, 255, 256, 299, 301))
-    assert b.paidWord(PAYER, root, 0).call() == 0b1111
-    assert b.paidWord(PAYER, root, 1).call() == 1 << (300 - 256)
-    assert not b.isPaid(PAYER, root_of("another"), 0).call()
+    assert all(b.isPaid(PAYER, USDC, root, i).call() for i in indices)
+    assert not any(b.isPaid(PAYER, USDC, root, i).call() for i in (4, 255, 256, 299, 301))
+    assert b.paidWord(PAYER, USDC, root, 0).call() == 0b1111
+    assert b.paidWord(PAYER, USDC, root, 1).call() == 1 << (300 - 256)
+    assert not b.isPaid(PAYER, USDC, root_of("another"), 0).call()
     assert chain.token.functions.balanceOf(chain.batch.address).call() == 0
 
 
@@ -346,9 +346,9 @@ def test_repeated_and_unordered_indices_in_one_call(chain: Chain) -> None:
     assert (event["count"], event["total"], event["skipped"]) == (4, 1 + 2 + 3 + 5, 2)
     assert balances(chain, to) == [1, 2, 3, 0, 5, 0]
     b = chain.batch.functions
-    assert b.paidWord(PAYER, root, 0).call() == (1 << 5) | (1 << 6)
-    assert b.paidWord(PAYER, root, 2).call() == (1 << (699 - 512)) | (1 << (700 - 512))
-    assert b.paidWord(PAYER, root, 1).call() == 0
+    assert b.paidWord(PAYER, USDC, root, 0).call() == (1 << 5) | (1 << 6)
+    assert b.paidWord(PAYER, USDC, root, 2).call() == (1 << (699 - 512)) | (1 << (700 - 512))
+    assert b.paidWord(PAYER, USDC, root, 1).call() == 0
 
 
 def test_another_sender_cannot_mark_the_payers_payments(chain: Chain) -> None:
@@ -357,16 +357,44 @@ def test_another_sender_cannot_mark_the_payers_payments(chain: Chain) -> None:
     send(t.approve(chain.batch.address, 100), sender=OTHER)
     root = root_of("squat")
     indices = [0, 1, 2]
-    # Someone who knows the (public) root "pays" every index to itself first.
+    # Someone who knows the (public) root "pays" every index to itself first: out of its own
+    # balance, though the payer's allowance to the contract is far larger.
+    payer_before = t.balanceOf(PAYER).call()
     send(chain.batch.functions.disburse(USDC, root, indices, [OTHER] * 3, [1, 1, 1]), sender=OTHER)
+    assert t.balanceOf(PAYER).call() == payer_before
+    assert t.balanceOf(OTHER).call() == 100
     b = chain.batch.functions
-    assert all(b.isPaid(OTHER, root, i).call() for i in indices)
-    assert not any(b.isPaid(PAYER, root, i).call() for i in indices)
+    assert all(b.isPaid(OTHER, USDC, root, i).call() for i in indices)
+    assert not any(b.isPaid(PAYER, USDC, root, i).call() for i in indices)
 
     to = fresh("squat", 3)
     receipt = send(chain.batch.functions.disburse(USDC, root, indices, to, [7, 8, 9]))
     assert disbursed(chain, receipt)["count"] == 3
     assert balances(chain, to) == [7, 8, 9]
+
+
+def test_payments_paid_in_another_token_are_not_paid_in_this_one(chain: Chain) -> None:
+    """The root covers (index, to, amount, id), not the token. Keyed by (payer, root) alone,
+    the same payments paid first in a rehearsal token (or USDC.e instead of native USDC)
+    were marked paid for good: the real batch skipped them, and the engine recorded them as
+    paid elsewhere."""
+    other = deploy(chain.w3, "TestUSDC")
+    o = other.functions
+    send(o.initialize("Rehearsal", "RHS", 6, PAYER))
+    send(o.mint(PAYER, 100))
+    send(o.approve(chain.batch.address, 100))
+    root = root_of("two-tokens")
+    to = fresh("two-tokens", 3)
+    send(chain.batch.functions.disburse(other.address, root, [0, 1, 2], to, [1, 2, 3]))
+    b = chain.batch.functions
+    assert all(b.isPaid(PAYER, other.address, root, i).call() for i in range(3))
+    assert not any(b.isPaid(PAYER, USDC, root, i).call() for i in range(3))
+
+    receipt = send(chain.batch.functions.disburse(USDC, root, [0, 1, 2], to, [7, 8, 9]))
+    event = disbursed(chain, receipt)
+    assert (event["count"], event["total"], event["skipped"]) == (3, 24, 0)
+    assert balances(chain, to) == [7, 8, 9]
+    assert [o.balanceOf(a).call() for a in to] == [1, 2, 3]
 
 
 def test_blacklisted_recipient_is_named_by_its_manifest_index(chain: Chain) -> None:
@@ -384,7 +412,7 @@ def test_blacklisted_recipient_is_named_by_its_manifest_index(chain: Chain) -> N
     receipt = send(fn, gas=1_000_000)
     assert receipt["status"] == 0
     assert balances(chain, to) == [0, 0, 0]
-    assert not chain.batch.functions.isPaid(PAYER, root, 40).call()
+    assert not chain.batch.functions.isPaid(PAYER, USDC, root, 40).call()
 
     # Without the culprit the rest are paid.
     send(chain.batch.functions.disburse(USDC, root, [40, 42], [to[0], to[2]], [1, 3]))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from disburser import chain as ch
 from disburser import devnet as dn
 from disburser import manifest as mf
 from disburser.amounts import format_units
@@ -128,6 +129,29 @@ def test_lost_ledger_batch_mode_pays_no_one_twice(env: Env) -> None:
     led = _ledger(env)
     assert {p.status for p in led.payments(mf.load(m).root)} == {"paid_elsewhere"}
     assert [t.kind for t in led.txs()] == []  # the bitmap said all paid: nothing sent
+
+
+def test_payments_paid_through_the_contract_in_another_token_are_paid_in_this_one(
+        env: Env) -> None:
+    """The payer once ran the manifest's payments through the batch contract in another
+    token (a rehearsal token; USDC.e for native USDC). The bitmap was keyed by (payer, root):
+    send recorded all three as paid elsewhere, sent nothing and exited 0, and no recipient
+    held any USDC."""
+    m = env.signed_manifest(3)
+    man = mf.load(m)
+    other = "0x" + "11" * 20
+    dn.place_token(env.chain, address=other, name="Rehearsal", symbol="RHS")
+    dn.mint(env.chain, other, dn.PAYER, 10**9)
+    dn.send_as(env.chain, dn.PAYER, other, ch.enc_approve(env.devnet.batch_contract, 10**9))
+    dn.send_as(env.chain, dn.PAYER, env.devnet.batch_contract, ch.enc_disburse(
+        other, man.root, [p.index for p in man.payments], [p.to for p in man.payments],
+        [p.amount for p in man.payments]))
+    r = env.cli("send", str(m), "--yes")
+    assert r.code == 0, r.err
+    assert "confirmed 3, failed 0, unpaid 0" in r.out
+    _assert_all_paid_once(env, m)
+    assert {p.status for p in _ledger(env).payments(man.root)} == {"confirmed"}
+    assert [t.kind for t in _ledger(env).txs()] == ["approve", "batch"]
 
 
 @pytest.mark.parametrize("again", ["direct", "batch"])

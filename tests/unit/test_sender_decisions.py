@@ -698,7 +698,7 @@ class HistoryChain(FakeChain):
     disbursed: list[tuple[str, str, str]] = []
     paid_bits: dict[int, int] = {}  # the batch contract's bitmap words of the manifest
 
-    def paid_words(self, contract: str, payer: str, root: str, words: list[int]
+    def paid_words(self, contract: str, payer: str, token: str, root: str, words: list[int]
                    ) -> dict[int, int]:
         return {w: self.paid_bits.get(w, 0) for w in words}
 
