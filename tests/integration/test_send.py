@@ -497,6 +497,29 @@ def test_a_deployment_that_fails_once_sent_exits_1_not_2(env: Env,
     assert env.payer_nonce() == nonce + 1  # it went out, and was mined
 
 
+def test_a_deployment_whose_code_check_fails_once_mined_exits_1_not_2(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of the deployed code ran after the rule that an error once something went
+    out is exit 1: a node that served no code yet made a sent deployment exit 2."""
+    from disburser import chain as ch
+    from disburser import sender as sd
+    from disburser import settings as st
+    from disburser.errors import ChainMismatchError
+    from disburser.keys import Signer
+
+    def no_code_yet(_chain: object, address: str) -> None:
+        raise ChainMismatchError(f"{address}: no code there")
+
+    monkeypatch.setattr(sd, "verify_batch_contract", no_code_yet)
+    s = st.load({**env.vars})
+    nonce = env.payer_nonce()
+    with pytest.raises(ChainMismatchError) as e:
+        sd.deploy_batch_contract(Ledger(s.db), ch.RpcChain(s.rpc_url),
+                                 Signer(bytes.fromhex(dn.PAYER_KEY[2:])), s)
+    assert e.value.exit_code == 1
+    assert env.payer_nonce() == nonce + 1
+
+
 def test_ledger_of_another_chain_is_refused(env: Env) -> None:
     """A ledger whose confirmed nonces the chain does not have (a reset chain, a ledger
     from another network) must not be used: signing would open a nonce gap."""

@@ -204,6 +204,42 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
         s._resolve_used_nonce(t, atts)
 
 
+def test_a_used_nonce_whose_block_is_not_served_yet_is_not_foreign(tmp_path: Path) -> None:
+    """The state nonce has moved but no block the node serves holds it yet (Anvil serves the
+    block a moment after; a load-balanced node may read the nonce from a backend ahead of the
+    one serving blocks). It was called a foreign transaction "(not found in recent blocks)"
+    and a healthy run stopped with exit 1; reproduced on Anvil by helper-46's race. Now the
+    run waits as for a missing receipt, and says what it could not find."""
+    now = [1000.0]
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
+               Signer(bytes.fromhex(PAYER_KEY[2:])), _sender(tmp_path, chain).cfg,
+               clock=lambda: now[0])
+    m = _accepted(s, 1)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    t = s.ledger.txs(s.payer)[0]
+    atts = s.ledger.attempts(t.id or 0)
+    chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 1  # type: ignore[attr-defined]
+    chain.find_tx_by_nonce = lambda payer, nonce: None  # type: ignore[attr-defined]
+    s._resolve_used_nonce(t, atts)
+    now[0] += 119
+    s._resolve_used_nonce(t, atts)
+    assert s._mined_now == [] and s.ledger.txs(s.payer)[0].status == "pending"
+    now[0] += 2
+    with pytest.raises(FailClosed) as e:
+        s._resolve_used_nonce(t, atts)
+    assert str(e.value) == (
+        f"payer {s.payer}: the chain's nonce passed 0, but for 120 s the node has served "
+        "neither a receipt of this ledger's transaction at that nonce nor a block holding it; "
+        "its payments stay in flight. Check the node (one behind a load balancer may serve "
+        "blocks from a backend that lags) and run `send` again")
+
+
 def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
         tmp_path: Path) -> None:
     """A poll reads the chain's nonce (a state read, which waits for the block being mined)
