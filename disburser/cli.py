@@ -49,6 +49,13 @@ class _ErrorBoundary(TyperGroup):
             raise
         except typer.TyperException as e:  # a subcommand's usage error (parsed in here)
             _usage_fail(e)
+        except BrokenPipeError:
+            # `disburser manifest typed-data m.json | head -1`: the reader left. Not an
+            # internal error; stdout goes nowhere from here so that the exit's flush is quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.stderr.write("disburser: standard output was closed before the command "
+                             "finished (broken pipe)\n")
+            raise SystemExit(1) from None
         except Exception as e:
             if type(e).__module__.startswith(("typer", "click")):
                 raise
@@ -799,6 +806,7 @@ def status(
 
 @app.command()
 def reconcile(
+    ctx: typer.Context,
     manifests: Annotated[Optional[list[Path]], typer.Argument(  # noqa: UP045
         help="Manifest files to reconcile (besides those in the ledger).")] = None,
     program: Annotated[Optional[str], typer.Option(envvar=_env("PROGRAM"),  # noqa: UP045
@@ -814,11 +822,17 @@ def reconcile(
         envvar=_env("FROM_BLOCK"), help="Scan Transfer logs from this block.")] = None,
 ) -> None:
     """Compare what the chain shows was paid with the manifests and the ceiling."""
+    from typer._click.core import ParameterSource
+
     from disburser.reconcile import run_reconcile
 
     s = settings()
     text, code = run_reconcile(s, manifests or [], program=program, use_ledger=not no_ledger,
                                fmt=fmt.value, from_block=from_block)
+    if program is not None and ctx.get_parameter_source("program") is ParameterSource.ENVIRONMENT:
+        # The same variable scopes allocate and manifest build: say that it scopes this too
+        # (after the run: a refusal stays one line).
+        typer.echo(f"reconcile: program {program} only (DISBURSER_PROGRAM)", err=True)
     _out(text, output)
     if code:
         raise typer.Exit(code)

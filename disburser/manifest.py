@@ -383,6 +383,8 @@ def load(path: Path) -> Manifest:
         raise InputError(f"{path}: no such file") from None
     except UnicodeDecodeError:
         raise ManifestError(f"{path}: not UTF-8 text") from None
+    except OSError as e:  # a directory, no permission: an internal error (exit 1) until now
+        raise InputError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     return parse(text, str(path))
 
 

@@ -1092,6 +1092,13 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     if program is not None and program not in programs:
         raise InputError(f"--program {program}: no manifest of that program in scope "
                          f"(programs: {', '.join(programs)})")
+    for e in files:
+        if program is not None and e.manifest.program != program:
+            # A file named on purpose and then left out: a standing DISBURSER_PROGRAM (the
+            # one allocate and manifest build read) made such a run report all well.
+            raise InputError(f"{e.sources[0]}: a manifest of program {e.manifest.program}, "
+                             f"outside --program {program} (DISBURSER_PROGRAM): leave the "
+                             "file out, or the program filter")
 
     chain = RpcChain(s.rpc_url)
     cid = chain.chain_id()

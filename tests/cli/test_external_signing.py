@@ -374,3 +374,22 @@ def test_build_input_that_is_no_csv_file_is_one_line_and_exit_2(tmp_path: Path) 
                             str(tmp_path / "m.json"))
         assert (code, err) == (2, f"disburser: error: {message}\n")
         assert not (tmp_path / "m.json").exists()
+
+
+def test_typed_data_into_a_closed_pipe_is_no_internal_error(tmp_path: Path) -> None:
+    """`manifest typed-data m.json | head -1`: the reader leaves before the writer is done.
+    It was "internal error: BrokenPipeError"."""
+    import os
+
+    m = _build(tmp_path, [f"u0,{fresh_address('pipe')},1"])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that already left: every write fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "disburser.cli", "manifest", "typed-data",
+                            str(m)], env={**os.environ, **ENV}, stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1
+    assert r.stderr == ("disburser: standard output was closed before the command finished "
+                        "(broken pipe)\n")

@@ -266,6 +266,16 @@ def test_malformed_json(env: Env, tmp_path: Path) -> None:
     _assert_refused(env, ["send", str(p), "--yes"], f"{p}: not valid JSON")
 
 
+@pytest.mark.parametrize("args", [["send", "{m}", "--yes"], ["manifest", "verify", "{m}"],
+                                  ["reconcile", "{m}", "--no-ledger"]])
+def test_a_manifest_path_that_is_a_directory_is_refused(env: Env, args: list[str]) -> None:
+    """An internal error (IsADirectoryError, exit 1) in every command that reads one."""
+    d = env.tmp / "manifests"
+    d.mkdir()
+    _assert_refused(env, [a.format(m=d) for a in args], f"{d}: cannot read (Is a directory)",
+                    exact=True)
+
+
 def test_paused_token_stops_before_sending(env: Env) -> None:
     m = env.signed_manifest(3)
     dn.send_as(env.chain, dn.OWNER, env.devnet.token, dn.abi_call("pause()", [], []))

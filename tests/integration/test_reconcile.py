@@ -304,6 +304,28 @@ def test_a_manifest_file_cannot_relabel_what_the_ledger_paid(env: Env) -> None:
     assert doc["paid_total"] == str(sum(p.amount for p in mf.load(path).payments))
 
 
+def test_a_standing_program_setting_does_not_drop_a_manifest_file(env: Env) -> None:
+    """DISBURSER_PROGRAM, set for allocate and manifest build, is also reconcile's
+    --program. A loans manifest given as a file, wholly unpaid, was left out without a word:
+    exit 0, no finding. Now the file is refused; with no file the report says its scope."""
+    relief = env.signed_manifest(2, program=RELIEF)
+    assert env.cli("send", str(relief), "--yes").code == 0
+    loans = env.tmp / "loans.json"
+    assert env.cli("manifest", "build", str(env.write_payments(2, seed="loans")),
+                   "--program", LOANS, "-o", str(loans)).code == 0
+    standing = {"DISBURSER_CEILING": CEILINGS, "DISBURSER_PROGRAM": RELIEF}
+    r = env.cli("reconcile", "--format", "json", str(loans), extra=standing)
+    assert (r.code, r.out) == (2, "")
+    assert r.err == (f"disburser: error: {loans}: a manifest of program {LOANS}, outside "
+                     f"--program {RELIEF} (DISBURSER_PROGRAM): leave the file out, or the "
+                     "program filter\n")
+    r = env.cli("reconcile", "--format", "json", extra=standing)
+    assert r.code == 0 and json.loads(r.out)["program"] == RELIEF
+    assert r.err == f"reconcile: program {RELIEF} only (DISBURSER_PROGRAM)\n"
+    code, doc = reconcile(env, str(loans))  # no filter: the unpaid loans are found
+    assert code == 1 and doc["counts"]["unpaid"] == 2
+
+
 def test_bad_input_is_refused(env: Env) -> None:
     path = env.signed_manifest(2, program=RELIEF)
     bad = env.tmp / "bad.json"
