@@ -347,7 +347,13 @@ def _payer_address(s: Settings, explicit: str | None) -> str:
         # As the other address settings: all lower (or upper) case is taken and checksummed,
         # a mixed case that fails EIP-55 is a typo.
         return check_address(explicit, "--payer / DISBURSER_PAYER", strict_checksum=False)
-    if s.private_key or s.keystore:
+    if s.keystore is not None:
+        from disburser import keys
+
+        # The address the keystore records: whom a manifest pays from needs no password
+        # (decrypted only when the file records none, as Foundry's do not).
+        return keys.keystore_address(s.keystore, os.environ.get(_env("PASSWORD_FILE")))
+    if s.private_key:
         return str(_payer_signer(s).address)
     raise InputError("no payer: set --payer / DISBURSER_PAYER (or the payer's key)")
 
@@ -464,7 +470,14 @@ def manifest_verify(manifest: Annotated[Path, typer.Argument()]) -> None:
     approved = len({w for w in signers if w in s.approvers})
     typer.echo(f"quorum        {approved} of {s.quorum} required: "
                f"{'met' if approved >= s.quorum else 'NOT met'}")
-    _verify(s, m, str(manifest), warn_strangers=False)  # listed above
+    # The payer as send checks it: the payer key's address, else DISBURSER_PAYER. It was
+    # checked only against DISBURSER_PAYER, so a manifest for another payer than the key's
+    # verified, and send then refused it.
+    payer = _payer_address(s, None) if s.keystore or s.private_key else None
+    if payer is None and not os.environ.get(_env("PAYER")):
+        typer.echo("payer         not checked (no DISBURSER_PAYER and no payer key "
+                   "configured)")
+    _verify(s, m, str(manifest), payer=payer, warn_strangers=False)  # listed above
 
 
 def _verify(s: Settings, m: Any, source: str, payer: str | None = None, *,

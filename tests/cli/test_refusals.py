@@ -140,6 +140,47 @@ def test_another_payer(env: Env) -> None:
                     extra={"DISBURSER_PRIVATE_KEY": dn.DEV_KEYS[0]})
 
 
+@pytest.mark.parametrize("key", ["plain", "keystore"])
+def test_verify_checks_the_payer_of_the_configured_key(env: Env, key: str) -> None:
+    """`manifest verify` checked the payer against DISBURSER_PAYER only: a manifest for
+    another payer than the key's (the one send pays from) verified, exit 0. The keystore's
+    recorded address is read without its password."""
+    from eth_account import Account
+
+    m = env.signed_manifest(2)
+    if key == "plain":
+        extra = {"DISBURSER_PRIVATE_KEY": dn.DEV_KEYS[0]}
+    else:
+        ks = env.tmp / "other.json"
+        ks.write_text(json.dumps(Account.encrypt(bytes.fromhex(dn.DEV_KEYS[0][2:]), "pw",
+                                                 kdf="pbkdf2", iterations=2)))
+        extra = {"DISBURSER_PRIVATE_KEY": "", "DISBURSER_KEYSTORE": str(ks)}
+    _assert_refused(env, ["manifest", "verify", str(m)],
+                    f"manifest payer is {dn.PAYER}, the configured payer is "
+                    f"{dn.DEV_ADDRESSES[0]}", extra=extra)
+    r = env.cli("manifest", "verify", str(m),
+                extra={"DISBURSER_PRIVATE_KEY": "", "DISBURSER_PAYER": ""})
+    assert r.code == 0, r.err
+    assert ("payer         not checked (no DISBURSER_PAYER and no payer key configured)"
+            in r.out)
+
+
+def test_manifest_build_reads_the_keystores_address_without_its_password(env: Env) -> None:
+    """It decrypted the keystore only to learn whom the manifest pays from, and with no
+    password set refused: "no password (DISBURSER_KEYSTORE_PASSWORD is not set)"."""
+    from eth_account import Account
+
+    ks = env.tmp / "payer.json"
+    ks.write_text(json.dumps(Account.encrypt(bytes.fromhex(dn.DEV_KEYS[0][2:]), "pw",
+                                             kdf="pbkdf2", iterations=2)))
+    out = env.tmp / "built.json"
+    r = env.cli("manifest", "build", str(env.write_payments(2)), "--program", "p", "-o",
+                str(out), extra={"DISBURSER_PRIVATE_KEY": "", "DISBURSER_PAYER": "",
+                                 "DISBURSER_KEYSTORE": str(ks)})
+    assert r.code == 0, r.err
+    assert mf.load(out).payer == dn.DEV_ADDRESSES[0]
+
+
 def test_expired(env: Env, tmp_path: Path) -> None:
     csv_path = env.write_payments(2)
     out = tmp_path / "old.json"
