@@ -1041,7 +1041,9 @@ class Sender:
             log.info("transfer_already_known", nonce=nonce, tx_hash=tx_hash)
         elif isinstance(e, ch.Underpriced):
             # A newer attempt at this nonce is in the pool, or the fee is below the node's
-            # floor: the poll loop decides whether to bump.
+            # floor: the poll loop decides whether to bump. Or another signer's transaction
+            # holds the nonce in the pool: a bump would replace it without a word.
+            self._stop_if_pool_holds_a_foreign(nonce)
             log.info("transfer_underpriced", nonce=nonce, tx_hash=tx_hash, error=str(e))
         elif isinstance(e, ch.NonceTooHigh):
             if not any(t.nonce < nonce and t.status == TxStatus.PENDING.value
@@ -1379,6 +1381,19 @@ class Sender:
         raise FailClosed(
             f"payer {self.payer}: nonce {t.nonce} was used by transaction {h}, which this "
             "ledger did not send; its payments stay in flight. Stopping rather than guessing")
+
+    def _stop_if_pool_holds_a_foreign(self, nonce: int) -> None:
+        """The node refused ours as underpriced: if what it holds at ``nonce`` is not one of
+        this ledger's attempts, another signer uses the payer key (invariant 5: it stopped
+        the run only once mined; until then our bumps could replace it)."""
+        t = self.ledger.tx_at(self.payer, nonce)
+        ours = {a.hash.lower() for a in self.ledger.attempts(t.id or 0)} if t else set()
+        h = self.chain.find_pending_tx(self.payer, nonce)
+        if h is not None and h.lower() not in ours:
+            raise FailClosed(
+                f"payer {self.payer}: nonce {nonce} is taken by pending transaction {h}, "
+                "which this ledger did not send; its payments stay in flight. Stopping "
+                "rather than guessing")
 
     def _fee_cap(self, gas: int) -> int:
         """The operator's fee cap, lowered so that gas x max fee stays under the node's

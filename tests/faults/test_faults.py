@@ -356,6 +356,33 @@ def test_foreign_transaction_taking_an_in_flight_nonce_fails_closed(
 # --- 2. pipelining -------------------------------------------------------------------------
 
 
+def test_foreign_pending_transaction_at_a_later_nonce_mid_run_fails_closed(
+        manual: tuple[Env, Miner]) -> None:
+    """Another signer's transaction waits in the pool at a nonce the engine has not sent yet,
+    with a higher fee: the engine's own is refused as underpriced. That was only logged, and
+    the engine re-sent and later bumped its own, which would replace the other one without
+    a word (invariant 5 held only once the other was mined). Now the refusal stops the run,
+    naming the transaction, with nothing mined of that nonce."""
+    env, miner = manual
+    m = env.signed_manifest(20)
+    eng = Engine(env, m, {"DISBURSER_BATCH_SIZE": "5"}).start()
+    wait_for(lambda: ledger(env).txs(dn.PAYER) and in_pool(env, ledger(env).txs(dn.PAYER)[:1]),
+             "the approval in the pool")
+    approval = ledger(env).txs(dn.PAYER)[0]
+    assert approval.kind == "approve"
+    taken = approval.nonce + 2  # the engine's second batch: held for the gap below it
+    h = tx_from(env, dn.PAYER, dn.OWNER, "0x", value=1, gas=21_000, nonce=taken, tip_gwei=90)
+    miner.mine()  # the approval only: the foreign transaction waits for nonce taken - 1
+    with pytest.raises(FailClosed) as exc:
+        eng.join(timeout=30)
+    assert str(exc.value) == (
+        f"payer {dn.PAYER}: nonce {taken} is taken by pending transaction {h}, which this "
+        "ledger did not send; its payments stay in flight. Stopping rather than guessing")
+    assert h.lower() in pool(env)
+    assert env.payer_nonce() == approval.nonce + 1
+    assert [env.balance(p.to) for p in mf.load(m).payments] == [0] * 20
+
+
 def test_pipeline_holds_max_in_flight_and_never_more(manual: tuple[Env, Miner]) -> None:
     env, miner = manual
     m = env.signed_manifest(60)

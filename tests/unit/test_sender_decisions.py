@@ -43,6 +43,10 @@ class FakeChain:
         self.refuse: ch.NodeError | None = None
         self.allowance_left = 25
         self.sent: list[str] = []
+        self.pool_holder: str | None = None  # the hash the pool holds at any nonce
+
+    def find_pending_tx(self, sender: str, nonce: int) -> str | None:
+        return self.pool_holder
 
     def send_raw(self, raw: str) -> str:
         if self.refuse:
@@ -116,6 +120,35 @@ def test_ambiguous_answers_are_left_to_the_lookup(tmp_path: Path, error: ch.Node
     chain = FakeChain()
     chain.refuse = error
     _sender(tmp_path, chain)._broadcast(1, 7, "0xab", "0xhash")  # no exception, no re-sign
+
+
+def test_underpriced_because_another_signer_holds_the_nonce_stops_the_run(
+        tmp_path: Path) -> None:
+    """Underpriced with an attempt of ours in the pool is the usual case (a re-broadcast of
+    an older attempt); with another signer's transaction there it stops the run before a
+    bump can replace that transaction without a word."""
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = _sender(tmp_path, chain)
+    m = _accepted(s, 1)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    t = s.ledger.txs(s.payer)[0]
+    ours = s.ledger.attempts(t.id or 0)[0].hash
+    chain.refuse = ch.Underpriced("replacement transaction underpriced")
+    chain.pool_holder = ours.upper().replace("0X", "0x")
+    s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
+    chain.pool_holder = None  # a fee under the node's floor: nothing of anyone's there
+    s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
+    chain.pool_holder = "0x" + "ee" * 32
+    with pytest.raises(FailClosed) as e:
+        s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
+    assert str(e.value) == (
+        f"payer {s.payer}: nonce {t.nonce} is taken by pending transaction 0x{'ee' * 32}, "
+        "which this ledger did not send; its payments stay in flight. Stopping rather than "
+        "guessing")
 
 
 def test_no_culprit_means_no_payment_is_blamed(tmp_path: Path) -> None:
