@@ -43,8 +43,8 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
             line = line[7:].lstrip()
         if "=" not in line:
             raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE")
-        key, _, value = line.partition("=")
-        key, value = key.strip(), value.strip()
+        key, _, raw_value = line.partition("=")
+        key, value = key.strip(), raw_value.strip()
         if not _ENV_KEY.fullmatch(key):
             # Never echoed whole: the line may be a secret pasted in the wrong place.
             raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE with KEY a variable name "
@@ -54,7 +54,9 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
         if key in seen:
             raise SettingsError(f"{path}:{lineno}: {key} is already set on line {seen[key]}")
         seen[key] = lineno
-        value = _dotenv_value(value, where=f"{path}:{lineno}: {key}")
+        # "KEY= # note" is empty, as the shell reads it ("KEY=#x" is "#x").
+        value = "" if re.match(r"\s+#", raw_value) else \
+            _dotenv_value(value, where=f"{path}:{lineno}: {key}")
         if key not in os.environ:
             os.environ[key] = value
             set_here.append(key)

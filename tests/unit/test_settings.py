@@ -100,9 +100,11 @@ def test_integer_settings_still_take_plain_digits() -> None:
     ('DISBURSER_DB="a #b.sqlite"', "a #b.sqlite"),
     ("DISBURSER_DB=a#b.sqlite", "a#b.sqlite"),  # no space before #: the shell keeps it too
     ("DISBURSER_DB=", ""),
+    ("DISBURSER_DB= # set on the day", ""),
+    ("DISBURSER_DB=#1.sqlite", "#1.sqlite"),
     ("DISBURSER_DB=''", ""),
 ], ids=["comment", "tab-comment", "quoted-comment", "hash-in-quotes", "hash-in-word",
-        "empty", "empty-quotes"])
+        "empty", "comment-only", "hash-first", "empty-quotes"])
 def test_env_file_values_are_read_as_the_shell_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, value: str) -> None:
     """An inline comment was part of the value: a DISBURSER_DB so written named a new,
