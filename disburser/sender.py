@@ -1592,16 +1592,34 @@ def config_from_settings(s: Any, mode: Mode, program: str | None) -> SendConfig:
 def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s: Any) -> str:
     """Deploy BatchPayout from the payer through the ledger's write-ahead path (the payer's
     nonces belong to the ledger), wait for confirmation and verify the code."""
+    import rlp
     from eth_hash.auto import keccak
     from eth_utils import to_checksum_address
 
     from disburser.artifacts import load_artifact
+
+    def created_at(nonce: int) -> str:  # CREATE address: keccak(rlp([sender, nonce]))[12:]
+        return str(to_checksum_address(
+            keccak(rlp.encode([bytes.fromhex(signer.address[2:]), nonce]))[12:]))
 
     sender = Sender(ledger, chain, signer, config_from_settings(s, Mode.DIRECT, None))
     with sender.exit_1_once_sent():
         sender.preflight_chain_only()
         sender.sync_nonces()
         sender._drain()
+        # A deployment this ledger already made (a run killed after its broadcast, settled
+        # by the drain above; or an earlier `deploy`) is the answer: a second contract
+        # would waste gas and split the paid bitmap between two addresses. One whose code
+        # is not this BatchPayout (an older build) does not count.
+        for done in reversed(ledger.txs(signer.address)):
+            if done.kind == "deploy" and done.status == TxStatus.CONFIRMED.value:
+                try:
+                    verify_batch_contract(chain, created_at(done.nonce))
+                except ChainMismatchError:
+                    continue
+                log.info("batch_contract_already_deployed", address=created_at(done.nonce),
+                         nonce=done.nonce)
+                return created_at(done.nonce)
         nonce = sender._next_nonce()
         code = str(load_artifact("BatchPayout")["bytecode"])
         gas = policy.batch_gas_limit(chain.estimate_gas_create(signer.address, code))
@@ -1611,13 +1629,9 @@ def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s:
         tx = ledger.tx_at(signer.address, nonce)
         if tx is None or tx.status != TxStatus.CONFIRMED.value:
             raise FailClosed(f"deployment at nonce {nonce} did not succeed")
-        # CREATE address: keccak(rlp([sender, nonce]))[12:]
-        import rlp
-
-        address = to_checksum_address(
-            keccak(rlp.encode([bytes.fromhex(signer.address[2:]), nonce]))[12:])
+        address = created_at(nonce)
         # Inside: a check that fails (a lagging node with no code yet) after the deployment
         # went out is exit 1, not the "nothing was sent" of exit 2.
         verify_batch_contract(chain, address)
     log.info("batch_contract_deployed", address=address, nonce=nonce)
-    return str(address)
+    return address

@@ -35,6 +35,10 @@ def slow_env(tmp_path: Path) -> Iterator[Env]:
 
 
 def _check_exactly_once(env: Env, m: Path) -> None:
+    """Balances alone cannot see a recovery that went wrong in batch mode: the contract
+    skips what it already paid. So the ledger (never lost here) must also account for
+    every payment through its own transactions, no batch may have skipped anything, and
+    no approval may have allowed more than was still owed when it was signed."""
     manifest = mf.load(m)
     paid = [env.balance(p.to) for p in manifest.payments]
     assert paid == [p.amount for p in manifest.payments]
@@ -44,6 +48,21 @@ def _check_exactly_once(env: Env, m: Path) -> None:
     assert all(t.status == TxStatus.CONFIRMED.value for t in txs)
     assert env.payer_nonce() == len(txs)
     assert env.chain.allowance(env.devnet.token, dn.PAYER, env.devnet.batch_contract) == 0
+    rows = led.payments(manifest.root)
+    assert {r.status for r in rows} == {"confirmed"}
+    assert all(r.tx_id is not None for r in rows)
+    paying = [t for t in txs if t.kind in ("batch", "direct")]
+    assert sum(int(t.amount) for t in paying) == manifest.total
+    logs = env.chain.rpc("eth_getLogs", [{"address": env.devnet.batch_contract,
+                                          "topics": [dn.ch.DISBURSED_TOPIC],
+                                          "fromBlock": "0x0", "toBlock": "latest"}])
+    assert [int(log["data"][2 + 128:], 16) for log in logs] == [0] * len(logs)  # skipped
+    paid_before = 0
+    for t in txs:  # invariant 2: what the contract may move never passes what is owed
+        if t.kind == "approve":
+            assert int(t.amount) <= manifest.total - paid_before, (t.nonce, t.amount)
+        elif t.kind in ("batch", "direct"):
+            paid_before += int(t.amount)
 
 
 @pytest.mark.slow
@@ -122,3 +141,24 @@ def test_sigkill_then_lost_ledger_batch_mode(slow_env: Env) -> None:
     assert r.code == 0, r.err
     manifest = mf.load(m)
     assert [env.balance(p.to) for p in manifest.payments] == [p.amount for p in manifest.payments]
+
+
+@pytest.mark.slow
+def test_deploy_killed_after_its_broadcast_then_run_again_deploys_once(slow_env: Env) -> None:
+    """The second run settled the first deployment, then deployed a second contract at the
+    next nonce and printed only that one: gas wasted, and two addresses an operator could
+    configure, each with its own paid bitmap."""
+    env = slow_env
+    nonce = env.payer_nonce()
+    r = env.proc("deploy", extra={"DISBURSER_TEST_CRASH_AT": "after_broadcast:1"})
+    assert r.code == -signal.SIGKILL, (r.code, r.err)
+    r = env.proc("deploy")
+    assert r.code == 0, r.err
+    address = r.out.strip().splitlines()[-1]
+    (t,) = Ledger(Path(env.vars["DISBURSER_DB"])).txs(dn.PAYER)
+    assert (t.kind, t.nonce, t.status) == ("deploy", nonce, TxStatus.CONFIRMED.value)
+    assert env.payer_nonce() == nonce + 1
+    assert env.chain.code(address)
+    r = env.proc("deploy")  # and again, with nothing in flight: the same address
+    assert (r.code, r.out.strip().splitlines()[-1]) == (0, address)
+    assert env.payer_nonce() == nonce + 1
