@@ -1423,6 +1423,7 @@ class Sender:
                                      max_fee=new.max_fee, tip=new.tip)
         self.ledger.add_attempt(t.id, raw=signed.raw, tx_hash=signed.hash, max_fee=new.max_fee,
                                 tip=new.tip)
+        self._crash_point("after_bump")  # written ahead, not broadcast
         self._sent_at_block[t.id] = head.number
         log.info("transfer_bumped", nonce=t.nonce, tx_hash=signed.hash, max_fee=new.max_fee,
                  tip=new.tip)
@@ -1560,7 +1561,7 @@ def verify_batch_contract(chain: ch.RpcChain, address: str) -> None:
             "BatchPayout (deploy it with `disburser deploy`)")
 
 
-CRASH_POINTS = ("after_record", "after_broadcast", "after_mined", "after_confirm")
+CRASH_POINTS = ("after_record", "after_broadcast", "after_mined", "after_confirm", "after_bump")
 
 
 def _parse_crash_point(spec: str) -> list[Any] | None:

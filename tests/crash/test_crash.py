@@ -162,3 +162,41 @@ def test_deploy_killed_after_its_broadcast_then_run_again_deploys_once(slow_env:
     r = env.proc("deploy")  # and again, with nothing in flight: the same address
     assert (r.code, r.out.strip().splitlines()[-1]) == (0, address)
     assert env.payer_nonce() == nonce + 1
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_fee_bump_is_written_ahead_then_resume(slow_env: Env) -> None:
+    """Priced out by a base fee spike, a transfer is bumped: the new attempt is committed,
+    then the process dies before broadcasting it. The next run sends those stored bytes (or
+    finds the first attempt mined), never a third signature at a new nonce."""
+    env = slow_env
+    c = env.chain
+    c.rpc("evm_setIntervalMining", [0])  # blocks only when this test mines them
+    extra = {"DISBURSER_MAX_FEE_GWEI": "5000", "DISBURSER_BUMP_AFTER_BLOCKS": "2"}
+    m = env.signed_manifest(2)
+    p = env.popen("send", str(m), "--yes", "--mode", "direct",
+                  extra={**extra, "DISBURSER_TEST_CRASH_AT": "after_bump:1"})
+    led = Ledger(Path(env.vars["DISBURSER_DB"]))
+    deadline = time.monotonic() + 60
+    while not (Path(env.vars["DISBURSER_DB"]).exists() and led.txs(dn.PAYER)):
+        assert time.monotonic() < deadline and p.poll() is None, "nothing was signed"
+        time.sleep(0.05)
+    while p.poll() is None:  # a base fee over every first attempt's cap: each block
+        assert time.monotonic() < deadline, "no bump"
+        c.rpc("anvil_setNextBlockBaseFeePerGas", [hex(1000 * 10**9)])
+        c.rpc("evm_mine", [])
+        time.sleep(0.3)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    bumped = [t for t in led.txs(dn.PAYER) if len(led.attempts(t.id or 0)) == 2]
+    assert bumped, "killed before a bump was written"
+    second = led.attempts(bumped[0].id or 0)[1].hash
+    assert c.rpc("eth_getTransactionByHash", [second]) is None  # never broadcast
+    c.rpc("anvil_setNextBlockBaseFeePerGas", [hex(10**9)])
+    c.rpc("evm_setIntervalMining", [1])
+    r = env.proc("send", str(m), "--yes", "--mode", "direct", extra=extra)
+    assert r.code == 0, r.err
+    _check_exactly_once(env, m)
+    for t in led.txs(dn.PAYER):
+        assert len(led.attempts(t.id or 0)) <= 2
+        assert t.mined_hash in {a.hash for a in led.attempts(t.id or 0)}
