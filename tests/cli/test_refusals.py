@@ -408,8 +408,8 @@ def test_send_without_yes_when_not_interactive(env: Env) -> None:
     ("DISBURSER_DB", "postgresql://u:pw-s3cret@127.0.0.1:xx/db",
      "DISBURSER_DB postgresql://u:***@127.0.0.1:xx/db: not a usable PostgreSQL URL"),
     ("DISBURSER_TEST_CRASH_AT", "x:y", "DISBURSER_TEST_CRASH_AT: 'x:y' is not POINT[:N] with "
-     "POINT one of after_record, after_broadcast, after_mined, after_confirm (a test hook: "
-     "unset it)"),
+     "POINT one of after_record, after_broadcast, after_mined, after_confirm, after_bump (a "
+     "test hook: unset it)"),
 ])
 def test_bad_setting_names_it(env: Env, name: str, value: str, message: str) -> None:
     m = env.signed_manifest(2)
