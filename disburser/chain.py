@@ -622,11 +622,18 @@ class RpcChain:
     def find_tx_by_nonce(self, sender: str, nonce: int, max_blocks: int = 2000) -> str | None:
         """The hash of ``sender``'s mined transaction with ``nonce`` (scanning back from the
         head), to name it in a fail-closed message."""
+        return self.locate_nonce(sender, nonce, max_blocks)[1]
+
+    def locate_nonce(self, sender: str, nonce: int, max_blocks: int = 2000
+                     ) -> tuple[bool, str | None]:
+        """(whether the head block the node serves has ``sender``'s ``nonce`` used, the hash
+        of the transaction that used it). (False, None): no block served yet holds it;
+        (True, None): used, but more than ``max_blocks`` blocks ago."""
         head = self.head().number
         lo, hi = max(0, head - max_blocks), head
         # The nonce at a block tells which block included it: binary search.
         if self.nonce_at(sender, hi) <= nonce:
-            return None
+            return False, None
         while lo < hi:
             mid = (lo + hi) // 2
             if self.nonce_at(sender, mid) > nonce:
@@ -636,8 +643,8 @@ class RpcChain:
         b = self.t.call("eth_getBlockByNumber", [hex(lo), True])
         for tx in (b or {}).get("transactions", []):
             if str(tx.get("from", "")).lower() == sender.lower() and int(tx["nonce"], 16) == nonce:
-                return str(tx["hash"])
-        return None
+                return True, str(tx["hash"])
+        return True, None
 
     def find_pending_tx(self, sender: str, nonce: int) -> str | None:
         """The hash of ``sender``'s transaction with ``nonce`` in the node's pool, to name it

@@ -350,9 +350,12 @@ def _payer_address(s: Settings, explicit: str | None) -> str:
     if s.keystore is not None:
         from disburser import keys
 
-        # The address the keystore records: whom a manifest pays from needs no password
-        # (decrypted only when the file records none, as Foundry's do not).
-        return keys.keystore_address(s.keystore, os.environ.get(_env("PASSWORD_FILE")))
+        # The address the keystore records: whom a manifest pays from needs no password.
+        # A file that records none (Foundry's) is decrypted as send does (a prompt on a
+        # terminal).
+        if (recorded := keys.recorded_address(s.keystore)) is not None:
+            return recorded
+        return str(_payer_signer(s).address)
     if s.private_key:
         return str(_payer_signer(s).address)
     raise InputError("no payer: set --payer / DISBURSER_PAYER (or the payer's key)")
@@ -458,6 +461,7 @@ def manifest_add_signature(
 def manifest_verify(manifest: Annotated[Path, typer.Argument()]) -> None:
     """Check a manifest against the settings: chain, token, payer, expiry, approvers, quorum
     and the program's ceiling."""
+    from disburser import keys
     from disburser import manifest as mf
 
     s = settings()
@@ -473,10 +477,12 @@ def manifest_verify(manifest: Annotated[Path, typer.Argument()]) -> None:
     # The payer as send checks it: the payer key's address, else DISBURSER_PAYER. It was
     # checked only against DISBURSER_PAYER, so a manifest for another payer than the key's
     # verified, and send then refused it.
-    payer = _payer_address(s, None) if s.keystore or s.private_key else None
+    # A keystore is not decrypted for this: the address it records, if any.
+    payer = (keys.recorded_address(s.keystore) if s.keystore is not None
+             else _payer_address(s, None) if s.private_key else None)
     if payer is None and not os.environ.get(_env("PAYER")):
-        typer.echo("payer         not checked (no DISBURSER_PAYER and no payer key "
-                   "configured)")
+        typer.echo("payer         not checked (no DISBURSER_PAYER, and no payer key "
+                   "configured or a keystore that records no address)")
     _verify(s, m, str(manifest), payer=payer, warn_strangers=False)  # listed above
 
 
@@ -840,9 +846,10 @@ def reconcile(
     from disburser.reconcile import run_reconcile
 
     s = settings()
+    from_env = ctx.get_parameter_source("program") is ParameterSource.ENVIRONMENT
     text, code = run_reconcile(s, manifests or [], program=program, use_ledger=not no_ledger,
-                               fmt=fmt.value, from_block=from_block)
-    if program is not None and ctx.get_parameter_source("program") is ParameterSource.ENVIRONMENT:
+                               fmt=fmt.value, from_block=from_block, program_from_env=from_env)
+    if program is not None and from_env:
         # The same variable scopes allocate and manifest build: say that it scopes this too
         # (after the run: a refusal stays one line).
         typer.echo(f"reconcile: program {program} only (DISBURSER_PROGRAM)", err=True)

@@ -259,12 +259,19 @@ def _write_synced(fd: int, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def keystore_address(path: Path, password_file: str | None) -> str:
-    """The keystore's address: recorded in the file by geth and eth-account; Foundry's
-    keystores omit it, and then the key must be decrypted."""
+def recorded_address(path: Path) -> str | None:
+    """The address a keystore records (geth and eth-account write it; Foundry's keystores
+    omit it): whom it signs for, read without its password."""
     doc = _read_keystore(path)
     recorded = doc.get("address") if isinstance(doc, dict) else None
     if isinstance(recorded, str) and is_hex_address("0x" + recorded.removeprefix("0x")):
         return to_checksum("0x" + recorded.removeprefix("0x"))
+    return None
+
+
+def keystore_address(path: Path, password_file: str | None) -> str:
+    """The keystore's address: the one it records, else its key's, decrypted."""
+    if (recorded := recorded_address(path)) is not None:
+        return recorded
     pw = read_password(os.environ.get("DISBURSER_KEYSTORE_PASSWORD"), password_file)
     return from_keystore(path, pw, password_source="--password-file").address

@@ -1039,7 +1039,8 @@ def chart_data(result: Result, chain: RpcChain, info: LedgerInfo | None) -> Char
 
 @bulk()
 def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | None,
-                  use_ledger: bool, fmt: str, from_block: int | None) -> tuple[str, int]:
+                  use_ledger: bool, fmt: str, from_block: int | None,
+                  program_from_env: bool = False) -> tuple[str, int]:
     """Reconcile the manifests of the ledger (unless ``use_ledger`` is False) and of
     ``manifest_paths`` with the chain; returns the rendered report and the exit code
     (0 consistent, 1 findings). Bad input raises InputError; a node that is not the
@@ -1089,16 +1090,17 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
             raise InputError(f"{where}: manifest pays token {e.manifest.token}, the "
                              f"configured token is {s.token} (DISBURSER_TOKEN)")
     programs = sorted({e.manifest.program for e in entries})
+    # Named as it was given: a standing DISBURSER_PROGRAM (the one allocate and manifest
+    # build read) is easily forgotten.
+    where = f"DISBURSER_PROGRAM={program}" if program_from_env else f"--program {program}"
     if program is not None and program not in programs:
-        raise InputError(f"--program {program}: no manifest of that program in scope "
+        raise InputError(f"{where}: no manifest of that program in scope "
                          f"(programs: {', '.join(programs)})")
     for e in files:
         if program is not None and e.manifest.program != program:
-            # A file named on purpose and then left out: a standing DISBURSER_PROGRAM (the
-            # one allocate and manifest build read) made such a run report all well.
+            # A file named on purpose and then left out: such a run reported all well.
             raise InputError(f"{e.sources[0]}: a manifest of program {e.manifest.program}, "
-                             f"outside --program {program} (DISBURSER_PROGRAM): leave the "
-                             "file out, or the program filter")
+                             f"outside {where}: leave the file out, or the program filter")
 
     chain = RpcChain(s.rpc_url)
     cid = chain.chain_id()

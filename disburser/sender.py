@@ -135,6 +135,7 @@ class Sender:
         self._looked_up: dict[int, str] = {}
         self._pool_seen_at: dict[int, float] = {}  # tx id -> when last seen in the pool
         self._receipt_missing_since: dict[int, float] = {}
+        self._pool_owner_checked: dict[int, float] = {}  # nonce -> when its pool was read
         self._lookup_all_at = float("-inf")
         # What a poll saw (receipts, depth), written together at its end.
         self._mined_now: list[tuple[TxRow, ch.Receipt]] = []
@@ -1355,13 +1356,18 @@ class Sender:
             # The nonce went back (a reorg, or a node behind a load balancer that lags):
             # the transaction is not mined after all; it waits like any pending one.
             return
-        h = self.chain.find_tx_by_nonce(self.payer, t.nonce)
+        served, h = self.chain.locate_nonce(self.payer, t.nonce)
+        if served and h is None:
+            raise FailClosed(
+                f"payer {self.payer}: nonce {t.nonce} was used by a transaction more than 2000 "
+                "blocks back, which this ledger did not send (none of its attempts has a "
+                "receipt); its payments stay in flight. Stopping rather than guessing")
         if h is None or h.lower() in {a.hash.lower() for a in attempts}:
-            # Ours, in a block whose receipts the node does not serve yet; or no block yet
-            # that holds the nonce (Anvil moves the nonce a moment before it serves the
-            # block; a node behind a load balancer may answer the nonce from a backend
-            # ahead of the one serving blocks). The next poll finds the receipt. Not
-            # forever; and only a block holding another transaction is called foreign.
+            # Ours, in a block whose receipts the node does not serve yet; or no block
+            # served yet that holds the nonce (Anvil moves the nonce a moment before it
+            # serves the block; a node behind a load balancer may answer the nonce from a
+            # backend ahead of the one serving blocks). The next poll finds the receipt.
+            # Not forever; and only a block holding another transaction is called foreign.
             since = self._receipt_missing_since.setdefault(t.id, self.clock())
             if self.clock() - since < RECEIPT_WAIT:
                 log.info("transfer_mined_receipt_pending", nonce=t.nonce, tx_hash=h)
@@ -1385,7 +1391,14 @@ class Sender:
     def _stop_if_pool_holds_a_foreign(self, nonce: int) -> None:
         """The node refused ours as underpriced: if what it holds at ``nonce`` is not one of
         this ledger's attempts, another signer uses the payer key (invariant 5: it stopped
-        the run only once mined; until then our bumps could replace it)."""
+        the run only once mined; until then our bumps could replace it). At most once a
+        LOOKUP_EVERY per nonce (a reorg re-sends every attempt, the older ones refused so);
+        a node without the txpool methods answers nothing, and the check is left to the
+        mined nonce."""
+        now = self.clock()
+        if now - self._pool_owner_checked.get(nonce, -LOOKUP_EVERY) < LOOKUP_EVERY:
+            return
+        self._pool_owner_checked[nonce] = now
         t = self.ledger.tx_at(self.payer, nonce)
         ours = {a.hash.lower() for a in self.ledger.attempts(t.id or 0)} if t else set()
         h = self.chain.find_pending_tx(self.payer, nonce)

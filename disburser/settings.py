@@ -71,8 +71,8 @@ def _dotenv_value(value: str, *, where: str) -> str:
         end = value.find(value[0], 1)
         if end < 0:
             raise SettingsError(f"{where}: the value opens a quote it does not close")
-        rest = value[end + 1:].strip()
-        if rest and not rest.startswith("#"):
+        rest = value[end + 1:]
+        if rest.strip() and not re.match(r"\s+#", rest):  # '"a"#b' is a#b to the shell
             raise SettingsError(f"{where}: text after the value's closing quote (quote the "
                                 "whole value, or put a comment after a space and #)")
         return value[1:end]
@@ -204,7 +204,7 @@ def _flag(env: dict[str, str], name: str) -> bool:
     """On or off. Anything else is refused: ``TRUE`` read as off (or ``0n`` as on) would
     be a setting that silently does not do what it says."""
     raw = _get(env, name, "0") or "0"
-    text = raw.strip().lower()
+    text = raw.strip().lower() or "0"
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off"):

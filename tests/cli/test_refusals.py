@@ -161,8 +161,8 @@ def test_verify_checks_the_payer_of_the_configured_key(env: Env, key: str) -> No
     r = env.cli("manifest", "verify", str(m),
                 extra={"DISBURSER_PRIVATE_KEY": "", "DISBURSER_PAYER": ""})
     assert r.code == 0, r.err
-    assert ("payer         not checked (no DISBURSER_PAYER and no payer key configured)"
-            in r.out)
+    assert ("payer         not checked (no DISBURSER_PAYER, and no payer key configured or a "
+            "keystore that records no address)") in r.out
 
 
 def test_manifest_build_reads_the_keystores_address_without_its_password(env: Env) -> None:
@@ -178,6 +178,52 @@ def test_manifest_build_reads_the_keystores_address_without_its_password(env: En
                 str(out), extra={"DISBURSER_PRIVATE_KEY": "", "DISBURSER_PAYER": "",
                                  "DISBURSER_KEYSTORE": str(ks)})
     assert r.code == 0, r.err
+    assert mf.load(out).payer == dn.DEV_ADDRESSES[0]
+
+
+def test_manifest_build_prompts_for_a_keystore_that_records_no_address(env: Env) -> None:
+    """Foundry's keystores record no address: the key is decrypted, with a prompt on a
+    terminal as send has (a refusal naming a --password-file option build does not have,
+    in between)."""
+    import os
+    import pty
+    import select
+    import sys
+
+    from eth_account import Account
+
+    doc = Account.encrypt(bytes.fromhex(dn.DEV_KEYS[0][2:]), "pw-1", kdf="pbkdf2",
+                          iterations=2)
+    del doc["address"]
+    ks = env.tmp / "foundry.json"
+    ks.write_text(json.dumps(doc))
+    out = env.tmp / "built.json"
+    argv = [sys.executable, "-m", "disburser.cli", "manifest", "build",
+            str(env.write_payments(2)), "--program", "p", "-o", str(out)]
+    child_env = {**os.environ, **env.vars, "DISBURSER_PRIVATE_KEY": "", "DISBURSER_PAYER": "",
+                 "DISBURSER_KEYSTORE": str(ks)}
+    pid, master = pty.fork()  # the child's controlling terminal: where getpass asks
+    if pid == 0:
+        os.chdir(env.tmp)
+        os.execve(sys.executable, argv, child_env)
+    seen = b""
+    # click writes "password for …:", then getpass turns echo off, drops what was typed
+    # ahead and writes " ": only then is the password read.
+    while not (b"password for" in seen and seen.endswith(b" ")):
+        assert select.select([master], [], [], 60)[0], seen  # no prompt: fail, not hang
+        chunk = os.read(master, 1024)
+        assert chunk, seen
+        seen += chunk
+    os.write(master, b"pw-1\n")
+    while True:  # drain until the child is gone (EIO on Linux once it has exited)
+        try:
+            if not os.read(master, 1024):
+                break
+        except OSError:
+            break
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0
     assert mf.load(out).payer == dn.DEV_ADDRESSES[0]
 
 

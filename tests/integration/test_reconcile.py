@@ -317,8 +317,15 @@ def test_a_standing_program_setting_does_not_drop_a_manifest_file(env: Env) -> N
     r = env.cli("reconcile", "--format", "json", str(loans), extra=standing)
     assert (r.code, r.out) == (2, "")
     assert r.err == (f"disburser: error: {loans}: a manifest of program {LOANS}, outside "
-                     f"--program {RELIEF} (DISBURSER_PROGRAM): leave the file out, or the "
-                     "program filter\n")
+                     f"DISBURSER_PROGRAM={RELIEF}: leave the file out, or the program "
+                     "filter\n")
+    r = env.cli("reconcile", "--format", "json", "--program", RELIEF, str(loans),
+                extra={"DISBURSER_CEILING": CEILINGS})
+    assert r.err == (f"disburser: error: {loans}: a manifest of program {LOANS}, outside "
+                     f"--program {RELIEF}: leave the file out, or the program filter\n")
+    r = env.cli("reconcile", "--format", "json", "--no-ledger", str(loans), extra=standing)
+    assert r.err == (f"disburser: error: DISBURSER_PROGRAM={RELIEF}: no manifest of that "
+                     f"program in scope (programs: {LOANS})\n")
     r = env.cli("reconcile", "--format", "json", extra=standing)
     assert r.code == 0 and json.loads(r.out)["program"] == RELIEF
     assert r.err == f"reconcile: program {RELIEF} only (DISBURSER_PROGRAM)\n"

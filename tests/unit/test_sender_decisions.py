@@ -141,8 +141,13 @@ def test_underpriced_because_another_signer_holds_the_nonce_stops_the_run(
     chain.pool_holder = ours.upper().replace("0X", "0x")
     s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
     chain.pool_holder = None  # a fee under the node's floor: nothing of anyone's there
+    s._pool_owner_checked.clear()
     s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
     chain.pool_holder = "0x" + "ee" * 32
+    # Within LOOKUP_EVERY of the last look at this nonce's pool: not read again (a reorg
+    # re-sends every attempt of a nonce, the older ones refused as underpriced).
+    s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
+    s._pool_owner_checked.clear()
     with pytest.raises(FailClosed) as e:
         s._broadcast(t.id or 0, t.nonce, "0xab", ours, others_pending=True)
     assert str(e.value) == (
@@ -218,10 +223,10 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
     atts = s.ledger.attempts(t.id or 0)
     chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
     chain.nonce = lambda *_: 2  # type: ignore[attr-defined]
-    chain.find_tx_by_nonce = lambda payer, nonce: atts[0].hash  # type: ignore[attr-defined]
+    chain.locate_nonce = lambda payer, nonce: (True, atts[0].hash)  # type: ignore[attr-defined]
     s._resolve_used_nonce(t, atts)
     assert s._mined_now == [] and s.ledger.txs(s.payer)[0].status == "pending"
-    chain.find_tx_by_nonce = lambda payer, nonce: "0x" + "ee" * 32  # type: ignore[attr-defined]
+    chain.locate_nonce = lambda payer, nonce: (True, "0x" + "ee" * 32)  # type: ignore[attr-defined]
     with pytest.raises(FailClosed, match=f"nonce 0 was used by transaction 0x{'ee' * 32}, which "
                        "this ledger did not send"):
         s._resolve_used_nonce(t, atts)
@@ -230,7 +235,7 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
     s._resolve_used_nonce(t, atts)
     # Ours, but the node never serves the receipt: not forever.
     chain.nonce = lambda *_: 2  # type: ignore[attr-defined]
-    chain.find_tx_by_nonce = lambda payer, nonce: atts[0].hash  # type: ignore[attr-defined]
+    chain.locate_nonce = lambda payer, nonce: (True, atts[0].hash)  # type: ignore[attr-defined]
     s._receipt_missing_since[t.id or 0] -= 121
     with pytest.raises(FailClosed, match=f"transaction {atts[0].hash} at nonce 0 is in a block but "
                        "the node has served no receipt for it for 120 s"):
@@ -258,7 +263,7 @@ def test_a_used_nonce_whose_block_is_not_served_yet_is_not_foreign(tmp_path: Pat
     atts = s.ledger.attempts(t.id or 0)
     chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
     chain.nonce = lambda *_: 1  # type: ignore[attr-defined]
-    chain.find_tx_by_nonce = lambda payer, nonce: None  # type: ignore[attr-defined]
+    chain.locate_nonce = lambda payer, nonce: (False, None)  # type: ignore[attr-defined]
     s._resolve_used_nonce(t, atts)
     now[0] += 119
     s._resolve_used_nonce(t, atts)
@@ -271,6 +276,30 @@ def test_a_used_nonce_whose_block_is_not_served_yet_is_not_foreign(tmp_path: Pat
         "neither a receipt of this ledger's transaction at that nonce nor a block holding it; "
         "its payments stay in flight. Check the node (one behind a load balancer may serve "
         "blocks from a backend that lags) and run `send` again")
+
+
+def test_a_nonce_used_before_the_blocks_scanned_stops_the_run_at_once(tmp_path: Path) -> None:
+    """The head the node serves has the nonce used, and no block of the last 2000 holds it:
+    another signer used it long ago (a ledger restored from an old backup). Not a node that
+    lags: waiting would only repeat itself on every run."""
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = _sender(tmp_path, chain)
+    m = _accepted(s, 1)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    t = s.ledger.txs(s.payer)[0]
+    chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 1  # type: ignore[attr-defined]
+    chain.locate_nonce = lambda payer, nonce: (True, None)  # type: ignore[attr-defined]
+    with pytest.raises(FailClosed) as e:
+        s._resolve_used_nonce(t, s.ledger.attempts(t.id or 0))
+    assert str(e.value) == (
+        f"payer {s.payer}: nonce 0 was used by a transaction more than 2000 blocks back, "
+        "which this ledger did not send (none of its attempts has a receipt); its payments "
+        "stay in flight. Stopping rather than guessing")
 
 
 def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
@@ -298,7 +327,7 @@ def test_the_nonce_is_read_only_when_a_pending_transaction_is_due_for_a_check(
     chain.nonce = nonce  # type: ignore[attr-defined]
     chain.receipts = receipts  # type: ignore[attr-defined]
     chain.known = lambda hashes: {h: False for h in hashes}  # type: ignore[attr-defined]
-    chain.find_tx_by_nonce = lambda payer, nonce: "0x" + "ee" * 32  # type: ignore[attr-defined]
+    chain.locate_nonce = lambda payer, nonce: (True, "0x" + "ee" * 32)  # type: ignore[attr-defined]
     s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
                Signer(bytes.fromhex(PAYER_KEY[2:])), _sender(tmp_path, chain).cfg,
                clock=lambda: now[0])

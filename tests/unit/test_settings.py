@@ -120,7 +120,9 @@ def test_env_file_values_are_read_as_the_shell_reads_them(
     ('DISBURSER_DB="prod.sqlite', "the value opens a quote it does not close"),
     ("DISBURSER_DB='prod'.sqlite", "text after the value's closing quote (quote the whole "
      "value, or put a comment after a space and #)"),
-], ids=["unclosed", "after-quote"])
+    ('DISBURSER_DB="prod"#2.sqlite', "text after the value's closing quote (quote the whole "
+     "value, or put a comment after a space and #)"),
+], ids=["unclosed", "after-quote", "hash-after-quote"])
 def test_env_file_values_with_broken_quotes_are_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, message: str) -> None:
     monkeypatch.delenv("DISBURSER_DB", raising=False)
@@ -133,7 +135,7 @@ def test_env_file_values_with_broken_quotes_are_refused(
 
 @pytest.mark.parametrize("value, on", [
     ("1", True), ("true", True), ("TRUE", True), (" Yes ", True), ("on", True),
-    ("0", False), ("false", False), ("No", False), ("OFF", False), ("", False),
+    ("0", False), ("false", False), ("No", False), ("OFF", False), ("", False), (" ", False),
 ])
 def test_on_off_settings_read_every_usual_spelling(value: str, on: bool) -> None:
     """TRUE and on read as off."""
