@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from disburser.devnet import PAYER_KEY
 from disburser.domain import Manifest, Mode, Payment, PaymentStatus
 from disburser.errors import FailClosed, RpcError, SettingsError
 from disburser.keys import Signer
-from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger
+from disburser.ledger import HISTORY_CHECKED, PAID_BY_TRANSFER, Ledger, TxRow
 from disburser.manifest import make_manifest
 from disburser.sender import (
     METER_TRIES,
@@ -92,6 +92,24 @@ def _accepted(s: Sender, n: int) -> Manifest:
     return m
 
 
+def _sent_direct(tmp_path: Path, n: int, clock: Callable[[], float] | None = None
+                 ) -> tuple[Sender, FakeChain, TxRow]:
+    """A sender with ``n`` direct transfers written ahead and sent (the node took them):
+    the sender, its FakeChain and the first transaction."""
+    chain = FakeChain()
+    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
+    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
+    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
+    s = _sender(tmp_path, chain)
+    if clock is not None:
+        s = Sender(s.ledger, chain, Signer(bytes.fromhex(PAYER_KEY[2:])),  # type: ignore[arg-type]
+                   s.cfg, clock=clock)
+    m = _accepted(s, n)
+    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
+        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
+    return s, chain, s.ledger.txs(s.payer)[0]
+
+
 @pytest.mark.parametrize("error", [
     ch.NodeError("tx fee (1.61 ether) exceeds the configured cap (1.00 ether)"),
     ch.NodeError("txpool is full"),
@@ -127,15 +145,7 @@ def test_underpriced_because_another_signer_holds_the_nonce_stops_the_run(
     """Underpriced with an attempt of ours in the pool is the usual case (a re-broadcast of
     an older attempt); with another signer's transaction there it stops the run before a
     bump can replace that transaction without a word."""
-    chain = FakeChain()
-    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
-    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
-    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
-    s = _sender(tmp_path, chain)
-    m = _accepted(s, 1)
-    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
-        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
-    t = s.ledger.txs(s.payer)[0]
+    s, chain, t = _sent_direct(tmp_path, 1)
     ours = s.ledger.attempts(t.id or 0)[0].hash
     chain.refuse = ch.Underpriced("replacement transaction underpriced")
     chain.pool_holder = ours.upper().replace("0X", "0x")
@@ -211,15 +221,7 @@ def test_our_own_mined_transaction_without_a_receipt_yet_is_not_foreign(tmp_path
     """The node's nonce has passed our transaction but its receipt is not served yet (Anvil
     moves the nonce a moment before): the block holds our own hash, so the run waits for the
     next poll instead of stopping; a hash that is not ours still stops it."""
-    chain = FakeChain()
-    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
-    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
-    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
-    s = _sender(tmp_path, chain)
-    m = _accepted(s, 2)
-    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
-        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
-    t = s.ledger.txs(s.payer)[0]
+    s, chain, t = _sent_direct(tmp_path, 2)
     atts = s.ledger.attempts(t.id or 0)
     chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
     chain.nonce = lambda *_: 2  # type: ignore[attr-defined]
@@ -249,17 +251,7 @@ def test_a_used_nonce_whose_block_is_not_served_yet_is_not_foreign(tmp_path: Pat
     and a healthy run stopped with exit 1; reproduced on Anvil by helper-46's race. Now the
     run waits as for a missing receipt, and says what it could not find."""
     now = [1000.0]
-    chain = FakeChain()
-    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
-    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
-    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
-    s = Sender(Ledger(tmp_path / "l.sqlite"), chain,  # type: ignore[arg-type]
-               Signer(bytes.fromhex(PAYER_KEY[2:])), _sender(tmp_path, chain).cfg,
-               clock=lambda: now[0])
-    m = _accepted(s, 1)
-    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
-        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
-    t = s.ledger.txs(s.payer)[0]
+    s, chain, t = _sent_direct(tmp_path, 1, clock=lambda: now[0])
     atts = s.ledger.attempts(t.id or 0)
     chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
     chain.nonce = lambda *_: 1  # type: ignore[attr-defined]
@@ -282,15 +274,7 @@ def test_a_nonce_used_before_the_blocks_scanned_stops_the_run_at_once(tmp_path: 
     """The head the node serves has the nonce used, and no block of the last 2000 holds it:
     another signer used it long ago (a ledger restored from an old backup). Not a node that
     lags: waiting would only repeat itself on every run."""
-    chain = FakeChain()
-    chain.send_raw_many = lambda raws: ["0x"] * len(raws)  # type: ignore[attr-defined]
-    chain.head = lambda: ch.Head(1, "0x", 10**9, 30_000_000, 0)  # type: ignore[attr-defined]
-    chain.nonce = lambda *_: 0  # type: ignore[attr-defined]
-    s = _sender(tmp_path, chain)
-    m = _accepted(s, 1)
-    s._sign_and_send_many(kind="direct", root=m.root, to=TOKEN, program="p", items=[
-        ("0x", 60_000, [r], 10) for r in s.ledger.queued(m.root)])
-    t = s.ledger.txs(s.payer)[0]
+    s, chain, t = _sent_direct(tmp_path, 1)
     chain.receipts = lambda hashes: {h: None for h in hashes}  # type: ignore[attr-defined]
     chain.nonce = lambda *_: 1  # type: ignore[attr-defined]
     chain.locate_nonce = lambda payer, nonce: (True, None)  # type: ignore[attr-defined]
