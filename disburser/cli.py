@@ -703,7 +703,8 @@ def send(
 def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
              retry_failed: bool) -> None:
     """What `send` would pay, after the checks it makes before sending: the chain, token
-    and contract; the ceiling and the users already accepted for the program; the token
+    and contract; the payer's nonces (no other signer's transaction past the ledger's or in
+    the pool); the ceiling and the users already accepted for the program; the token
     not paused, nobody blacklisted that every payment needs, the tokens and the gas. Writes
     nothing (no ledger is created). Recipients the token refuses are found only by the
     simulation of a real run, and a run with a ledger that does not know the manifest (a
@@ -713,13 +714,19 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
     from disburser.amounts import format_units
     from disburser.domain import PaymentStatus
     from disburser.errors import FundsShortfall
-    from disburser.sender import check_chain, check_funds
+    from disburser.sender import check_chain, check_funds, check_nonces
 
     check_chain(c, cfg)
     owed = list(m.payments)
     known = False
-    if lg.exists(s.db):
-        ledger = _ledger(s)
+    ledger = _ledger(s) if lg.exists(s.db) else None
+    # Another signer's transactions (mined past the ledger, or waiting in the pool) stop the
+    # real run before anything is sent: the dry run says so too.
+    latest = c.nonce(payer, "latest")
+    first = ledger.payer_first_nonce(payer) if ledger is not None else None
+    check_nonces(c, ledger, payer, latest=latest, pending=c.nonce(payer, "pending"),
+                 first=latest if first is None else first)
+    if ledger is not None:
         ledger.check_acceptable(m, ceiling=cfg.ceiling)
         if known := ledger.manifest(m.root) is not None:
             statuses = [PaymentStatus.QUEUED] + ([PaymentStatus.FAILED] if retry_failed else [])

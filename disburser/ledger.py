@@ -732,6 +732,12 @@ class Ledger:
                 self._event(s, "payer_registered", payer=payer, first_nonce=chain_nonce)
             return row.first_nonce
 
+    def payer_first_nonce(self, payer: str) -> int | None:
+        """The nonce this ledger started from for ``payer``; None before its first use."""
+        with self.session() as s:
+            row = s.get(PayerRow, payer)
+            return None if row is None else row.first_nonce
+
     def next_nonce(self, payer: str) -> int | None:
         with self.session() as s:
             n = s.exec(select(func.max(col(TxRow.nonce))).where(col(TxRow.payer) == payer)).one()

@@ -196,37 +196,8 @@ class Sender:
         latest = self.chain.nonce(self.payer, "latest")
         pending = self.chain.nonce(self.payer, "pending")
         first = self._first_nonce = self.ledger.first_nonce(self.payer, latest)
-        nxt = self.ledger.next_nonce(self.payer)
-        ours_next = first if nxt is None else nxt
-        deepest = max((t.nonce for t in self.ledger.txs(self.payer)
-                       if t.status in (TxStatus.CONFIRMED.value, TxStatus.REVERTED.value)),
-                      default=None)
-        self._final_nonce = deepest
-        if deepest is not None and deepest >= latest:
-            # Confirmed at depth in this ledger, absent from this chain: the ledger belongs to
-            # another chain (or the chain was reset). Sending would open a nonce gap.
-            raise FailClosed(
-                f"payer {self.payer}: the ledger has nonce {deepest} confirmed but the chain's "
-                f"nonce is {latest}: this ledger ({self.ledger.url_display}) is not for this "
-                "chain; use the ledger of this chain")
-        if latest > ours_next:
-            foreign = ours_next
-            h = self.chain.find_tx_by_nonce(self.payer, foreign)
-            raise FailClosed(
-                f"payer {self.payer}: nonce {foreign} was used by transaction "
-                f"{h or '(hash not found in recent blocks)'} that this ledger did not send; "
-                "stopping rather than guessing (another wallet or process uses this key, or "
-                "this ledger is an older copy of the one that sent it)")
-        if pending > max(latest, ours_next):
-            # Name the transaction, not just the nonce: the operator has to find who else
-            # signs with this key before anything more is sent from it.
-            foreign = max(latest, ours_next)
-            h = self.chain.find_pending_tx(self.payer, foreign)
-            raise FailClosed(
-                f"payer {self.payer}: nonce {foreign} is taken by pending transaction "
-                f"{h or '(hash not found in the node pool)'}, which this ledger did not send "
-                f"(the node holds pending transactions up to nonce {pending - 1}); stopping "
-                "rather than guessing")
+        self._final_nonce = check_nonces(self.chain, self.ledger, self.payer, latest=latest,
+                                         pending=pending, first=first)
 
     # --- the run --------------------------------------------------------------------------
 
@@ -1601,6 +1572,44 @@ def config_from_settings(s: Any, mode: Mode, program: str | None) -> SendConfig:
         ceiling=s.ceilings.for_program(program) if program is not None else 0,
         from_block=s.from_block,
     )
+
+
+def check_nonces(chain: ch.RpcChain, ledger: Ledger | None, payer: str, *, latest: int,
+                 pending: int, first: int) -> int | None:
+    """Fail closed unless the chain's nonces of ``payer`` are where ``ledger`` left them
+    (``first``: the nonce it started from; no ledger: one that starts now); the deepest nonce
+    it holds final. Reads only: the dry run checks what the real run will."""
+    nxt = ledger.next_nonce(payer) if ledger is not None else None
+    ours_next = first if nxt is None else nxt
+    deepest = max((t.nonce for t in ledger.txs(payer)
+                   if t.status in (TxStatus.CONFIRMED.value, TxStatus.REVERTED.value)),
+                  default=None) if ledger is not None else None
+    if ledger is not None and deepest is not None and deepest >= latest:
+        # Confirmed at depth in this ledger, absent from this chain: the ledger belongs to
+        # another chain (or the chain was reset). Sending would open a nonce gap.
+        raise FailClosed(
+            f"payer {payer}: the ledger has nonce {deepest} confirmed but the chain's "
+            f"nonce is {latest}: this ledger ({ledger.url_display}) is not for this "
+            "chain; use the ledger of this chain")
+    if latest > ours_next:
+        foreign = ours_next
+        h = chain.find_tx_by_nonce(payer, foreign)
+        raise FailClosed(
+            f"payer {payer}: nonce {foreign} was used by transaction "
+            f"{h or '(hash not found in recent blocks)'} that this ledger did not send; "
+            "stopping rather than guessing (another wallet or process uses this key, or "
+            "this ledger is an older copy of the one that sent it)")
+    if pending > max(latest, ours_next):
+        # Name the transaction, not just the nonce: the operator has to find who else
+        # signs with this key before anything more is sent from it.
+        foreign = max(latest, ours_next)
+        h = chain.find_pending_tx(payer, foreign)
+        raise FailClosed(
+            f"payer {payer}: nonce {foreign} is taken by pending transaction "
+            f"{h or '(hash not found in the node pool)'}, which this ledger did not send "
+            f"(the node holds pending transactions up to nonce {pending - 1}); stopping "
+            "rather than guessing")
+    return deepest
 
 
 def deploy_batch_contract(ledger: Ledger, chain: ch.RpcChain, signer: Signer, s: Any) -> str:

@@ -326,6 +326,11 @@ def test_foreign_pending_transaction_at_start_fails_closed(manual: tuple[Env, Mi
     m = env.signed_manifest(5)
     nonce = env.payer_nonce()
     h = tx_from(env, dn.PAYER, dn.OWNER, "0x", value=1, gas=21_000)
+    r = env.cli("send", str(m), "--dry-run")  # no ledger yet: the dry run creates none
+    assert r.code == 2, r.err
+    assert (f"payer {dn.PAYER}: nonce {nonce} is taken by pending transaction {h}, which "
+            "this ledger did not send") in r.err
+    assert not Path(env.vars["DISBURSER_DB"]).exists()
     r = env.cli("send", str(m), "--yes")
     assert r.code == 2, r.err
     assert (f"payer {dn.PAYER}: nonce {nonce} is taken by pending transaction {h}, which "

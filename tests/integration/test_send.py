@@ -391,12 +391,14 @@ def test_foreign_nonce_fails_closed(env: Env) -> None:
     h = dn.send_as(env.chain, dn.PAYER, dn.OWNER, "0x", value=1)["transactionHash"]
     second = env.signed_manifest(5, name="b.json", seed="b")
     nonce = env.payer_nonce()
-    r = env.cli("send", str(second), "--yes")
-    assert r.code == 2
-    assert (f"nonce {nonce - 1} was used by transaction {h} that this ledger did not send; "
-            "stopping rather than guessing (another wallet or process uses this key, or this "
-            "ledger is an older copy of the one that sent it)") in r.err
-    assert env.payer_nonce() == nonce
+    # The dry run said "would pay": it now makes the same check as the real run.
+    for args in (["--dry-run"], ["--yes"]):
+        r = env.cli("send", str(second), *args)
+        assert r.code == 2
+        assert (f"nonce {nonce - 1} was used by transaction {h} that this ledger did not "
+                "send; stopping rather than guessing (another wallet or process uses this "
+                "key, or this ledger is an older copy of the one that sent it)") in r.err
+        assert env.payer_nonce() == nonce
 
 
 def test_status_json(env: Env) -> None:
