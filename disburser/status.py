@@ -20,22 +20,31 @@ def status_data(ledger: Ledger, s: Any, now: float | None = None) -> dict[str, A
     for prog in ledger.programs():
         # What acceptance checks against: the setting (the ledger's record, for a program a
         # DISBURSER_CEILING list does not name).
-        ceiling = s.ceilings.for_program(prog.name, int(prog.ceiling))
+        recorded = int(prog.ceiling)
+        ceiling = s.ceilings.for_program(prog.name, recorded)
         roots = [m.root for m in ledger.manifests(prog.name)]
         c = ledger.counts(roots)
         paid = c.amount_by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
             c.amount_by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
         committed = ledger.committed(prog.name)
+        settings_ceiling: int | None = None
+        if not s.ceilings.from_setting and committed <= recorded < ceiling:
+            # As reconcile: on a machine without the send's DISBURSER_CEILING (DESIGN's
+            # default instead), the ceiling the manifests were accepted under, not room the
+            # program never had.
+            settings_ceiling, ceiling = ceiling, recorded
         done = c.by_status.get(PaymentStatus.CONFIRMED.value, 0) + \
             c.by_status.get(PaymentStatus.PAID_ELSEWHERE.value, 0)
         total = sum(c.by_status.values())
-        rate = _rate(confirmed, set(roots), now)
+        rate = _rate(confirmed, set(roots), now, prog.started_at)
         failed = c.by_status.get(PaymentStatus.FAILED.value, 0)
         left = total - done - failed
         eta = now + left / rate if rate > 0 and left > 0 else (now if left == 0 else None)
         programs.append({
             "program": prog.name,
             "ceiling": str(ceiling),
+            # Set when ``ceiling`` is the one recorded at acceptance, not the setting's.
+            "settings_ceiling": None if settings_ceiling is None else str(settings_ceiling),
             "committed": str(committed),
             "paid": str(paid),
             "owed": str(committed - paid),
@@ -89,14 +98,15 @@ def _recent_confirmations(ledger: Ledger, tx_root: dict[int | None, str | None],
 
 
 def _rate(confirmed: list[tuple[float, str | None, int]], roots: set[str],
-          now: float) -> float:
+          now: float, started_at: float) -> float:
     """A program's payments (those of its manifests, ``roots``) confirmed per second over
-    the last RATE_WINDOW seconds. Another program's run says nothing of this one's pace."""
-    mine = [(ts, n) for ts, root, n in confirmed if root in roots]
-    total = sum(n for _, n in mine)
+    the last RATE_WINDOW seconds, or since the program started if that is later. Another
+    program's run says nothing of this one's pace. (Divided by the time since the first
+    confirmation in the window, it fell from 500/s to 0.8/s as the same ledger aged.)"""
+    total = sum(n for _, root, n in confirmed if root in roots)
     if not total:
         return 0.0
-    return total / max(now - mine[0][0], 1.0)
+    return total / max(now - max(now - RATE_WINDOW, started_at), 1.0)
 
 
 def _allowance(s: Any, ledger: Ledger) -> str | None:
@@ -119,7 +129,10 @@ def render_status(d: dict[str, Any]) -> str:
     lines: list[str] = []
     for p in d["programs"]:
         lines.append(f"program {p['program']}")
-        lines.append(f"  ceiling     {format_units(int(p['ceiling']), dec)}")
+        lines.append(f"  ceiling     {format_units(int(p['ceiling']), dec)}" + (
+            f" (recorded when its manifests were accepted; the settings say "
+            f"{format_units(int(p['settings_ceiling']), dec)})" if p.get("settings_ceiling")
+            else ""))
         lines.append(f"  committed   {format_units(int(p['committed']), dec)}")
         lines.append(f"  paid        {format_units(int(p['paid']), dec)}")
         lines.append(f"  owed        {format_units(int(p['owed']), dec)}")
@@ -137,7 +150,10 @@ def render_status(d: dict[str, Any]) -> str:
         failed = p["payments"].get(PaymentStatus.FAILED.value, 0)
         track = (", on track" if p["on_track"] else
                  f", NOT on track: {failed} failed (see OPERATIONS, --retry-failed)" if failed
-                 else "")
+                 else "" if p["all_paid"] else
+                 ", NOT on track: projected after the deadline" if fin else
+                 ", NOT on track: nothing confirmed in the last "
+                 f"{int(RATE_WINDOW) // 60} min")
         hours = (p["deadline"] - p["started_at"]) // 3600
         lines.append(f"  finish      {fin_s} (deadline {dl}, {hours} h from the program's "
                      f"first manifest{track})")

@@ -287,7 +287,60 @@ def test_status_rate_and_projection_are_per_program(tmp_path: Path) -> None:
     assert not p["all_paid"] and not q["all_paid"]
     text = render_status(d).split("program q")[1]
     assert "  rate        0.0/s\n  finish      unknown (deadline " in text
-    assert "on track" not in text
+    assert "h from the program's first manifest, NOT on track: nothing confirmed in the last " \
+        "10 min)" in text
+
+
+def test_status_rate_is_the_pace_since_the_start_not_since_the_first_confirmation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started at T, three payments confirmed at T+100, status at T+110: 3 in 110 s. It
+    was 3 in 10 s (divided by the time since the first confirmation of the window), so
+    the same ledger showed 500/s a second after a batch and 0.8/s ten minutes later."""
+    from types import SimpleNamespace
+
+    from disburser import ledger as lg
+    from disburser.settings import parse_ceilings
+    from disburser.status import status_data
+
+    t0 = 1_800_000_000
+    monkeypatch.setattr(lg.time, "time", lambda: float(t0))
+    led, m = _ledger(tmp_path)
+    ids = led.record_txs([_tx(m, 0, (0, 1, 2))])
+    monkeypatch.setattr(lg.time, "time", lambda: float(t0 + 100))
+    with led.atomic():
+        led.mark_mined_many([Mined(ids[0], "0xa", 10, "0xb10", 1, 50_000)])
+        led.finalize_many(ids)
+    s = SimpleNamespace(ceilings=parse_ceilings("*=10000000000000000000000", 6),
+                        decimals=6, batch_contract=None)
+    (p,) = status_data(led, s, now=t0 + 110)["programs"]
+    assert p["rate_per_s"] == round(3 / 110, 2)
+    (p,) = status_data(led, s, now=t0 + 700)["programs"]  # the window: the last 600 s
+    assert p["rate_per_s"] == round(3 / 600, 2)
+
+
+def test_status_shows_the_recorded_ceiling_where_reconcile_checks_it(tmp_path: Path) -> None:
+    """Accepted under a ceiling of 10^27 on the sending machine; on a machine without
+    DISBURSER_CEILING (DESIGN's default of 300,000,000 tokens, 3*10^14), status showed the
+    default and its room as 'uncommitted', where reconcile checks the recorded one."""
+    from types import SimpleNamespace
+
+    from disburser.settings import parse_ceilings
+    from disburser.status import render_status, status_data
+
+    led, m = _ledger(tmp_path)
+    s = SimpleNamespace(ceilings=parse_ceilings("", 6), decimals=6, batch_contract=None)
+    recorded = 10**27
+    assert s.ceilings.for_program("p") < recorded  # the default is below: no change
+    (p,) = status_data(led, s)["programs"]
+    assert (p["ceiling"], p["settings_ceiling"]) == (str(3 * 10**14), None)
+    small = make_manifest(program="p", chain_id=31337, token=TOKEN, payer=PAYER,
+                          not_after=2**40, payments=[Payment(0, "s0", "0x" + "07" * 20, 9)])
+    led2 = Ledger(tmp_path / "l2.sqlite")
+    led2.accept_manifest(small, ceiling=10**14, signers=[])  # below the default
+    (p,) = status_data(led2, s)["programs"]
+    assert (p["ceiling"], p["settings_ceiling"]) == (str(10**14), str(3 * 10**14))
+    assert "  ceiling     100000000 (recorded when its manifests were accepted; the " \
+        "settings say 300000000)" in render_status(status_data(led2, s))
 
 
 def test_the_program_records_the_ceiling_of_its_latest_acceptance(tmp_path: Path) -> None:
