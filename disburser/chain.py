@@ -55,6 +55,11 @@ class GasCapExceeded(NodeError):
     """The gas limit is above the per-transaction cap (EIP-7825) or the block limit."""
 
 
+class ServerTimeout(NodeError):
+    """The node answered that it timed out handling the request (geth's -32002): it may have
+    done it anyway."""
+
+
 class Reverted(NodeError):
     """eth_call / eth_estimateGas reverted; ``data`` is the revert data (bytes)."""
 
@@ -62,6 +67,8 @@ class Reverted(NodeError):
 # Substrings seen from geth, Anvil, Erigon, Nethermind and Besu, lower-cased.
 _ERROR_TABLE: tuple[tuple[str, type[NodeError]], ...] = (
     ("already known", AlreadyKnown),
+    ("alreadyknown", AlreadyKnown),  # Nethermind
+    ("existing tx with same hash", AlreadyKnown),  # Erigon
     ("known transaction", AlreadyKnown),
     ("already imported", AlreadyKnown),
     ("transaction already exists", AlreadyKnown),
@@ -77,6 +84,11 @@ _ERROR_TABLE: tuple[tuple[str, type[NodeError]], ...] = (
     ("replacement transaction underpriced", Underpriced),
     ("underpriced", Underpriced),
     ("max fee per gas less than block base fee", Underpriced),
+    ("fee too low", Underpriced),  # Erigon
+    ("feetoolow", Underpriced),  # Nethermind
+    ("replacementnotallowed", Underpriced),  # Nethermind: a replacement's fee too low
+    ("gas price below", Underpriced),  # Besu: below the base fee or its minimum
+    ("request timed out", ServerTimeout),  # geth -32002
     ("insufficient funds", InsufficientFunds),
     ("gas limit cap", GasCapExceeded),
     ("tx_gas_limit_cap", GasCapExceeded),
@@ -95,6 +107,16 @@ def classify(code: int | None, message: str, data: Any = None) -> NodeError:
                 return Reverted(message, code, _revert_bytes(data))
             return cls(message, code, data)
     return NodeError(message, code, data)
+
+
+def error_of(err: Any) -> NodeError:
+    """A JSON-RPC ``error`` member as an exception: an object with code, message and data,
+    or (from some nodes and proxies) a bare string."""
+    if not isinstance(err, dict):
+        return classify(None, str(err))
+    code = err.get("code")
+    return classify(code if isinstance(code, int) else None, str(err.get("message", "")),
+                    err.get("data"))
 
 
 def _revert_bytes(data: Any) -> bytes:
@@ -182,8 +204,7 @@ class Transport:
         if not isinstance(resp, dict):
             raise RpcError(f"{method}: unexpected answer from node")
         if "error" in resp and resp["error"] is not None:
-            err = resp["error"]
-            raise classify(err.get("code"), str(err.get("message", "")), err.get("data"))
+            raise error_of(resp["error"])
         return resp.get("result")
 
     def call(self, method: str, params: Sequence[Any] = ()) -> Any:
@@ -242,8 +263,7 @@ class Transport:
         if not isinstance(resp, list):
             # Some nodes answer a whole batch with one error object (too big, rate limited).
             if isinstance(resp, dict) and resp.get("error"):
-                err = resp["error"]
-                raise classify(err.get("code"), str(err.get("message", "")), err.get("data"))
+                raise error_of(resp["error"])
             raise RpcError("batch request: unexpected answer from node")
         by_id = {r.get("id"): r for r in resp if isinstance(r, dict)}
         out: list[Any] = []
@@ -252,17 +272,22 @@ class Transport:
             if r is None:
                 out.append(RpcError("batch request: node left out an answer"))
             elif r.get("error") is not None:
-                err = r["error"]
-                out.append(classify(err.get("code"), str(err.get("message", "")),
-                                    err.get("data")))
+                out.append(error_of(r["error"]))
             else:
                 out.append(r.get("result"))
         return out
 
 
+_RATE_LIMITED = ("rate limit", "too many requests", "exceeded the quota",
+                 "compute units per second",  # Alchemy, code 429 in a batch element
+                 "request rate exceeded")  # Infura
+
+
 def rate_limited(e: NodeError) -> bool:
+    """Throttled: by the code HTTP uses for it, or the providers' words (-32005, "limit
+    exceeded", is also a node's answer to a log query too wide: not taken as one)."""
     low = str(e).lower()
-    return "rate limit" in low or "too many requests" in low or "exceeded the quota" in low
+    return e.code == 429 or any(needle in low for needle in _RATE_LIMITED)
 
 
 def display_url(url: str) -> str:

@@ -973,8 +973,14 @@ class Sender:
             raise fatal
         for item, err in sorted(failed, key=lambda f: f[0].nonce):
             self._broadcast_failed(err, item.nonce, item.tx_hash, others_pending=False)
+        # A node that did not answer (after the transport's retries, minutes) is not asked
+        # again here for each one held back: they stay written ahead, and the poll looks
+        # them up and sends them again (or finds the node gone, and the run stops).
+        unreachable = any(isinstance(err, RpcError) for _, err in failed)
         for item in sorted(held, key=lambda o: o.nonce):
-            self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
+            if unreachable:
+                break
+            unreachable = not self._broadcast(item.tx_id, item.nonce, item.raw, item.tx_hash)
         if held or failed:
             bcast.resume()
         # A window's broadcast is over, whatever its outcome, once its last send is back:
@@ -989,16 +995,18 @@ class Sender:
             self._collect_broadcasts(wait=1.0)
 
     def _broadcast(self, tx_id: int, nonce: int, raw: str, tx_hash: str,
-                   *, others_pending: bool = False) -> None:
+                   *, others_pending: bool = False) -> bool:
         """Send stored bytes. ``others_pending``: another attempt at this nonce is in the
-        node's pool, so a refusal of this one (a bump) leaves the nonce covered."""
+        node's pool, so a refusal of this one (a bump) leaves the nonce covered. False when
+        the node did not answer at all."""
         self.broadcast_any = True
         try:
             self.chain.send_raw(raw)
         except DisburserError as e:
             self._broadcast_failed(e, nonce, tx_hash, others_pending=others_pending)
-        else:
-            self._broadcast_accepted(tx_id, nonce, tx_hash)
+            return not isinstance(e, RpcError)
+        self._broadcast_accepted(tx_id, nonce, tx_hash)
+        return True
 
     def _broadcast_accepted(self, tx_id: int, nonce: int, tx_hash: str) -> None:
         log.info("transfer_broadcast", nonce=nonce, tx_hash=tx_hash)
@@ -1042,9 +1050,10 @@ class Sender:
         elif isinstance(e, ch.InsufficientFunds):
             raise FailClosed(f"payer {self.payer} cannot pay gas for nonce {nonce}; fund it "
                              "with ETH and run `send` again") from None
-        elif isinstance(e, RpcError) or (isinstance(e, ch.NodeError) and ch.rate_limited(e)):
-            # Ambiguous: the node may or may not have it (or throttled us). Looked up and
-            # re-sent at the next poll.
+        elif isinstance(e, (RpcError, ch.ServerTimeout)) or (
+                isinstance(e, ch.NodeError) and ch.rate_limited(e)):
+            # Ambiguous: the node may or may not have it (or throttled us, or gave up
+            # waiting on itself). Looked up and re-sent at the next poll.
             log.warning("transfer_broadcast_unknown", nonce=nonce, tx_hash=tx_hash, error=str(e))
         elif isinstance(e, ch.NodeError):
             log.warning("transfer_broadcast_refused", nonce=nonce, tx_hash=tx_hash, error=str(e))

@@ -133,7 +133,10 @@ def test_a_refused_broadcast_stops_the_run_instead_of_waiting_forever(
 
 @pytest.mark.parametrize("error", [ch.AlreadyKnown("already known"),
                                    ch.NonceTooLow("nonce too low"),
-                                   ch.Underpriced("replacement transaction underpriced")])
+                                   ch.Underpriced("replacement transaction underpriced"),
+                                   ch.ServerTimeout("request timed out", -32002),
+                                   ch.classify(429, "exceeded its compute units per second "
+                                               "capacity")])
 def test_ambiguous_answers_are_left_to_the_lookup(tmp_path: Path, error: ch.NodeError) -> None:
     chain = FakeChain()
     chain.refuse = error
@@ -670,8 +673,9 @@ def test_a_windows_broadcast_is_over_only_when_every_send_of_it_is_back(
 def test_one_at_a_time_after_a_refused_request_of_two_the_rest_is_sent_by_the_engine(
         threaded: tuple[ThreadedChain, Sender]) -> None:
     """The node answers a request of two with one error: the thread sends them alone, in
-    nonce order. Nonce 0's answer is lost: nonce 1 comes back NotSent and the engine, having
-    left nonce 0 to the poll, sends it itself."""
+    nonce order. Nonce 0's answer is lost (the node unreachable after the transport's
+    retries): nonce 1 comes back NotSent, and the engine leaves both to the poll rather than
+    wait out the retries again for nonce 1."""
     chain, s = threaded
 
     def refuse_many(raws: list[str]) -> list[object]:
@@ -682,19 +686,22 @@ def test_one_at_a_time_after_a_refused_request_of_two_the_rest_is_sent_by_the_en
     m = _accepted(s, 2)
     raws = _window(s, m, 2)
     with capture_logs() as logs:
-        s._flush_broadcasts()  # no exception: nonce 0 is left to the poll
-    assert chain.by == [(MAIN, raws[1])]
-    assert [(x["event"], x["nonce"]) for x in logs] == [
-        ("transfer_broadcast_unknown", 0), ("transfer_broadcast", 1)]
+        s._flush_broadcasts()  # no exception: nonces 0 and 1 are left to the poll
+    assert chain.by == []
+    assert [(x["event"], x["nonce"]) for x in logs] == [("transfer_broadcast_unknown", 0)]
+    assert s._outstanding() == {}
+    assert len(raws) == 2 and len(s.ledger.txs(s.payer)) == 2  # both written ahead
 
 
 def test_after_an_ambiguous_failure_the_engine_sends_the_held_back_rest_in_order(
         threaded: tuple[ThreadedChain, Sender]) -> None:
+    """A refusal of the node's (here: nonce too low, ambiguous) is an answer: the engine
+    sends the rest the thread held back itself, in nonce order."""
     chain, s = threaded
-    chain.refuse_nth[2] = RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
+    chain.refuse_nth[2] = ch.NonceTooLow("nonce too low")
     m = _accepted(s, 4)
     raws = _window(s, m, 3)
-    s._flush_broadcasts()  # no exception: the poll looks nonce 0 up and re-sends it
+    s._flush_broadcasts()  # no exception: the poll looks nonce 0 up
     # The thread stopped at the failure (nonce 1 had gone first, in the same request); the
     # engine sent the rest itself.
     assert chain.by == [(THREAD, raws[1]), (MAIN, raws[2])]
@@ -704,6 +711,21 @@ def test_after_an_ambiguous_failure_the_engine_sends_the_held_back_rest_in_order
     s._flush_broadcasts()
     assert chain.by[2:] == [(THREAD, more[3])]
     assert s._txs_sent == 4
+
+
+def test_after_a_node_that_did_not_answer_the_held_back_rest_is_left_to_the_poll(
+        threaded: tuple[ThreadedChain, Sender]) -> None:
+    """The node unreachable after the transport's retries (minutes): the engine sent every
+    held-back transaction itself, each waiting out the same retries, up to an hour with a
+    full window. They stay written ahead; the poll looks them up and sends them again."""
+    chain, s = threaded
+    chain.refuse_nth[2] = RpcError("node at http://127.0.0.1:1 unreachable after 9 tries")
+    m = _accepted(s, 4)
+    raws = _window(s, m, 4)
+    s._flush_broadcasts()
+    assert chain.by == [(THREAD, raws[1])]
+    assert s._outstanding() == {}
+    assert len(s.ledger.txs(s.payer)) == 4
 
 
 def test_transactions_still_with_the_broadcasting_thread_are_not_polled(

@@ -112,6 +112,17 @@ def test_simulate_reads_geth_revert_data_from_the_error() -> None:
     ("already known", ch.AlreadyKnown),
     ("replacement transaction underpriced", ch.Underpriced),
     ("txpool is full", ch.NodeError),
+    # A re-sent transaction the node already has (the first answer lost): it counts as
+    # sent. These stopped the run as definite refusals (review helper-52).
+    ("AlreadyKnown", ch.AlreadyKnown),  # Nethermind
+    ("INTERNAL_ERROR: existing tx with same hash", ch.AlreadyKnown),  # Erigon
+    # A fee below the node's floor: the run waits or bumps, as for geth's "underpriced".
+    ("fee too low", ch.Underpriced),  # Erigon
+    ("FeeTooLow, MaxFeePerGas too low", ch.Underpriced),  # Nethermind
+    ("ReplacementNotAllowed", ch.Underpriced),  # Nethermind
+    ("Gas price below current base fee", ch.Underpriced),  # Besu
+    ("Gas price below configured minimum gas price", ch.Underpriced),  # Besu
+    ("request timed out", ch.ServerTimeout),  # geth -32002: it may have been done
 ])
 def test_node_errors_are_classified_by_their_message(message: str, cls: type) -> None:
     """The send loop's decisions hang on these classes: a later nonce refused for a gap
@@ -188,3 +199,41 @@ def test_a_host_the_http_client_cannot_parse_is_a_node_error_not_an_internal_one
     with pytest.raises(RpcError) as e:
         t.call("eth_chainId")
     assert str(e.value) == "node at http://127.0.0..1:1: not a usable URL (LocationParseError)"
+
+
+@pytest.mark.parametrize("error", [
+    {"code": 429, "message": "Your app has exceeded its compute units per second capacity. "
+     "If you have retries enabled, you can safely ignore this message."},  # Alchemy
+    {"code": -32005, "message": "project ID request rate exceeded"},  # Infura
+])
+def test_batch_retries_the_providers_own_rate_limit_answers(error: dict[str, Any]) -> None:
+    """Alchemy throttles a batch element by element with code 429 and words none of the
+    phrases named: the element came back as a refusal (a pair's send stopped the run,
+    a receipts batch ended the poll)."""
+    def reply(payload: Any) -> Any:
+        return [{"jsonrpc": "2.0", "id": c["id"], "error": error} if c["params"][0] == "b"
+                else {"jsonrpc": "2.0", "id": c["id"], "result": c["params"][0]}
+                for c in payload]
+
+    t = BatchScripted([reply, _answer(set())])
+    assert t.batch([("m", ["a"]), ("m", ["b"])]) == ["a", "b"]
+    assert t.sent[1] == [("m", ["b"])]
+
+
+def test_a_log_query_too_wide_is_not_a_rate_limit() -> None:
+    """-32005 is also a node's answer to a log query over too many results: the range is
+    narrowed (transfers.py), not retried for a minute."""
+    e = ch.classify(-32005, "query returned more than 10000 results")
+    assert not ch.rate_limited(e)
+
+
+@pytest.mark.parametrize("error", ["internal error", 7])
+def test_an_error_member_that_is_no_object_is_a_node_error(error: Any) -> None:
+    """It was an AttributeError: an internal error instead of the node's answer."""
+    t = Scripted([{"error": error}])
+    with pytest.raises(ch.NodeError, match=str(error)):
+        t.call("eth_chainId")
+    t = BatchScripted([lambda payload: [{"jsonrpc": "2.0", "id": c["id"], "error": error}
+                                        for c in payload]])
+    (got,) = t.batch([("m", ["a"])])
+    assert isinstance(got, ch.NodeError) and str(got) == str(error)
