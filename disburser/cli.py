@@ -182,7 +182,17 @@ def _ledger(s: Settings) -> Ledger:
 
 def _out(text: str, output: Path | None) -> None:
     if output is None:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        # UTF-8 whatever the locale: the reports hold "…" and ids may hold any letter (a
+        # latin-1 terminal was an internal error; a cp1252 one wrote an HTML page that
+        # says it is UTF-8 in another encoding).
+        data = text if text.endswith("\n") else text + "\n"
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:  # a text-only stream (an embedding caller's)
+            sys.stdout.write(data)
+            return
+        sys.stdout.flush()
+        buffer.write(data.encode("utf-8"))
+        buffer.flush()
     else:
         try:
             output.write_text(text, encoding="utf-8")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -273,7 +272,9 @@ class Ledger:
     @property
     def url_display(self) -> str:
         """The ledger's path or URL without any password."""
-        return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", self.url)
+        from disburser.settings import redact_url
+
+        return redact_url(self.url)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -341,7 +341,8 @@ def _duplicate_ids(results: Sequence[PaymentResult], programs: set[str]
         if len({r.manifest for r in rs}) < 2:
             continue
         last = rs[-1]
-        others = "; ".join(f"{r.manifest} index {r.idx} paid {r.paid}" for r in rs[:-1])
+        others = "; ".join(f"{r.manifest} index {r.idx} paid {r.paid} base units"
+                           for r in rs[:-1])
         out.append({
             "kind": Kind.DUPLICATE_ID.value, "program": name, "manifest": last.manifest,
             "index": last.idx, "id": pid, "to": last.to, "expected": str(last.amount),
@@ -594,6 +595,17 @@ def reconcile(
         # program's own figures are in ``programs``).
         top_progress = _progress(results, committed_all, min(starts, default=None),
                                  max(deadlines, default=None), now)
+        # On track only if every program is: pooled, a finished program's pace hid one
+        # that will miss its own (earlier) deadline.
+        verdicts = [s.progress.on_track for s in summaries]
+        ends = [s.progress.projected_finish for s in summaries if not s.progress.finished]
+        known_ends = [e for e in ends if e is not None]
+        top_progress = replace(
+            top_progress,
+            on_track=(False if any(v is False for v in verdicts) else
+                      True if all(v is True for v in verdicts) else None),
+            projected_finish=(max(known_ends) if known_ends and len(known_ends) == len(ends)
+                              else None))
     return Result(
         program=scope_programs[0] if len(scope_programs) == 1 else "*",
         programs=tuple(summaries),

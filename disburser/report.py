@@ -251,13 +251,19 @@ def _finding_where(d: dict[str, Any]) -> tuple[str, str, str, str]:
     return (str(d.get("program", "")), "", "", "")
 
 
+def _printable(text: str) -> str:
+    """A token's revert reason as the table can show it: newlines and escape sequences
+    (control characters) written as escapes, not passed to the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _finding_detail(d: dict[str, Any], decimals: int) -> str:
     kind = d.get("kind")
     parts: list[str] = []
     if "reason" in d:
-        parts.append(str(d["reason"]))
+        parts.append(_printable(str(d["reason"])))
     if "detail" in d:
-        parts.append(str(d["detail"]))
+        parts.append(_printable(str(d["detail"])))
     if kind == "pending" and "depth" in d:
         parts.append(f"depth {d['depth']}")
     if "excess" in d:

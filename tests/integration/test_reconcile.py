@@ -421,6 +421,12 @@ def test_a_real_process_prints_the_report(env: Env) -> None:
     assert r.code == 1, r.err
     assert "unpaid" in r.out and "NOT consistent" in r.out
 
+    # A terminal that is not UTF-8: the table's "…" was an internal error (exit 1 all the
+    # same, read as "discrepancies"); the report is written in UTF-8 whatever the locale.
+    r = env.proc("reconcile", "--no-ledger", str(path), extra={"PYTHONIOENCODING": "latin-1"})
+    assert r.code == 1 and "internal error" not in r.err, r.err
+    assert "…" in r.out and "NOT consistent" in r.out
+
 
 # --- eth_getLogs through a proxy that refuses wide ranges --------------------------------
 

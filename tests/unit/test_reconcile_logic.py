@@ -454,8 +454,8 @@ def test_one_user_in_two_manifests_of_a_program_is_a_finding() -> None:
     found = [d for d in r.discrepancies if d["kind"] == "duplicate_id"]
     assert [(d["program"], d["id"], d["manifest"], d["paid"]) for d in found] == [
         ("relief", "u-0", rev.root, str(4 * U)), ("relief", "u-1", rev.root, str(6 * U))]
-    assert found[0]["detail"] == (f"id also in {a.root} index 0 paid {2 * U} (a user is paid "
-                                  "once per program)")
+    assert found[0]["detail"] == (f"id also in {a.root} index 0 paid {2 * U} base units (a "
+                                  "user is paid once per program)")
     assert r.exit_code == 1
     assert "duplicate_id" in render(r, "table")
 
@@ -756,3 +756,34 @@ def test_table_and_html_show_tokens_and_escape() -> None:
     assert html.count("<svg") == 3  # no timeline without charts data: no zoomed chart
     assert tokens(1_234_567_500_000, 6) == "1,234,567.5"
     assert tokens(-5, 6) == "-0.000005"
+
+
+def test_all_programs_are_on_track_only_if_each_is() -> None:
+    """At 95 h, loans (deadline 96 h) has 5 of 10 paid and will miss it; relief (deadline
+    186 h) is paid. Pooled from the first start against the last deadline, the top-level
+    progress said on track, projected at 127 h: what a dashboard reading the JSON sees."""
+    h = 3600
+    a = manifest([(addr(i), U) for i in range(1, 11)], program="loans", prefix="a")
+    b = manifest([(addr(i), U) for i in range(20, 30)], program="relief", prefix="b")
+    info = LedgerInfo({}, {"loans": ProgramInfo(0, 96 * h, 5, 100_000_000 * U, 10 * U),
+                           "relief": ProgramInfo(90 * h, 186 * h, 5, 300_000_000 * U,
+                                                 10 * U)})
+    transfers = [tr(addr(i), U) for i in range(1, 6)] + [tr(addr(i), U) for i in range(20, 30)]
+    r = run([a, b], transfers, info, now=95 * h)
+    doc = json.loads(render(r, "json"))
+    progs = {p["program"]: p["progress"] for p in doc["programs"]}
+    assert (progs["loans"]["on_track"], progs["relief"]["on_track"]) == (False, True)
+    assert doc["progress"]["on_track"] is False
+    assert doc["progress"]["projected_finish"] == progs["loans"]["projected_finish"] == 190 * h
+
+
+def test_a_revert_reason_reaches_the_table_without_control_characters() -> None:
+    """The token's revert reason is printed in the table: a newline broke its grid and an
+    escape sequence reached the terminal. JSON keeps the reason as it was."""
+    m = manifest([(addr(1), 2 * U)])
+    reason = "blocked\n\x1b[31mred"
+    info = LedgerInfo({(m.root, 0): lpay("failed", reason=reason)})
+    r = run([m], [], info)
+    table = render(r, "table")
+    assert "blocked\\n\\x1b[31mred" in table and "\x1b" not in table
+    assert json.loads(render(r, "json"))["payments"][0]["reason"] == reason

@@ -169,3 +169,16 @@ def test_seconds_settings_still_take_plain_decimals() -> None:
     s = st.load({"DISBURSER_POLL_INTERVAL": " 0.05 ", "DISBURSER_RPC_TIMEOUT": ".5",
                  "DISBURSER_CONFIRMATIONS": "10000"})
     assert (s.poll_interval, s.rpc_timeout, s.confirmations) == (0.05, 0.5, 10_000)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:pw-1@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://:pw-1@h/db", "postgresql://:***@h/db"),  # no user name: was shown whole
+    ("postgresql://u@h/db?password=pw-1&sslmode=require",
+     "postgresql://u@h/db?password=***&sslmode=require"),  # libpq's query parameter
+    ("postgresql://u@h/db?sslmode=require&sslpassword=pw-1", "postgresql://u@h/db?"
+     "sslmode=require&sslpassword=***"),
+    ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
+])
+def test_urls_in_messages_hide_every_password(url: str, shown: str) -> None:
+    assert st.redact_url(url) == shown
