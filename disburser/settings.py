@@ -336,7 +336,7 @@ def redact_url(url: str) -> str:
     """A URL fit for messages and logs: any password replaced, in the user part (also with
     no user name: ``postgresql://:pw@h/db``) or as libpq's query parameters
     (``?password=pw``, ``sslpassword``)."""
-    url = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
     return re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 

@@ -174,6 +174,7 @@ def test_seconds_settings_still_take_plain_decimals() -> None:
 @pytest.mark.parametrize("url, shown", [
     ("postgresql://u:pw-1@h/db", "postgresql://u:***@h/db"),
     ("postgresql://:pw-1@h/db", "postgresql://:***@h/db"),  # no user name: was shown whole
+    ("postgresql://u:p/w@h/db", "postgresql://u:***@h/db"),  # a / in the password
     ("postgresql://u@h/db?password=pw-1&sslmode=require",
      "postgresql://u@h/db?password=***&sslmode=require"),  # libpq's query parameter
     ("postgresql://u@h/db?sslmode=require&sslpassword=pw-1", "postgresql://u@h/db?"
