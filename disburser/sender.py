@@ -1588,11 +1588,11 @@ def check_nonces(chain: ch.RpcChain, ledger: Ledger | None, payer: str, *, lates
     """Fail closed unless the chain's nonces of ``payer`` are where ``ledger`` left them
     (``first``: the nonce it started from; no ledger: one that starts now); the deepest nonce
     it holds final. Reads only: the dry run checks what the real run will."""
-    nxt = ledger.next_nonce(payer) if ledger is not None else None
-    ours_next = first if nxt is None else nxt
-    deepest = max((t.nonce for t in ledger.txs(payer)
+    txs = ledger.txs(payer) if ledger is not None else []  # in nonce order
+    ours_next = txs[-1].nonce + 1 if txs else first
+    deepest = max((t.nonce for t in txs
                    if t.status in (TxStatus.CONFIRMED.value, TxStatus.REVERTED.value)),
-                  default=None) if ledger is not None else None
+                  default=None)
     if ledger is not None and deepest is not None and deepest >= latest:
         # Confirmed at depth in this ledger, absent from this chain: the ledger belongs to
         # another chain (or the chain was reset). Sending would open a nonce gap.

@@ -44,29 +44,31 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
         if "=" not in line:
             raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE")
         key, _, raw_value = line.partition("=")
-        key, value = key.strip(), raw_value.strip()
+        key = key.strip()
         if not _ENV_KEY.fullmatch(key):
             # Never echoed whole: the line may be a secret pasted in the wrong place.
             raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE with KEY a variable name "
                                 "(letters, digits, _)")
-        if "\0" in value:
+        if "\0" in raw_value:
             raise SettingsError(f"{path}:{lineno}: {key}: a NUL character in the value")
         if key in seen:
             raise SettingsError(f"{path}:{lineno}: {key} is already set on line {seen[key]}")
         seen[key] = lineno
-        # "KEY= # note" is empty, as the shell reads it ("KEY=#x" is "#x").
-        value = "" if re.match(r"\s+#", raw_value) else \
-            _dotenv_value(value, where=f"{path}:{lineno}: {key}")
+        value = _dotenv_value(raw_value, where=f"{path}:{lineno}: {key}")
         if key not in os.environ:
             os.environ[key] = value
             set_here.append(key)
     return set_here
 
 
-def _dotenv_value(value: str, *, where: str) -> str:
-    """A value as a shell's ``set -a; . ./.env`` and python-dotenv read it: in quotes, what
-    is between them; unquoted, up to a ``#`` after a space (a comment). ``KEY=x # old`` was
-    the value ``x # old``: a DISBURSER_DB so written named a new, empty ledger."""
+def _dotenv_value(raw: str, *, where: str) -> str:
+    """What follows ``KEY=`` as a shell's ``set -a; . ./.env`` and python-dotenv read it: in
+    quotes, what is between them; unquoted, up to a ``#`` after a space (a comment), so
+    ``KEY= # note`` is empty and ``KEY=#x`` is ``#x``. ``KEY=x # old`` was the value
+    ``x # old``: a DISBURSER_DB so written named a new, empty ledger."""
+    if re.match(r"\s+#", raw):
+        return ""
+    value = raw.strip()
     if value[:1] in ("'", '"'):
         end = value.find(value[0], 1)
         if end < 0:
