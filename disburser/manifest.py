@@ -508,6 +508,17 @@ def _csv_payments(reader: Any, path: Path, decimals: int) -> list[Payment]:
 # --- EIP-712 ---------------------------------------------------------------------------
 
 
+# Past 2**53 a JSON number reaches a JavaScript wallet rounded (a not_after of 2**64 - 1 for
+# "no expiry" becomes another number, and its signature verifies nowhere).
+JS_SAFE_INT = 2**53 - 1
+
+
+def _json_uint(n: int) -> int | str:
+    """A uint256 for typed-data JSON: a number where every reader takes it exactly, else its
+    decimal string (which eth_signTypedData_v4 wallets and cast take for a uint)."""
+    return n if n <= JS_SAFE_INT else str(n)
+
+
 def typed_data(m: Manifest) -> dict[str, Any]:
     """The EIP-712 JSON any wallet, `cast wallet sign --data` or eth_signTypedData_v4 signs."""
     return {
@@ -528,15 +539,15 @@ def typed_data(m: Manifest) -> dict[str, Any]:
             ],
         },
         "primaryType": "Manifest",
-        "domain": {"name": "disburser", "version": "1", "chainId": m.chain_id},
+        "domain": {"name": "disburser", "version": "1", "chainId": _json_uint(m.chain_id)},
         "message": {
             "program": m.program,
             "token": m.token,
             "payer": m.payer,
-            "count": m.count,
+            "count": _json_uint(m.count),
             "total": str(m.total),
             "paymentsRoot": m.root,
-            "notAfter": m.not_after,
+            "notAfter": _json_uint(m.not_after),
         },
     }
 

@@ -64,6 +64,29 @@ def test_cast_signatures_verify_and_match_ours(tmp_path: Path) -> None:
                            "manifest")
 
 
+def test_typed_data_past_2_53_reaches_a_javascript_wallet_exactly(tmp_path: Path) -> None:
+    """A not_after of 2**64 - 1 ("no expiry") as a JSON number would reach a JavaScript
+    wallet as 18446744073709551616 and its signature would verify nowhere: past 2**53 the
+    typed data carries decimal strings, which JavaScript reads exactly and cast signs into
+    our own bytes."""
+    m = _build(tmp_path, [f"u{i},{fresh_address(f'z{i}')},{i + 1}" for i in range(3)])
+    doc = json.loads(m.read_text())
+    doc["not_after"] = 2**64 - 1
+    m.write_text(json.dumps(doc))
+    code, typed, _ = _cli("manifest", "typed-data", str(m))
+    assert code == 0
+    script = ("const t=JSON.parse(require('fs').readFileSync(0,'utf8'));"
+              "process.stdout.write([t.message.notAfter,t.message.count,t.domain.chainId]"
+              ".map(x=>BigInt(x).toString()).join(' '));")
+    r = subprocess.run(["node", "-e", script], input=typed, capture_output=True, text=True)
+    assert r.stdout == f"{2**64 - 1} 3 {doc['chain_id']}", r.stderr
+    (tmp_path / "typed.json").write_text(typed)
+    out = subprocess.run([str(CAST), "wallet", "sign", "--data", "--from-file",
+                          str(tmp_path / "typed.json"), "--private-key", dn.DEV_KEYS[2]],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == mf.sign(mf.load(m), bytes.fromhex(dn.DEV_KEYS[2][2:]))
+
+
 def test_proof_checks_with_the_reference_library(tmp_path: Path) -> None:
     m = _build(tmp_path, [f"u{i},{fresh_address(f'y{i}')},{i + 2}" for i in range(9)])
     code, proof_json, _ = _cli("manifest", "proof", str(m), "--index", "4")
