@@ -142,6 +142,7 @@ class Sender:
         self._deep_now: list[TxRow] = []
         self._per_recipient = PER_RECIPIENT_GAS
         self._at_cap_logged: set[int] = set()
+        self._on_arrival: tuple[float, bool] | None = None  # (asked at, answer)
         self._priced_out_logged: set[str] = set()  # attempt hashes
         self._base_fee_over_cap = False
         self._idle = 0.0  # the current wait between polls that changed nothing
@@ -1242,8 +1243,9 @@ class Sender:
                   record: bool) -> bool:
         """A bump of pending ``t`` is due: it is the lowest pending transaction, or priced
         out, and still unmined bump_after_blocks blocks after its last attempt (the lowest:
-        after it became the lowest, if later). ``record``: note the block where each wait
-        began, as the poll's own pass does; else only look."""
+        after it became the lowest, if later); priced out on a node that mines only on
+        arrival, at once. ``record``: note the block where each wait began, as the poll's
+        own pass does; else only look."""
         assert t.id is not None
         tx_id = t.id
 
@@ -1253,8 +1255,22 @@ class Sender:
         lowest = t.nonce == lowest_pending
         sent_at = began(self._sent_at_block)
         since = max(sent_at, began(self._lowest_since)) if lowest else sent_at
-        return (lowest or policy.priced_out(int(last.max_fee), head.base_fee)) and \
+        priced_out = policy.priced_out(int(last.max_fee), head.base_fee)
+        if priced_out and self._mines_on_arrival():
+            # The node dropped it, and blocks come only when a transaction arrives: the
+            # blocks the rule below waits for would never come.
+            return True
+        return (lowest or priced_out) and \
             policy.should_bump(since, head.number, self.cfg.bump_after_blocks)
+
+    def _mines_on_arrival(self) -> bool:
+        """Whether the node makes a block only when a transaction arrives (Anvil's
+        automine), asked again after LOOKUP_EVERY seconds (a devnet can be switched)."""
+        now = self.clock()
+        if self._on_arrival is None or now - self._on_arrival[0] >= LOOKUP_EVERY:
+            ask = getattr(self.chain, "mines_on_arrival", None)
+            self._on_arrival = (now, bool(ask()) if ask is not None else False)
+        return self._on_arrival[1]
 
     def _apply_mined(self, head: ch.Head) -> None:
         """The poll's receipts and depths, written in a few statements (a poll can see

@@ -458,6 +458,32 @@ def test_priced_out_transactions_are_bumped_at_the_same_nonce(
     assert not events(env, "transfer_dropped_rebroadcast")
 
 
+def test_priced_out_on_a_node_that_mines_on_arrival_is_bumped_without_waiting_for_blocks(
+        manual: tuple[Env, Miner]) -> None:
+    """On automine a block comes only when a transaction arrives. Batches the base fee
+    priced out (Anvil dropped them) waited for DISBURSER_BUMP_AFTER_BLOCKS blocks that never
+    came: the run hung (seen in a benchmark run, where full blocks raise the base fee past
+    the caps of batches signed a few blocks earlier). They are bumped at once, and no block
+    is mined but by their arrival."""
+    env, miner = manual
+    m = env.signed_manifest(30)
+    eng = Engine(env, m, {"DISBURSER_BUMP_AFTER_BLOCKS": "2"}).start()
+    batches = batches_in_pool(env, miner, 3)
+    led = ledger(env)
+    first = {a.hash.lower() for a in (led.attempts(t.id or 0)[0] for t in batches)}
+    env.chain.rpc("anvil_setNextBlockBaseFeePerGas", [hex(5 * GWEI)])
+    miner.mine()  # one block at 5 gwei: over every batch's cap, all three dropped
+    assert not pool(env) & first
+    head = env.chain.head().number
+    env.chain.rpc("evm_setAutomine", [True])
+    res = eng.join(timeout=30)
+    assert (res.confirmed, res.txs_sent) == (30, 4)  # approve + 3 batches, each bumped
+    assert_exactly_once(env, m, cap_wei=100 * GWEI)
+    assert {e["nonce"] for e in events(env, "transfer_bumped")} == {t.nonce for t in batches}
+    # the bumps' arrivals made the blocks (at most one each, and the closing approve(0))
+    assert env.chain.head().number - head <= len(batches) + 1
+
+
 def test_judged_base_fee_spike_above_the_cap_and_back_with_1s_blocks(tmp_path: Path) -> None:
     """One-second blocks, EIP-7825 cap on, a real `disburser send` process. With four
     batches in the pool (the mined approval holds no pool slot) the base fee jumps from
