@@ -19,13 +19,17 @@ _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 # [0-9], not \d or int() alone: both take other scripts' digits ("٢" is 2 to int()).
 _INTEGER = re.compile(r"-?[0-9]+")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The one setting an empty environment variable may clear when the file sets it: reconcile's
+# program filter, left in .env for `allocate` (OPERATIONS: `DISBURSER_PROGRAM=`).
+_CLEARABLE = frozenset({PREFIX + "PROGRAM"})
 
 
 def load_dotenv(path: Path = Path(".env")) -> list[str]:
     """Put ``KEY=VALUE`` lines of ``path`` into the environment without overriding what is
     already set (the environment wins over the file); the keys it set. A key given twice is
     refused: the shell would take the last, a reader of the file may see the first, and for
-    a ceiling or a fee cap the difference is money."""
+    a ceiling or a fee cap the difference is money. So is a DISBURSER_* key the file sets
+    and the environment holds empty (but DISBURSER_PROGRAM): neither value would apply."""
     set_here: list[str] = []
     if not path.is_file():
         return set_here
@@ -58,6 +62,15 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
         if key not in os.environ:
             os.environ[key] = value
             set_here.append(key)
+        elif (os.environ[key] == "" and value and key.startswith(PREFIX)
+              and key not in _CLEARABLE):
+            # An empty value means the built-in default: DISBURSER_QUORUM= left by a compose
+            # file (`- X=${X}`) or a unit's `Environment=X=` put quorum 2 and a 300,000,000
+            # ceiling in place of the file's 3 and 5.
+            raise SettingsError(
+                f"{path}:{lineno}: {key} is set here and empty in the environment, where "
+                f"empty means the built-in default; unset it (unset {key}) to use this "
+                "file's value, or give it a value")
     return set_here
 
 

@@ -477,6 +477,27 @@ def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
 
 
+def test_an_empty_environment_variable_over_a_file_setting_is_refused(env: Env) -> None:
+    """The file asks quorum 3 and a ceiling of 5 tokens; a compose file's `- X=${X}` left
+    both empty in the environment. Empty means the built-in default, so the manifest with 2
+    of 3 signatures and 6.75 tokens was paid. Refused, naming the line; an empty
+    DISBURSER_PROGRAM still clears the file's (reconcile's filter)."""
+    m = env.signed_manifest(3)  # 2 approver signatures
+    dotenv = env.tmp / "prod.env"
+    dotenv.write_text("DISBURSER_PROGRAM=other\nDISBURSER_QUORUM=3\nDISBURSER_CEILING=5\n")
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"{dotenv}:2: DISBURSER_QUORUM is set here and empty in the environment, "
+                    "where empty means the built-in default; unset it (unset "
+                    "DISBURSER_QUORUM) to use this file's value, or give it a value",
+                    extra={"DISBURSER_ENV_FILE": str(dotenv), "DISBURSER_PROGRAM": "",
+                           "DISBURSER_QUORUM": "", "DISBURSER_CEILING": ""}, exact=True)
+    r = env.cli("reconcile", str(m), "--no-ledger", "--format", "json",
+                extra={"DISBURSER_ENV_FILE": str(dotenv), "DISBURSER_PROGRAM": "",
+                       "DISBURSER_QUORUM": "3", "DISBURSER_CEILING": "5"})
+    assert r.code == 1, r.err  # reconciled (its payments unpaid), not refused
+    assert json.loads(r.out)["program"] == "together-initiative-2025-10"
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"version": 4}, "not a JSON V3 keystore (version '4')"),
     ({"C": 2**31 - 1}, "pbkdf2 with c=2147483647 rounds costs more than any standard "
