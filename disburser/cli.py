@@ -326,10 +326,67 @@ def _check_outputs(outputs: list[Path], inputs: list[Path | None]) -> None:
             raise InputError(f"{out}: is a directory")
         if not out.parent.is_dir():
             raise InputError(f"{out}: no such directory {out.parent}")
-        if signed := _signatures_in(out):
-            raise InputError(f"{out}: holds a manifest with {signed} signature(s); "
-                             f"refusing to write over it (write elsewhere, or move it away "
-                             f"first)")
+        if what := _precious(out):
+            raise InputError(f"{out}: {what}; refusing to write over it (write elsewhere, "
+                             "or move it away first)")
+
+
+# Files that settings name and no output may replace (DISBURSER_<NAME>, default).
+_NAMED_FILES = (("DB", "disburser.sqlite", "the ledger (DISBURSER_DB)"),
+                ("KEYSTORE", None, "the payer's keystore (DISBURSER_KEYSTORE)"),
+                ("PASSWORD_FILE", None, "a password file (DISBURSER_PASSWORD_FILE)"),
+                ("APPROVER_PASSWORD_FILE", None,
+                 "a password file (DISBURSER_APPROVER_PASSWORD_FILE)"),
+                ("NEW_KEY_PASSWORD_FILE", None,
+                 "a password file (DISBURSER_NEW_KEY_PASSWORD_FILE)"),
+                ("LOG_FILE", "disburser.log.jsonl", "the log (DISBURSER_LOG_FILE)"))
+
+
+def _precious(path: Path) -> str | None:
+    """What an existing file at ``path`` is, if it is one an output must not replace: a file
+    the settings name (the ledger and its journal files, the payer's keystore, a password
+    file, the log, the settings file in use), a settings file (``.env*``), any SQLite
+    database or JSON keystore, or a manifest that carries signatures. None otherwise (no
+    file, or a file of no such kind: an earlier report, an unsigned manifest)."""
+    if not path.is_file():
+        return None
+    full = path.resolve()
+    dotenv = _state.get("dotenv")
+    if dotenv is not None and full == Path(dotenv[0]).resolve():
+        return "is the settings file in use"
+    for name, default, what in _NAMED_FILES:
+        named = os.environ.get(_env(name)) or default
+        if not named:
+            continue
+        target = Path(named).resolve()
+        if full == target or (name == "DB" and full.parent == target.parent and full.name in {
+                target.name + suffix for suffix in ("-wal", "-shm", "-journal")}):
+            return f"is {what}"
+    if path.name.startswith(".env"):
+        return "is a settings file"
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head == b"SQLite format 3\x00":
+        return "is a SQLite database (a ledger?)"
+    if _is_keystore(path):
+        return "is a keystore"
+    if signed := _signatures_in(path):
+        return f"holds a manifest with {signed} signature(s)"
+    return None
+
+
+def _is_keystore(path: Path) -> bool:
+    """A JSON object with a "crypto" member (Web3 Secret Storage, any version)."""
+    try:
+        if path.stat().st_size > 1_000_000:
+            return False
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and any(k.lower() == "crypto" for k in doc)
 
 
 def _signatures_in(path: Path) -> int:
@@ -863,6 +920,8 @@ def reconcile(
     from disburser.reconcile import run_reconcile
 
     s = settings()
+    if output is not None:
+        _check_outputs([output], list(manifests or []))
     from_env = ctx.get_parameter_source("program") is ParameterSource.ENVIRONMENT
     text, code = run_reconcile(s, manifests or [], program=program, use_ledger=not no_ledger,
                                fmt=fmt.value, from_block=from_block, program_from_env=from_env)
@@ -873,6 +932,17 @@ def reconcile(
     _out(text, output)
     if code:
         raise typer.Exit(code)
+
+
+DEVNET_MARK = "# written by `disburser devnet`"
+
+
+def _written_by_devnet(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(DEVNET_MARK)) == DEVNET_MARK.encode()
+    except OSError:
+        return False
 
 
 @app.command()
@@ -899,6 +969,11 @@ def devnet(
     from disburser.chain import RpcChain, display_url
     from disburser.profiles import PROFILES
 
+    if env_out.is_dir():
+        raise InputError(f"{env_out}: is a directory (--env-out)")
+    if env_out.exists() and not _written_by_devnet(env_out):
+        raise InputError(f"{env_out}: exists and was not written by `disburser devnet`; "
+                         "refusing to write over it (--env-out elsewhere, or move it away)")
     anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url,
                      fork_block=fork_block).start()
     try:
@@ -926,7 +1001,7 @@ def devnet(
             env["DISBURSER_CONFIRMATIONS"] = "1"
             env["DISBURSER_POLL_INTERVAL"] = "0.1"
         lines = [f"{k}={v}" for k, v in env.items()]
-        env_out.write_text("# written by `disburser devnet`; local chain only\n"
+        env_out.write_text(f"{DEVNET_MARK}; local chain only\n"
                            + "\n".join(lines) + "\n")
         what = f"fork of {display_url(fork_url)}" if fork_url else "empty chain"
         typer.echo(f"anvil on {anvil.url} ({what}, chain {d.chain_id}); settings written to "

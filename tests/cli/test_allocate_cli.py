@@ -175,6 +175,49 @@ def test_a_signed_manifest_is_not_written_over(tmp_path: Path) -> None:
     assert m.read_bytes() == before
 
 
+@pytest.mark.parametrize("name, make, what", [
+    ("ledger.sqlite", "sqlite", "is a SQLite database (a ledger?)"),
+    ("approver2.json", "keystore", "is a keystore"),
+    (".env.fork", "text", "is a settings file"),
+    ("named.sqlite", "text", "is the ledger (DISBURSER_DB)"),
+    ("named.sqlite-wal", "text", "is the ledger (DISBURSER_DB)"),
+    ("payer.key", "text", "is the payer's keystore (DISBURSER_KEYSTORE)"),
+    ("pw.txt", "text", "is a password file (DISBURSER_PASSWORD_FILE)"),
+    ("run.log", "text", "is the log (DISBURSER_LOG_FILE)"),
+    ("settings.env", "text", "is the settings file in use"),
+])
+def test_outputs_never_replace_a_ledger_keystore_or_settings_file(
+        tmp_path: Path, name: str, make: str, what: str) -> None:
+    """`manifest build -o approver2.json` destroyed an approver's keystore, and `-o` could
+    as well replace the ledger, the payer's keystore or the settings file: refused, the file
+    untouched. (reconcile's and devnet's outputs: tests/cli/test_refusals.py.)"""
+    import sqlite3
+
+    target = tmp_path / name
+    if make == "sqlite":
+        sqlite3.connect(target).execute("create table t (x)").connection.commit()
+    elif make == "keystore":
+        target.write_text(json.dumps({"version": 3, "crypto": {"cipher": "aes-128-ctr"}}))
+    else:
+        target.write_text("# anything\n")
+    before = target.read_bytes()
+    dotenv = tmp_path / "settings.env"
+    if not dotenv.exists():
+        dotenv.write_text("")
+    pay = tmp_path / "pay.csv"
+    pay.write_text("id,to,amount\nu1,0x" + "12" * 20 + ",1\n")
+    env = {**ENV, "DISBURSER_ENV_FILE": str(dotenv), "DISBURSER_DB": str(tmp_path / "named.sqlite"),
+           "DISBURSER_KEYSTORE": str(tmp_path / "payer.key"),
+           "DISBURSER_PASSWORD_FILE": str(tmp_path / "pw.txt"),
+           "DISBURSER_LOG_FILE": str(tmp_path / "run.log")}
+    r = CliRunner().invoke(app, ["manifest", "build", str(pay), "--program", "p", "-o",
+                                 str(target)], env=env, catch_exceptions=False)
+    assert (r.exit_code, r.stderr) == (
+        2, f"disburser: error: {target}: {what}; refusing to write over it (write "
+        "elsewhere, or move it away first)\n")
+    assert target.read_bytes() == before
+
+
 def test_allocate_summary_counts_zero_amounts_apart(tmp_path: Path) -> None:
     """A user eligible with a factor of 0 is not 'without a valid address'."""
     data = _gen(tmp_path / "data")

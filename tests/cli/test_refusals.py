@@ -543,6 +543,30 @@ def test_env_file_lines_that_are_no_setting_are_refused(env: Env, text: str,
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
 
 
+def test_reconcile_and_devnet_outputs_never_replace_the_ledger_or_a_settings_file(
+        env: Env) -> None:
+    """`reconcile --format html -o disburser.sqlite` wrote its report over the ledger and
+    said "wrote"; `devnet --env-out .env` would replace the operator's settings. Refused
+    before the chain is read or a node started, the files untouched."""
+    m = env.signed_manifest(2)
+    assert env.cli("send", str(m), "--yes").code == 0
+    db = Path(env.vars["DISBURSER_DB"])
+    _assert_refused(env, ["reconcile", "--format", "html", "-o", str(db)],
+                    f"{db}: is the ledger (DISBURSER_DB); refusing to write over it (write "
+                    "elsewhere, or move it away first)", ledger_empty=False, exact=True)
+    assert db.read_bytes()[:16] == b"SQLite format 3\x00"  # and its rows (_assert_refused)
+    dotenv = env.tmp / ".env"
+    dotenv.write_text("DISBURSER_CEILING=5\n")
+    _assert_refused(env, ["devnet", "--port", "1", "--env-out", str(dotenv)],
+                    f"{dotenv}: exists and was not written by `disburser devnet`; refusing to "
+                    "write over it (--env-out elsewhere, or move it away)", ledger_empty=False,
+                    exact=True)
+    assert dotenv.read_text() == "DISBURSER_CEILING=5\n"
+    report = env.tmp / "report.html"
+    assert env.cli("reconcile", "--format", "html", "-o", str(report)).code == 0
+    assert env.cli("reconcile", "--format", "html", "-o", str(report)).code == 0  # its own
+
+
 def test_a_settings_file_named_but_missing_is_refused(env: Env) -> None:
     """It ran on the defaults (chain 31337, the default ceiling) with nothing said."""
     m = env.signed_manifest(2)
