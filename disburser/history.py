@@ -20,10 +20,10 @@ The steps, in order:
 4. The transfers that earlier checks recorded as a payment are left out (each pays one
    payment, once): the caller filters by ``Ledger.explained_transfers``.
 5. ``match``: what is left is matched to the queued payments by recipient and amount, as
-   reconcile matches them, first come first served.
+   reconcile matches them, first come first served; then by recipient alone.
 
-A match may be this fund's payment or an unrelated transfer of the same amount: the run
-stops and does not guess (``refusal``)."""
+A match may be this fund's payment (of this amount or, for a re-signed allocation, of
+another) or an unrelated transfer: the run stops and does not guess (``refusal``)."""
 
 from __future__ import annotations
 
@@ -128,19 +128,36 @@ def drop_bitmap_paid(logs: Sequence[Keyed], kept: Mapping[str, str | None], root
 
 
 def match(logs: Iterable[Keyed], queued: Iterable[Queued]) -> list[Match]:
-    """Queued payments matched to transfers of the same recipient and amount, each transfer
-    to one payment, in the order given (payments by index, transfers by block)."""
+    """Queued payments matched to transfers: first of the same recipient and amount, then,
+    for the payments left, of the same recipient whatever the amount (a corrected allocation
+    signed after a lost ledger, its amounts changed by a base unit, paid everyone again), each
+    transfer to one payment, in the order given (payments by index, transfers by block)."""
+    logs = list(logs)
     by_key: dict[tuple[str, int], list[Keyed]] = {}
     for t, key in logs:
         by_key.setdefault((t.to, t.amount), []).append((t, key))
     out: list[Match] = []
     if not by_key:
         return out
+    used: set[str] = set()
+    rest: list[Queued] = []
     for q in queued:
         left = by_key.get((q.to.lower(), int(q.amount)))
         if left:
+            t, key = left.pop(0)
+            used.add(key)
+            out.append(Match(q, t, key))
+        else:
+            rest.append(q)
+    by_to: dict[str, list[Keyed]] = {}
+    for t, key in logs:
+        if key not in used:
+            by_to.setdefault(t.to, []).append((t, key))
+    for q in rest:
+        left = by_to.get(q.to.lower())
+        if left:
             out.append(Match(q, *left.pop(0)))
-    return out
+    return sorted(out, key=lambda m: m.payment.idx)
 
 
 def listing(matched: Sequence[Match], unknown_roots: Sequence[str]) -> list[str]:
@@ -167,11 +184,13 @@ def refusal(root: str, matched: Sequence[Match], unknown_roots: Sequence[str],
             "DISBURSER_FROM_BLOCK after them.")
     if matched:
         q, t, _ = matched[0]
+        paid = "" if t.amount == int(q.amount) else f" {t.amount} base units"
         msg.append(
-            f"{len(matched)} payment(s) of manifest {root} match transfers from the payer "
-            f"that this ledger did not send (first: payments[{q.idx}] {q.amount} base units "
-            f"to {q.to}, as transaction {t.tx_hash} in block {t.block}; all in the log as "
-            "past_transfer_matches_payment). If this fund paid them (a lost ledger), run "
+            f"{len(matched)} payment(s) of manifest {root} go to recipients of transfers from "
+            f"the payer that this ledger did not send (first: payments[{q.idx}] {q.amount} "
+            f"base units to {q.to}, paid{paid} by transaction {t.tx_hash} in block {t.block}; "
+            "all in the log as past_transfer_matches_payment). If this fund paid them (a lost "
+            "ledger; a corrected amount is then a top-up to pay by a manifest of its own), run "
             "`send --accept-past-transfers` to record them as paid elsewhere; if those "
             "transfers were for something else, set DISBURSER_FROM_BLOCK after them and "
             "before the fund's first payment.")

@@ -427,7 +427,8 @@ class Sender:
         matched = history.match(logs, self.ledger.queued(root)) if logs else []
         for q, t, _ in matched:  # to the log file only: a refusal is one line on stderr
             log.info("past_transfer_matches_payment", root=root, index=q.idx, to=q.to,
-                     amount=str(q.amount), tx_hash=t.tx_hash, block=t.block)
+                     amount=str(q.amount), transferred=str(t.amount), tx_hash=t.tx_hash,
+                     block=t.block)
         # Manifests this ledger does not know that the payer paid: they may hold this
         # program's users and count against its ceiling, which only the ledger checks. Only
         # while this manifest has something left to pay (one the bitmap found all paid is

@@ -169,9 +169,9 @@ def test_lost_ledger_direct_mode_pays_no_one_twice(env: Env, again: str) -> None
     p0 = manifest.payments[0]
     err = r.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"disburser: error: 6 payment(s) of manifest {manifest.root} match transfers from the "
-        f"payer that this ledger did not send (first: payments[0] {p0.amount} base units to "
-        f"{p0.to}, as transaction 0x"), r.err
+        f"disburser: error: 6 payment(s) of manifest {manifest.root} go to recipients of "
+        f"transfers from the payer that this ledger did not send (first: payments[0] "
+        f"{p0.amount} base units to {p0.to}, paid by transaction 0x"), r.err
     assert "run `send --accept-past-transfers`" in err[0] and err[0].endswith(
         "Nothing was sent")
     assert env.payer_nonce() == nonce
@@ -258,6 +258,32 @@ def test_a_new_ledger_and_the_batch_contracts_transfers(
         assert env.balance(p.to) == 2 * p.amount
 
 
+@pytest.mark.parametrize("again", ["direct", "batch"])
+def test_a_lost_ledger_then_a_corrected_allocation_pays_no_one_twice(env: Env,
+                                                                     again: str) -> None:
+    """Paid in direct mode, the ledger lost, then the allocation corrected by one base unit
+    a user and re-signed: no past transfer had the new amounts and direct mode leaves no
+    Disbursed log, so every user was paid again, over the ceiling (review helper-55). The
+    payer's past transfers to the same recipients now stop the run, nothing sent."""
+    m1 = env.signed_manifest(4, name="m1.json")
+    assert env.cli("send", str(m1), "--yes", "--mode", "direct").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    rows = (env.tmp / "m1.json.csv").read_text().splitlines()
+    fixed = [rows[0]] + [r[:r.rindex(",")] + "," + r[r.rindex(",") + 1:] + "0001"
+                         for r in rows[1:]]  # 1.25 -> 1.250001
+    m2 = _signed_from_csv(env, "m2", "together-initiative-2025-10", "\n".join(fixed) + "\n")
+    first = mf.load(m2).payments[0]
+    assert first.amount == mf.load(m1).payments[0].amount + 1
+    nonce = env.payer_nonce()
+    r = env.cli("send", str(m2), "--yes", "--mode", again)
+    assert r.code == 2, r.err
+    assert (f"4 payment(s) of manifest {mf.load(m2).root} go to recipients of transfers from "
+            f"the payer that this ledger did not send (first: payments[0] {first.amount} base "
+            f"units to {first.to}, paid {first.amount - 1} base units by transaction 0x") in r.err
+    assert env.payer_nonce() == nonce
+    _assert_all_paid_once(env, m1)
+
+
 def test_a_lost_ledger_does_not_pay_a_programs_users_again_under_another_root(
         env: Env) -> None:
     """Manifest A paid in batch mode, the ledger lost, then the same payments re-sorted (so
@@ -275,7 +301,7 @@ def test_a_lost_ledger_does_not_pay_a_programs_users_again_under_another_root(
     nonce = env.payer_nonce()
     r = env.cli("send", str(rev), "--yes")
     assert r.code == 2, r.err
-    assert f"5 payment(s) of manifest {mf.load(rev).root} match transfers" in r.err
+    assert f"5 payment(s) of manifest {mf.load(rev).root} go to recipients of transfers" in r.err
     assert env.payer_nonce() == nonce
     _assert_all_paid_once(env, a)
     r = env.cli("send", str(rev), "--yes", "--accept-past-transfers")

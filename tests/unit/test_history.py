@@ -98,6 +98,19 @@ def test_match_is_first_come_first_served_one_transfer_per_payment() -> None:
     assert history.match([], [q(0)]) == []
 
 
+def test_a_transfer_to_the_recipient_of_another_amount_matches_too() -> None:
+    """A lost ledger, then the allocation corrected by a base unit and re-signed: no
+    transfer has the new amounts, and direct mode (no bitmap, no Disbursed log) paid every
+    recipient again. Exact matches are taken first, then one transfer per recipient."""
+    logs = history.keyed([tr(1, BOB, 7), tr(2), tr(3, BOB, 9)], set())
+    got = history.match(logs, [q(0, BOB, 9), q(1, BOB, 8), q(2, BOB, 10), q(3)])
+    assert [(m.payment.idx, m.key) for m in got] == [(0, f"{tx(3)}:0"), (1, f"{tx(1)}:0"),
+                                                     (3, f"{tx(2)}:0")]
+    msg = history.refusal(ROOT, got[1:2], [], {})
+    assert (f"payments[1] 8 base units to {got[1].payment.to}, paid 7 base units by "
+            f"transaction {tx(1)} in block 10;") in msg
+
+
 def test_refusal_lists_both_kinds_in_one_line() -> None:
     logs = history.keyed([tr(1, block=12)], set())
     matched = history.match(logs, [q(3)])
@@ -106,8 +119,8 @@ def test_refusal_lists_both_kinds_in_one_line() -> None:
     msg = history.refusal(ROOT, matched, [STRANGER], unknown)
     assert msg.startswith(f"the payer paid 1 manifest(s) that this ledger does not know "
                           f"(first: {STRANGER}, in transaction {tx(7)} in block 9;")
-    assert (f" Also: 1 payment(s) of manifest {ROOT} match transfers from the payer that "
-            f"this ledger did not send (first: payments[3] 5 base units to {q(3).to}, as "
-            f"transaction {tx(1)} in block 12;") in msg
+    assert (f" Also: 1 payment(s) of manifest {ROOT} go to recipients of transfers from the "
+            f"payer that this ledger did not send (first: payments[3] 5 base units to "
+            f"{q(3).to}, paid by transaction {tx(1)} in block 12;") in msg
     assert msg.endswith("before the fund's first payment. Nothing was sent")
     assert "\n" not in msg

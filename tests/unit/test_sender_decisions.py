@@ -846,20 +846,22 @@ def test_transfers_the_ledger_did_not_send_mark_payments_paid_once_per_manifest(
     """A ledger that did not see the payer's first nonce reads the payer's Transfer logs
     once per manifest: a log of a payment's amount to its recipient that the ledger did not
     send pays one payment (two payments of the same recipient and amount need two logs); a
-    log of another amount, or one the ledger sent itself, pays none."""
+    log of another amount to a recipient no exact log matches is that payment's too (an
+    allocation corrected and re-signed after a lost ledger); one the ledger sent itself pays
+    none."""
     ours = "0x" + "cc" * 32
     chain, s, m = _history(tmp_path, [
         Payment(0, "u0", TO[0], 10), Payment(1, "u1", TO[0], 10),
         Payment(2, "u2", TO[1], 20), Payment(3, "u3", TO[2], 30)])
     s.ledger.tx_hashes = lambda: {ours: (1, m.root)}  # type: ignore[method-assign]
     chain.logs = [("0x" + "aa" * 32, TO[0], 10),  # pays one of payments 0 and 1
-                  ("0x" + "ab" * 32, TO[1], 19),  # not payment 2's amount
+                  ("0x" + "ab" * 32, TO[1], 19),  # payment 2's recipient, another amount
                   (ours, TO[2], 30)]  # sent by this ledger: not a payment made elsewhere
     _accept_past_transfers(s, m)
     assert chain.asked == 2
     rows = {p.idx: (p.status, p.reason) for p in s.ledger.payments(m.root)}
     assert rows == {0: ("paid_elsewhere", PAID_BY_TRANSFER), 1: ("queued", None),
-                    2: ("queued", None), 3: ("queued", None)}
+                    2: ("paid_elsewhere", PAID_BY_TRANSFER), 3: ("queued", None)}
     # Once per manifest: what the payer sends after the ledger's first nonce is its own.
     chain.logs.append(("0x" + "ad" * 32, TO[1], 20))
     s._skip_paid_by_transfers(m.root, len(m.payments))
@@ -873,10 +875,12 @@ def test_a_match_stops_the_run_unless_past_transfers_are_accepted(tmp_path: Path
     with pytest.raises(FailClosed) as e:
         s._skip_paid_by_transfers(m.root, len(m.payments))
     assert str(e.value) == (
-        f"1 payment(s) of manifest {m.root} match transfers from the payer that this ledger "
-        f"did not send (first: payments[1] 20 base units to {TO[1]}, as transaction "
-        f"0x{'aa' * 32} in block 5; all in the log as past_transfer_matches_payment). If this "
-        "fund paid them (a lost ledger), run `send --accept-past-transfers` to record them as "
+        f"1 payment(s) of manifest {m.root} go to recipients of transfers from the payer "
+        f"that this ledger did not send (first: payments[1] 20 base units to {TO[1]}, paid by "
+        f"transaction 0x{'aa' * 32} in block 5; all in the log as "
+        "past_transfer_matches_payment). If this fund paid them (a lost ledger; a corrected "
+        "amount is then a top-up to pay by a manifest of its own), run "
+        "`send --accept-past-transfers` to record them as "
         "paid elsewhere; if those transfers were for something else, set "
         "DISBURSER_FROM_BLOCK after them and before the fund's first payment. Nothing was "
         "sent")
@@ -916,7 +920,7 @@ def test_only_the_very_transfer_recorded_for_another_manifest_is_set_aside(
     DISBURSER_FROM_BLOCK): a second one still stops the run."""
     chain, s, _, second = _second_manifest_after_one_transfer(tmp_path)
     chain.logs = [("0x" + "ab" * 32, TO[0], 10)]  # the first one is before the range now
-    with pytest.raises(FailClosed, match=f"as transaction 0x{'ab' * 32} in block 5"):
+    with pytest.raises(FailClosed, match=f"paid by transaction 0x{'ab' * 32} in block 5"):
         s._skip_paid_by_transfers(second.root, 1)
 
 
@@ -952,7 +956,7 @@ def test_transfers_of_batch_transactions(tmp_path: Path, mode: Mode, contract: s
         root = "0x" + "ee" * 32
     chain.disbursed = [("0x" + "BA" * 32, contract or "0x" + "c0" * 20, root)]
     if stops:
-        with pytest.raises(FailClosed, match="match transfers from the payer"):
+        with pytest.raises(FailClosed, match="go to recipients of transfers from the payer"):
             s._skip_paid_by_transfers(m.root, 1)
         assert [p.status for p in s.ledger.payments(m.root)] == ["queued"]
         assert chain.sent == []
@@ -1037,7 +1041,7 @@ def test_matches_and_unknown_manifests_are_shown_together(tmp_path: Path) -> Non
         s._skip_paid_by_transfers(m.root, 1)
     msg = str(e.value)
     assert msg.startswith("the payer paid 1 manifest(s) that this ledger does not know")
-    assert f" Also: 1 payment(s) of manifest {m.root} match transfers" in msg
+    assert f" Also: 1 payment(s) of manifest {m.root} go to recipients of transfers" in msg
     assert msg.endswith("Nothing was sent") and msg.count("Nothing was sent") == 1
 
 
