@@ -952,6 +952,21 @@ def default_from_block(entries: Sequence[ManifestIn], info: LedgerInfo | None) -
     return min(firsts, default=0)
 
 
+def check_approved(m: Manifest, source: str, s: Settings) -> None:
+    """A MANIFEST file the ledger did not accept explains transfers only with the approvers'
+    quorum, as `send` requires (its expiry aside: reconcile looks back). An unsigned file
+    built by anyone made an outflow no approver signed for reconcile as paid."""
+    from disburser import manifest as mf
+    from disburser.errors import SettingsError
+
+    if not s.approvers:
+        raise SettingsError(f"{source}: reconcile checks a manifest file's approvals against "
+                            "DISBURSER_APPROVERS, which is not set (the approvers' "
+                            "addresses, as for send)")
+    mf.verify(m, source=source, approvers=s.approvers, quorum=s.quorum, chain_id=m.chain_id,
+              token=m.token, payer=None, now=0)
+
+
 def file_signers(m: Manifest) -> tuple[str, ...]:
     """Who signed a manifest file; an unrecoverable signature is left out (reconcile needs
     the payments, not the approvals: ``manifest verify`` judges those)."""
@@ -1077,8 +1092,8 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
         files.append(ManifestIn(m, file_signers(m), (str(path),)))
     entries: list[ManifestIn] = []
     info: LedgerInfo | None = None
-    if use_ledger and lg.exists(s.db):
-        ledger = lg.Ledger(s.db)
+    ledger = lg.Ledger(s.db) if use_ledger and lg.exists(s.db) else None
+    if ledger is not None:
         known = {e.manifest.root: e.manifest for e in files}
         rows = ledger.payment_rows()
         entries.extend(ledger_manifests(ledger, f"DISBURSER_DB {redact_url(s.db)}", known,
@@ -1113,6 +1128,10 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
             # A file named on purpose and then left out: such a run reported all well.
             raise InputError(f"{e.sources[0]}: a manifest of program {e.manifest.program}, "
                              f"outside {where}: leave the file out, or the program filter")
+    accepted = ledger.manifest_roots() if ledger is not None else set()
+    for e in files:
+        if e.manifest.root.lower() not in accepted:
+            check_approved(e.manifest, e.sources[0], s)
 
     chain = RpcChain(s.rpc_url)
     cid = chain.chain_id()

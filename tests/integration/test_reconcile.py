@@ -21,6 +21,7 @@ import pytest
 from disburser import chain as ch
 from disburser import devnet as dn
 from disburser import manifest as mf
+from disburser.addresses import to_checksum
 from disburser.reconcile import STATUSES, run_reconcile
 from disburser.settings import load as load_settings
 from tests.conftest import Env, fresh_address
@@ -304,6 +305,43 @@ def test_a_manifest_file_cannot_relabel_what_the_ledger_paid(env: Env) -> None:
     assert doc["paid_total"] == str(sum(p.amount for p in mf.load(path).payments))
 
 
+def _approve(env: Env, path: Path, extra: dict[str, str] | None = None) -> Path:
+    """Two approvers sign ``path``: reconcile counts a manifest file only with its quorum."""
+    for i in (0, 1):
+        assert env.cli("manifest", "sign", str(path), "--private-key-env", f"APPROVER_{i}",
+                       extra=extra).code == 0
+    return path
+
+
+def test_a_manifest_file_without_the_approvers_quorum_explains_no_outflow(env: Env) -> None:
+    """500 tokens leave the payer to an outsider; an unsigned manifest built by anyone, given
+    as a file, made reconcile say "consistent", exit 0 (review helper-55). A file the ledger
+    did not accept needs the quorum of DISBURSER_APPROVERS, as `send` does; refused, exit 2."""
+    m = env.signed_manifest(2, program=RELIEF)
+    assert env.cli("send", str(m), "--yes").code == 0
+    outsider = "0x" + "5a" * 20
+    dn.send_as(env.chain, dn.PAYER, env.devnet.token, ch.enc_transfer(outsider, 500 * 10**6))
+    code, doc = reconcile(env)
+    assert code == 1 and [d["kind"] for d in doc["discrepancies"]] == ["unexplained_outflow"]
+    csv_path = env.tmp / "fake.csv"
+    csv_path.write_text(f"id,to,amount\nx-1,{to_checksum(outsider)},500\n")
+    fake = env.tmp / "fake.json"
+    assert env.cli("manifest", "build", str(csv_path), "--program", RELIEF, "-o",
+                   str(fake)).code == 0
+    assert env.cli("manifest", "sign", str(fake), "--private-key-env", "APPROVER_0").code == 0
+    for args in ([str(fake)], ["--no-ledger", str(m), str(fake)]):
+        r = env.cli("reconcile", "--format", "json", *args)
+        assert (r.code, r.out) == (2, "")
+        assert r.err == (f"disburser: error: {fake}: quorum not met: 1 of 2 required approver "
+                         "signatures\n")
+    r = env.cli("reconcile", str(fake), extra={"DISBURSER_APPROVERS": ""})
+    assert (r.code, r.err) == (2, f"disburser: error: {fake}: reconcile checks a manifest "
+                               "file's approvals against DISBURSER_APPROVERS, which is not set "
+                               "(the approvers' addresses, as for send)\n")
+    r = env.cli("reconcile", str(m))  # accepted by the ledger: no approvers needed again
+    assert r.code == 1 and "unexplained_outflow" in r.out
+
+
 def test_a_standing_program_setting_does_not_drop_a_manifest_file(env: Env) -> None:
     """DISBURSER_PROGRAM, set for allocate and manifest build, is also reconcile's
     --program. A loans manifest given as a file, wholly unpaid, was left out without a word:
@@ -313,6 +351,7 @@ def test_a_standing_program_setting_does_not_drop_a_manifest_file(env: Env) -> N
     loans = env.tmp / "loans.json"
     assert env.cli("manifest", "build", str(env.write_payments(2, seed="loans")),
                    "--program", LOANS, "-o", str(loans)).code == 0
+    _approve(env, loans)
     standing = {"DISBURSER_CEILING": CEILINGS, "DISBURSER_PROGRAM": RELIEF}
     r = env.cli("reconcile", "--format", "json", str(loans), extra=standing)
     assert (r.code, r.out) == (2, "")
@@ -348,6 +387,7 @@ def test_bad_input_is_refused(env: Env) -> None:
     chain1 = env.tmp / "chain1.json"
     assert env.cli("manifest", "build", str(env.write_payments(2)), "--program", RELIEF,
                    "-o", str(chain1), extra={"DISBURSER_CHAIN_ID": "1"}).code == 0
+    _approve(env, chain1, {"DISBURSER_CHAIN_ID": "1"})
     r = env.cli("reconcile", "--no-ledger", str(chain1), extra={
         "DISBURSER_RPC_URL": f"http://user:pw-s3cret@127.0.0.1:{port}/?apikey=K-s3cret",
         "DISBURSER_CHAIN_ID": "1"})
@@ -409,6 +449,7 @@ def test_a_not_after_past_year_9999_is_reported(env: Env) -> None:
     path = env.tmp / "far.json"
     assert env.cli("manifest", "build", str(env.write_payments(2)), "--program", RELIEF,
                    "--not-after", str(2**40), "-o", str(path)).code == 0
+    _approve(env, path)
     for fmt in ("table", "html"):
         r = env.cli("reconcile", "--no-ledger", str(path), "--format", fmt)
         assert r.code == 1 and r.err == "", r.err
