@@ -149,6 +149,7 @@ def main_options(
                             "DISBURSER_ENV_FILE)")
     keys = load_dotenv(env_file)
     _state["dotenv"] = (env_file, keys)
+    _refuse_unknown_variables(known_variables(ctx.find_root().command), env_file, keys)
     # The subcommands' options are parsed after this and see the file's variables; these
     # two were parsed before it was read.
     if _env("DEBUG") in keys and ctx.get_parameter_source("debug") is ParameterSource.DEFAULT:
@@ -157,6 +158,39 @@ def main_options(
             raise SettingsError(f"{env_file}: DISBURSER_DEBUG: {value!r} is not a boolean "
                                 "(1 or 0)")
         _state["debug"] = value in _TRUE
+
+
+def known_variables(root: Any) -> set[str]:
+    """Every DISBURSER_* variable disburser reads: each command-line option's, and the
+    settings read elsewhere (``settings.OTHER_NAMES``)."""
+    from disburser.settings import OTHER_NAMES
+
+    names = set(OTHER_NAMES)
+    todo = [root]
+    while todo:
+        cmd = todo.pop()
+        for p in getattr(cmd, "params", ()):
+            envvar = getattr(p, "envvar", None)
+            names.update([envvar] if isinstance(envvar, str) else envvar or ())
+        todo.extend(getattr(cmd, "commands", {}).values())
+    return names
+
+
+def _refuse_unknown_variables(known: set[str], env_file: Path, keys: dict[str, int]) -> None:
+    """A DISBURSER_* variable that names no setting: a misspelt ceiling was ignored and the
+    default of 300,000,000 applied; a misspelt quorum of 3 left it at 2."""
+    import difflib
+
+    from disburser.errors import SettingsError
+
+    for key in sorted(os.environ):
+        if not key.startswith("DISBURSER_") or key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        where = f"{env_file}:{keys[key]}: {key}" if key in keys else f"{key} (environment)"
+        raise SettingsError(f"{where} is not a disburser setting"
+                            + (f" (did you mean {close[0]}?)" if close else "")
+                            + ": it would be ignored; correct it or remove it")
 
 
 def settings() -> Settings:

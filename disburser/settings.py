@@ -24,13 +24,26 @@ _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CLEARABLE = frozenset({PREFIX + "PROGRAM"})
 
 
-def load_dotenv(path: Path = Path(".env")) -> list[str]:
+# Every DISBURSER_* variable read other than as a command-line option's (those: the options'
+# own, see cli.known_variables): settings.load's, the settings file's name, the lock
+# directory, the Anvil binary, the password variables and the crash tests' hook.
+OTHER_NAMES = frozenset(PREFIX + n for n in (
+    "NETWORK", "RPC_URL", "DB", "CHAIN_ID", "TOKEN", "DECIMALS", "APPROVERS", "QUORUM",
+    "CEILING", "BATCH_CONTRACT", "CONFIRMATIONS", "MAX_FEE_GWEI", "PRIORITY_FEE_GWEI",
+    "MAX_TX_FEE_ETH", "MAX_IN_FLIGHT", "BATCH_SIZE", "BUMP_AFTER_BLOCKS", "POLL_INTERVAL",
+    "RPC_TIMEOUT", "LOG_FILE", "KEYSTORE", "KEYSTORE_PASSWORD", "PRIVATE_KEY",
+    "ALLOW_PLAIN_KEY", "FROM_BLOCK", "ENV_FILE", "LOCK_DIR", "ANVIL", "PASSWORD_FILE",
+    "APPROVER_PASSWORD", "TEST_CRASH_AT"))
+
+
+def load_dotenv(path: Path = Path(".env")) -> dict[str, int]:
     """Put ``KEY=VALUE`` lines of ``path`` into the environment without overriding what is
-    already set (the environment wins over the file); the keys it set. A key given twice is
-    refused: the shell would take the last, a reader of the file may see the first, and for
-    a ceiling or a fee cap the difference is money. So is a DISBURSER_* key the file sets
-    and the environment holds empty (but DISBURSER_PROGRAM): neither value would apply."""
-    set_here: list[str] = []
+    already set (the environment wins over the file); the keys it set, each with its line.
+    A key given twice is refused: the shell would take the last, a reader of the file may
+    see the first, and for a ceiling or a fee cap the difference is money. So is a
+    DISBURSER_* key the file sets and the environment holds empty (but DISBURSER_PROGRAM):
+    neither value would apply."""
+    set_here: dict[str, int] = {}
     if not path.is_file():
         return set_here
     seen: dict[str, int] = {}
@@ -61,7 +74,7 @@ def load_dotenv(path: Path = Path(".env")) -> list[str]:
         value = _dotenv_value(raw_value, where=f"{path}:{lineno}: {key}")
         if key not in os.environ:
             os.environ[key] = value
-            set_here.append(key)
+            set_here[key] = lineno
         elif (os.environ[key] == "" and value and key.startswith(PREFIX)
               and key not in _CLEARABLE):
             # An empty value means the built-in default: DISBURSER_QUORUM= left by a compose

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,8 @@ class Env:
     def cli(self, *args: str, extra: dict[str, str] | None = None) -> CliResult:
         """Run the CLI in-process (fast); same code path as the console script."""
         env = {**self.vars, **(extra or {})}
-        r = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+        with _environ_kept():  # what a settings file put there leaves with the command
+            r = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
         return CliResult(r.exit_code, r.stdout, r.stderr)
 
     def proc(self, *args: str, extra: dict[str, str] | None = None,
@@ -111,6 +113,25 @@ def make_env(tmp: Path, anvil: dn.Anvil, devnet: dn.Devnet) -> Env:
     }
     return Env(devnet, anvil, tmp, vars_)
 
+
+
+@contextmanager
+def _environ_kept() -> Iterator[None]:
+    """os.environ as it was: an in-process command's settings file writes its keys there
+    (as a real process's would, for its own life), and CliRunner restores only the keys it
+    was given, so that one test's DISBURSER_CEILING reached the next test's commands."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    with _environ_kept():
+        yield
 
 
 @pytest.fixture(autouse=True)

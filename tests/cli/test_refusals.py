@@ -477,6 +477,23 @@ def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
 
 
+def test_a_misspelt_setting_is_refused_not_ignored(env: Env) -> None:
+    """DISBURSER_CIELING=1 in the settings file was ignored: the default ceiling of
+    300,000,000 applied and the manifest was paid. Refused, with the line and the setting
+    meant; the same in the environment."""
+    m = env.signed_manifest(2)
+    dotenv = env.tmp / "prod.env"
+    dotenv.write_text("# pilot\nDISBURSER_CIELING=1\n")
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"{dotenv}:2: DISBURSER_CIELING is not a disburser setting (did you mean "
+                    "DISBURSER_CEILING?): it would be ignored; correct it or remove it",
+                    extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "DISBURSER_QUROUM (environment) is not a disburser setting (did you mean "
+                    "DISBURSER_QUORUM?): it would be ignored; correct it or remove it",
+                    extra={"DISBURSER_QUROUM": "3"}, exact=True)
+
+
 def test_an_empty_environment_variable_over_a_file_setting_is_refused(env: Env) -> None:
     """The file asks quorum 3 and a ceiling of 5 tokens; a compose file's `- X=${X}` left
     both empty in the environment. Empty means the built-in default, so the manifest with 2
@@ -493,7 +510,7 @@ def test_an_empty_environment_variable_over_a_file_setting_is_refused(env: Env) 
                            "DISBURSER_QUORUM": "", "DISBURSER_CEILING": ""}, exact=True)
     r = env.cli("reconcile", str(m), "--no-ledger", "--format", "json",
                 extra={"DISBURSER_ENV_FILE": str(dotenv), "DISBURSER_PROGRAM": "",
-                       "DISBURSER_QUORUM": "3", "DISBURSER_CEILING": "5"})
+                       "DISBURSER_QUORUM": "2", "DISBURSER_CEILING": "5"})
     assert r.code == 1, r.err  # reconciled (its payments unpaid), not refused
     assert json.loads(r.out)["program"] == "together-initiative-2025-10"
 

@@ -24,6 +24,12 @@ def test_env_example_documents_every_setting() -> None:
     used -= {"DISBURSER_"}
     documented = set(re.findall(r"DISBURSER_[A-Z_]+[A-Z]", (ROOT / ".env.example").read_text()))
     assert used - documented == set()
+    # and every one is known, so that no variable disburser reads is refused as a misspelling
+    import typer
+
+    from disburser.cli import app, known_variables
+
+    assert used - known_variables(typer.main.get_command(app)) == set()
 
 
 def test_defaults_and_ceilings() -> None:
@@ -112,7 +118,7 @@ def test_env_file_values_are_read_as_the_shell_reads_them(
     monkeypatch.delenv("DISBURSER_DB", raising=False)
     f = tmp_path / "x.env"
     f.write_text(line + "\n")
-    assert st.load_dotenv(f) == ["DISBURSER_DB"]
+    assert st.load_dotenv(f) == {"DISBURSER_DB": 1}
     assert os.environ["DISBURSER_DB"] == value
 
 
