@@ -205,7 +205,9 @@ def test_lost_ledger_direct_mode_pays_no_one_twice(env: Env, again: str) -> None
 
 def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) -> None:
     """Two payments of one recipient and amount, one of them paid by hand: one Transfer
-    pays one payment. A transfer of another amount pays none."""
+    pays one payment. A transfer of another amount to a recipient stops the run too (it may
+    be a lost ledger's payment of an amount since corrected); accepted, the payment is
+    recorded paid elsewhere and reconcile shows what the chain paid: underpaid."""
     a, b, c = (fresh_address(f"hand{i}") for i in range(3))
     out = _signed_from_csv(env, "hand", "p",
                            f"id,to,amount\nu0,{a},1\nu1,{a},1\nu2,{b},2\nu3,{c},3\n")
@@ -214,16 +216,22 @@ def test_payments_made_by_hand_before_the_ledger_are_not_paid_again(env: Env) ->
             "transfer(address,uint256)", ["address", "uint256"], [to, amount]))
     nonce = env.payer_nonce()
     r = env.cli("send", str(out), "--yes", "--mode", "direct")
-    assert r.code == 2 and "2 payment(s) of manifest" in r.err, r.err
+    assert r.code == 2 and "3 payment(s) of manifest" in r.err, r.err
     assert env.payer_nonce() == nonce
     r = env.cli("send", str(out), "--yes", "--mode", "direct", "--accept-past-transfers")
     assert r.code == 0, r.err
     assert "confirmed 4, failed 0, unpaid 0" in r.out
-    assert "in 2 new transaction(s)" in r.out
-    assert (env.balance(a), env.balance(b), env.balance(c)) == (2_000_000, 2_500_000,
+    assert "in 1 new transaction(s)" in r.out
+    assert (env.balance(a), env.balance(b), env.balance(c)) == (2_000_000, 500_000,
                                                                  3_000_000)
     rows = {p.idx: p.status for p in _ledger(env).payments(mf.load(out).root)}
-    assert rows == {0: "paid_elsewhere", 1: "confirmed", 2: "confirmed", 3: "paid_elsewhere"}
+    assert rows == {0: "paid_elsewhere", 1: "confirmed", 2: "paid_elsewhere",
+                    3: "paid_elsewhere"}
+    r = env.cli("reconcile", "--format", "json")
+    assert r.code == 1
+    assert [(p["index"], p["status"], p["paid"]) for p in json.loads(r.out)["payments"]] == [
+        (0, "paid", "1000000"), (1, "paid", "1000000"), (2, "underpaid", "500000"),
+        (3, "paid", "3000000")]
 
 
 @pytest.mark.parametrize(("mode", "contract"), [
