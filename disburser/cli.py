@@ -1034,6 +1034,11 @@ def devnet(
                 env["DISBURSER_ALLOW_PLAIN_KEY"] = "1"
             env["DISBURSER_CONFIRMATIONS"] = "1"
             env["DISBURSER_POLL_INTERVAL"] = "0.1"
+        # A ledger and a log of its own: a rehearsal's in the real run's default ledger
+        # would read as paid what the real chain never saw.
+        kind = "fork" if fork_url else "devnet"
+        env.setdefault("DISBURSER_DB", f"disburser-{kind}.sqlite")
+        env.setdefault("DISBURSER_LOG_FILE", f"disburser-{kind}.log.jsonl")
         lines = [f"{k}={v}" for k, v in env.items()]
         env_out.write_text(f"{DEVNET_MARK}; local chain only\n"
                            + "\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from disburser import chain as ch
 from disburser.artifacts import load_artifact
-from disburser.errors import DisburserError
+from disburser.errors import DisburserError, InputError
 from disburser.profiles import USDC_MAINNET
 
 # Anvil's well-known development accounts (mnemonic "test test ... junk"). Worthless keys,
@@ -73,6 +74,8 @@ class Anvil:
                  block_time: float | None = None, tx_gas_cap: bool = True,
                  gas_limit: int | None = None, fork_url: str | None = None,
                  fork_block: int | None = None, extra: Sequence[str] = ()) -> None:
+        self._chosen_port = port is not None
+        self._fork = fork_url is not None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(self.port),
@@ -96,10 +99,22 @@ class Anvil:
         # or a provider's API key.
         self.shown_args = [ch.display_url(a) if a == fork_url else a for a in args]
         self.proc: subprocess.Popen[bytes] | None = None
+        self._err: Any = None  # Anvil's stderr, read if it exits at start
 
     def start(self, timeout: float = 20.0) -> Anvil:
+        if self._chosen_port:
+            # Whatever answers on a port in use (another devnet, a fork rehearsal) would be
+            # taken for this Anvil, and `devnet` would write its token over that node's.
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", self.port))
+                except OSError:
+                    raise InputError(f"port {self.port} on 127.0.0.1 is in use (another node?):"
+                                     " choose another --port") from None
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=self._err, start_new_session=True)
         t = ch.Transport(self.url, retries=0, timeout=1.0)
         deadline = time.monotonic() + timeout
         while True:
@@ -108,8 +123,13 @@ class Anvil:
                 return self
             except DisburserError:
                 if self.proc.poll() is not None:
+                    self._err.seek(0)
+                    # Its last line says why; not with a fork URL, which it may quote
+                    # with a password or a provider's key in any form.
+                    said = self._err.read().decode(errors="replace").strip().splitlines()
+                    why = f": {said[-1][:200]}" if said and not self._fork else ""
                     raise DisburserError(f"anvil exited with code {self.proc.returncode} "
-                                         f"({' '.join(self.shown_args[1:])})") from None
+                                         f"({' '.join(self.shown_args[1:])}){why}") from None
                 if time.monotonic() > deadline:
                     self.stop()
                     raise DisburserError(f"anvil did not answer on {self.url}") from None
@@ -123,6 +143,9 @@ class Anvil:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._err is not None:
+            self._err.close()
+            self._err = None
 
     def __enter__(self) -> Anvil:
         return self.start()

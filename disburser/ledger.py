@@ -241,7 +241,12 @@ class Ledger:
                 raise SettingsError(f"DISBURSER_DB {self.url_display}: not a usable "
                                     "PostgreSQL URL") from None
         else:
-            Path(self.url).parent.mkdir(parents=True, exist_ok=True)
+            parent = Path(self.url).parent
+            if not parent.is_dir():
+                # A typo made a directory tree and a new, empty ledger, which then read the
+                # payer's history as a lost ledger's (a page of advice about a refusal).
+                raise SettingsError(f"DISBURSER_DB {self.url_display}: no such directory "
+                                    f"{parent}")
             self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:

@@ -584,6 +584,28 @@ def test_reconcile_and_devnet_outputs_never_replace_the_ledger_or_a_settings_fil
     assert env.cli("reconcile", "--format", "html", "-o", str(report)).code == 0  # its own
 
 
+def test_devnet_on_a_port_in_use_leaves_that_node_alone(env: Env) -> None:
+    """`devnet --port P` with another node on P took that node's answers for its own Anvil
+    and wrote its test token over the other node's token (a fork rehearsal's, say)."""
+    code = env.chain.code(env.devnet.token)
+    out = env.tmp / ".env.x"
+    _assert_refused(env, ["devnet", "--port", str(env.anvil.port), "--env-out", str(out)],
+                    f"port {env.anvil.port} on 127.0.0.1 is in use (another node?): choose "
+                    "another --port", ledger_empty=False, exact=True)
+    assert env.chain.code(env.devnet.token) == code and not out.exists()
+
+
+def test_a_ledger_in_a_directory_that_does_not_exist_is_refused(env: Env) -> None:
+    """A typo in DISBURSER_DB made the directories and a new, empty ledger, which then took
+    the payer's past transfers for a lost ledger's (a page of advice about a refusal)."""
+    m = env.signed_manifest(2)
+    db = env.tmp / "nonexist" / "dir" / "l.sqlite"
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"DISBURSER_DB {db}: no such directory {db.parent}",
+                    extra={"DISBURSER_DB": str(db)}, exact=True)
+    assert not (env.tmp / "nonexist").exists()
+
+
 def test_a_settings_file_named_but_missing_is_refused(env: Env) -> None:
     """It ran on the defaults (chain 31337, the default ceiling) with nothing said."""
     m = env.signed_manifest(2)

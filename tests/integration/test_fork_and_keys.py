@@ -78,6 +78,9 @@ def test_fork_rehearsal_with_cast_keystore(tmp_path: Path) -> None:
             assert "DISBURSER_PRIVATE_KEY" not in fork_env  # the operator's own key is used
             # and no override for plain keys, which would outlive the rehearsal's shell
             assert "DISBURSER_ALLOW_PLAIN_KEY" not in fork_env
+            # a ledger and a log of the rehearsal's own, never the real run's default ledger
+            assert (fork_env["DISBURSER_DB"], fork_env["DISBURSER_LOG_FILE"]) == (
+                "disburser-fork.sqlite", "disburser-fork.log.jsonl")
             fc = ch.RpcChain(fork_env["DISBURSER_RPC_URL"])
             assert fc.token_balance(token, address) == 400_000_000 * 10**6
             run_env = {
