@@ -741,6 +741,7 @@ def send(
              "paid (a lost ledger) as paid elsewhere, instead of stopping.")] = False,
 ) -> None:
     """Verify a signed manifest, record it, pay it in batches and wait for confirmations."""
+    from disburser import ledger as lg
     from disburser import manifest as mf
     from disburser.amounts import format_units
     from disburser.domain import Mode, PaymentStatus
@@ -760,8 +761,13 @@ def send(
     if not yes:
         if not sys.stdin.isatty():
             raise InputError("send needs confirmation: pass --yes (or DISBURSER_YES=1)")
-        typer.confirm(f"Pay {m.count} payments, {format_units(m.total, s.decimals)} tokens, "
-                      f"from {m.payer} on chain {s.chain_id}?", abort=True)
+        ledger_now = _ledger(s) if lg.exists(s.db) else None
+        owed = _owed(ledger_now, m, retry_failed)
+        done = "" if len(owed) == m.count else f" (of {m.count}; the rest settled before)"
+        if not typer.confirm(f"Pay {len(owed)} payments{done}, "
+                             f"{format_units(sum(p.amount for p in owed), s.decimals)} tokens, "
+                             f"from {m.payer} on chain {s.chain_id}?"):
+            raise InputError("not confirmed: nothing was sent")
     _configure_logging(s)
     ledger = _ledger(s)
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
@@ -801,6 +807,18 @@ def send(
         raise typer.Exit(1)
 
 
+def _owed(ledger: Ledger | None, m: Any, retry_failed: bool) -> list[Any]:
+    """The manifest's payments a run would send: those the ledger holds queued (and failed,
+    with --retry-failed); all of them when the ledger does not know the manifest."""
+    from disburser.domain import PaymentStatus
+
+    if ledger is None or ledger.manifest(m.root) is None:
+        return list(m.payments)
+    statuses = [PaymentStatus.QUEUED] + ([PaymentStatus.FAILED] if retry_failed else [])
+    queued = {p.idx for p in ledger.payments(m.root, statuses)}
+    return [p for p in m.payments if p.index in queued]
+
+
 def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
              retry_failed: bool) -> None:
     """What `send` would pay, after the checks it makes before sending: the chain, token
@@ -813,7 +831,6 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
     of tokens or gas is a warning, not a refusal."""
     from disburser import ledger as lg
     from disburser.amounts import format_units
-    from disburser.domain import PaymentStatus
     from disburser.errors import FundsShortfall
     from disburser.sender import check_chain, check_funds, check_nonces
 
@@ -829,10 +846,8 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
                  first=latest if first is None else first)
     if ledger is not None:
         ledger.check_acceptable(m, ceiling=cfg.ceiling)
-        if known := ledger.manifest(m.root) is not None:
-            statuses = [PaymentStatus.QUEUED] + ([PaymentStatus.FAILED] if retry_failed else [])
-            queued = {p.idx for p in ledger.payments(m.root, statuses)}
-            owed = [p for p in m.payments if p.index in queued]
+        known = ledger.manifest(m.root) is not None
+        owed = _owed(ledger, m, retry_failed)
     total = sum(p.amount for p in owed)
     if owed:
         try:

@@ -227,6 +227,48 @@ def test_manifest_build_prompts_for_a_keystore_that_records_no_address(env: Env)
     assert mf.load(out).payer == dn.DEV_ADDRESSES[0]
 
 
+def test_a_send_declined_at_the_prompt_says_so_and_exits_2(env: Env) -> None:
+    """Answering no printed "Aborted!" and exited 1 (the code of failed payments), and the
+    prompt offered the whole manifest's total for one already paid in part. Now it asks
+    for what is still owed, and a no is one line, exit 2, nothing sent."""
+    import os
+    import pty
+    import select
+    import sys
+
+    m = env.signed_manifest(3)
+    assert env.cli("send", str(m), "--yes").code == 0
+    nonce = env.payer_nonce()
+    pid, master = pty.fork()  # a terminal: send asks only there
+    if pid == 0:
+        os.chdir(env.tmp)
+        os.execve(sys.executable, [sys.executable, "-m", "disburser.cli", "send", str(m)],
+                  {**os.environ, **env.vars})
+    seen = b""
+    while not seen.rstrip().endswith(b"[y/N]:"):
+        assert select.select([master], [], [], 60)[0], seen  # no prompt: fail, not hang
+        chunk = os.read(master, 1024)
+        assert chunk, seen
+        seen += chunk
+    os.write(master, b"n\n")
+    while True:  # drain until the child is gone (EIO on Linux once it has exited)
+        try:
+            chunk = os.read(master, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    text = seen.decode().replace("\r", "")
+    assert f"Pay 0 payments (of 3; the rest settled before), 0 tokens, from {dn.PAYER} " in text
+    assert text.rstrip().endswith("disburser: error: not confirmed: nothing was sent")
+    assert "Aborted" not in text
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert env.payer_nonce() == nonce
+
+
 def test_expired(env: Env, tmp_path: Path) -> None:
     csv_path = env.write_payments(2)
     out = tmp_path / "old.json"
