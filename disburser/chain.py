@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -320,6 +321,12 @@ def _short(e: BaseException, url: str) -> str:
             # as given, and as requests quotes it ("%7B" for "{")
             for form in (secret, quote(secret, safe="/?=&:@")):
                 text = text.replace(form, "…")
+    # requests nests the reason deep in a long line ("HTTPConnectionPool(...): Max retries
+    # exceeded ... Failed to establish a new connection: [Errno 111] Connection refused"),
+    # past what a line can show: the operating system's words say it.
+    reason = re.search(r"\[Errno -?\d+\] ([^'\"()\[\]]+)", text)
+    if reason:
+        return reason.group(1).strip().rstrip(".")
     return text.splitlines()[0][:200]
 
 

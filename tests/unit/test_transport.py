@@ -59,9 +59,13 @@ def test_node_errors_are_typed_and_not_retried(message: str, cls: type) -> None:
 
 
 def test_transport_failure_names_the_node() -> None:
+    """And why, in the operating system's words: requests buried them past the 200
+    characters a line showed ("... Failed to establish a new connection: [E")."""
     t = ch.Transport("http://127.0.0.1:9", retries=1, sleep=lambda _: None, timeout=0.5)
-    with pytest.raises(RpcError, match=r"node at http://127.0.0.1:9 unreachable after 2 tries"):
+    with pytest.raises(RpcError) as e:
         t.call("eth_chainId")
+    assert str(e.value) == ("node at http://127.0.0.1:9 unreachable after 2 tries: Connection "
+                            "refused")
 
 
 @pytest.mark.parametrize("url", [
@@ -76,7 +80,7 @@ def test_transport_failure_keeps_the_secrets_of_the_url_out(url: str) -> None:
     with pytest.raises(RpcError) as e:
         t.call("eth_chainId", [])
     assert str(e.value).startswith("node at http://127.0.0.1:9 unreachable after 2 tries: ")
-    assert "s3cret" not in str(e.value) and "with url: …" in str(e.value)
+    assert "s3cret" not in str(e.value) and str(e.value).endswith(": Connection refused")
 
 
 def test_a_url_requests_cannot_use_is_a_node_error_without_its_secrets() -> None:
