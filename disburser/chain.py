@@ -344,6 +344,9 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 # BatchPayout's Disbursed(address indexed payer, bytes32 indexed root, uint256, uint256, uint256)
 DISBURSED_TOPIC = "0xa0dfb0083a1f7dfb82eb0b4f2d90bc10b8c9a17b118ca412283751d50f9a1b03"
 ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
+# OpenZeppelin 5's ERC20InsufficientBalance/Allowance(address, uint256 have, uint256 needed)
+OZ_SHORTFALLS = {bytes.fromhex("e450d38c"): ("ERC20InsufficientBalance", "exceeds balance"),
+                 bytes.fromhex("fb8f41b2"): ("ERC20InsufficientAllowance", "exceeds allowance")}
 
 
 def selector(signature: str) -> str:
@@ -401,6 +404,12 @@ def decode_revert(data: bytes) -> tuple[int | None, str]:
     if data[:4] == ERROR_STRING and len(data) >= 4 + 64:
         ln = int.from_bytes(data[36:68], "big")
         return None, data[68:68 + ln].decode("utf-8", "replace")
+    if data[:4] in OZ_SHORTFALLS and len(data) >= 4 + 96:
+        # OpenZeppelin 5's custom errors say in words what its older tokens said in text,
+        # so that a payer-wide shortfall is known as one (not blamed on each recipient).
+        name, what = OZ_SHORTFALLS[data[:4]]
+        have, need = (int.from_bytes(data[36 + 32 * k:68 + 32 * k], "big") for k in (0, 1))
+        return None, f"{name}: transfer amount {what} ({have} of {need} base units)"
     if not data:
         return None, "reverted without a reason"
     if len(data) == 32:

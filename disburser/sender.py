@@ -812,8 +812,10 @@ class Sender:
                              "before sending any more. Run `send` again once it is lifted")
         low = reason.lower()
         if "exceeds balance" in low or "exceeds allowance" in low:
-            raise FailClosed(f"token {self.cfg.token} refused the batch: {reason}; "
-                             "check the payer's balance and run `send` again")
+            what = "batch" if self.cfg.mode is Mode.BATCH else "transfer"
+            check = "balance" if "balance" in low else "allowance to the batch contract"
+            raise FailClosed(f"token {self.cfg.token} refused the {what}: {reason}; "
+                             f"check the payer's {check} and run `send` again")
 
     def _simulate(self, rows: Sequence[Queued], root: str) -> bytes | None:
         if self.cfg.mode is Mode.DIRECT:

@@ -252,7 +252,9 @@ def test_a_mined_transaction_is_confirmed_only_at_the_configured_depth(tmp_path:
 @pytest.mark.parametrize("mode, reason", [
     (Mode.DIRECT, "ERC20: transfer amount exceeds balance"),
     (Mode.BATCH, "ERC20: transfer amount exceeds allowance"),
-])
+    # OpenZeppelin 5 says it with a custom error: ERC20InsufficientBalance(payer, 5, 10)
+    (Mode.DIRECT, "e450d38c" + "00" * 12 + "11" * 20 + f"{5:064x}" + f"{10:064x}"),
+], ids=["direct", "batch", "direct-oz5"])
 def test_a_balance_or_allowance_short_mid_run_stops_the_run_and_blames_no_one(
         tmp_path: Path, mode: Mode, reason: str) -> None:
     """Invariant 5 (sender.py ``_fail_closed_if_global``, "exceeds balance" / "exceeds
@@ -261,7 +263,11 @@ def test_a_balance_or_allowance_short_mid_run_stops_the_run_and_blames_no_one(
     the run must stop naming it, with every payment still queued and nothing sent. Without
     the check each recipient in turn was marked failed with the payer's problem as its
     reason (one by one, until the whole manifest was "failed")."""
+    oz5 = reason.startswith("e450d38c")
+
     def short(data: str) -> Sim:
+        if oz5:
+            return False, 30_000, bytes.fromhex(reason)
         if mode is Mode.DIRECT:
             return False, 30_000, error_string(reason)
         first = 0  # BatchPayout names the payment whose transferFrom failed
@@ -275,8 +281,13 @@ def test_a_balance_or_allowance_short_mid_run_stops_the_run_and_blames_no_one(
             s._send_direct(m, 4)
         else:
             s._send_batch(m)
-    assert str(e.value) == (f"token {TOKEN} refused the batch: {reason}; check the payer's "
-                            "balance and run `send` again")
+    what, check = (("transfer", "balance") if mode is Mode.DIRECT
+                   else ("batch", "allowance to the batch contract"))
+    if oz5:
+        reason = ("ERC20InsufficientBalance: transfer amount exceeds balance (5 of 10 base "
+                  "units)")
+    assert str(e.value) == (f"token {TOKEN} refused the {what}: {reason}; check the payer's "
+                            f"{check} and run `send` again")
     assert _states(s, m) == [("queued", None)] * 4
     assert node.sent == [] and s.ledger.txs(s.payer) == []
 
