@@ -827,8 +827,9 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
     not paused, nobody blacklisted that every payment needs, the tokens and the gas. Writes
     nothing (no ledger is created). Recipients the token refuses are found only by the
     simulation of a real run, and a run with a ledger that does not know the manifest (a
-    lost ledger) first settles what the payer already paid: for such a manifest a shortfall
-    of tokens or gas is a warning, not a refusal."""
+    lost ledger) first settles what the payer already paid: in batch mode the contract's
+    bitmap is read here too; the payer's past transfers are not (a note says the real run
+    reads them), and a shortfall of tokens or gas is a warning, not a refusal."""
     from disburser import ledger as lg
     from disburser.amounts import format_units
     from disburser.errors import FundsShortfall
@@ -848,6 +849,16 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
         ledger.check_acceptable(m, ceiling=cfg.ceiling)
         known = ledger.manifest(m.root) is not None
         owed = _owed(ledger, m, retry_failed)
+    if not known and cfg.mode.value == "batch" and owed:
+        # What the batch contract's bitmap says this payer paid of it, as the real run reads
+        # it first (a lost ledger, or the manifest paid from another machine's ledger).
+        words = c.paid_words(cfg.batch_contract, payer, cfg.token, m.root,
+                             list(range((m.count + 255) // 256)))
+        owed = [p for p in owed if not words[p.index // 256] >> (p.index % 256) & 1]
+    if not known and (latest if first is None else first) != 0:
+        typer.echo("note: this ledger does not know this manifest and did not see the payer's "
+                   "first transaction: the real run first reads the payer's past transfers "
+                   "and stops, sending nothing, if any may be these payments", err=True)
     total = sum(p.amount for p in owed)
     if owed:
         try:

@@ -445,7 +445,8 @@ def test_too_little_balance_stops_before_sending(env: Env) -> None:
     # payer already paid (a lost ledger), so a dry run only warns.
     r = env.cli("send", str(m), "--dry-run")
     assert r.code == 0 and "would pay 3 of 3" in r.out
-    assert r.err.startswith("warning: payer ") and message in r.err
+    assert "\nwarning: payer " in r.err and message in r.err
+    assert r.err.startswith("note: this ledger does not know this manifest")  # nonce > 0
     assert not Path(env.vars["DISBURSER_DB"]).exists()
     _assert_refused(env, ["send", str(m), "--yes"], message)
     # Recorded by that refusal: the dry run refuses as the real run does.

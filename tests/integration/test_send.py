@@ -115,13 +115,14 @@ def test_lost_ledger_batch_mode_pays_no_one_twice(env: Env) -> None:
     m = env.signed_manifest(60)
     assert env.cli("send", str(m), "--yes").code == 0
     Path(env.vars["DISBURSER_DB"]).unlink()
-    # The payer spent the rest: a dry run on the lost ledger warns (it cannot know that the
-    # bitmap says all paid) but does not refuse what the real run does.
+    # The payer spent the rest: a dry run on the lost ledger reads the bitmap (all paid)
+    # and does not refuse what the real run does.
     rest = env.balance(dn.PAYER)
     dn.send_as(env.chain, dn.PAYER, env.devnet.token, dn.abi_call(
         "transfer(address,uint256)", ["address", "uint256"], [dn.OWNER, rest]))
     r = env.cli("send", str(m), "--dry-run")
-    assert r.code == 0 and "warning: payer " in r.err and "a real run pays only the rest" in r.err
+    assert r.code == 0 and r.out.startswith("dry run: would pay 0 of 60 payments")
+    assert "warning" not in r.err and r.err.startswith("note: this ledger does not know")
     assert not Path(env.vars["DISBURSER_DB"]).exists()
     r = env.cli("send", str(m), "--yes")
     assert r.code == 0, r.err
@@ -152,6 +153,23 @@ def test_payments_paid_through_the_contract_in_another_token_are_paid_in_this_on
     _assert_all_paid_once(env, m)
     assert {p.status for p in _ledger(env).payments(man.root)} == {"confirmed"}
     assert [t.kind for t in _ledger(env).txs()] == ["approve", "batch"]
+
+
+def test_a_dry_run_with_a_lost_ledger_reads_the_bitmap_and_says_what_it_does_not_read(
+        env: Env) -> None:
+    """A manifest paid in full, then the ledger lost: the dry run said "would pay 3 of 3"
+    (review helper-53). It reads the batch contract's bitmap as the real run does, and says
+    that the real run also reads the payer's past transfers first."""
+    m = env.signed_manifest(3)
+    assert env.cli("send", str(m), "--yes").code == 0
+    Path(env.vars["DISBURSER_DB"]).unlink()
+    r = env.cli("send", str(m), "--dry-run")
+    assert r.code == 0, r.err
+    assert r.out.startswith("dry run: would pay 0 of 3 payments, 0 tokens, in about 0 ")
+    assert r.err == ("note: this ledger does not know this manifest and did not see the "
+                     "payer's first transaction: the real run first reads the payer's past "
+                     "transfers and stops, sending nothing, if any may be these payments\n")
+    assert not Path(env.vars["DISBURSER_DB"]).exists()
 
 
 @pytest.mark.parametrize("again", ["direct", "batch"])
