@@ -195,9 +195,18 @@ def _refuse_unknown_variables(known: set[str], env_file: Path, keys: dict[str, i
 
 def settings() -> Settings:
     from disburser import settings as st
+    from disburser.errors import SettingsError
 
     if "settings" not in _state:
-        _state["settings"] = st.load()
+        try:
+            _state["settings"] = st.load()
+        except SettingsError as e:
+            # "DISBURSER_QUORUM: 'two' is not an integer": from the settings file, say where.
+            env_file, keys = _state.get("dotenv", (None, {}))
+            name = str(e).split(":", 1)[0].split(" ", 1)[0]
+            if name in keys:
+                raise SettingsError(f"{env_file}:{keys[name]}: {e}") from None
+            raise
     s: Settings = _state["settings"]
     return s
 
@@ -338,7 +347,14 @@ def manifest_build(
 
 
 def _not_after(given: int | None) -> int:
-    """--not-after as given (0 or less is refused with the manifest), else 96 hours on."""
+    """--not-after as given (0 or less is refused with the manifest), else 96 hours on. One
+    already past is written (a test of the refusal needs one) with a warning: `send` and
+    `manifest verify` refuse it."""
+    if given is not None and 0 < given <= _now():
+        from disburser.manifest import utc_text
+
+        typer.echo(f"warning: --not-after {given} ({utc_text(given)}) is already past: send "
+                   "refuses this manifest", err=True)
     return given if given is not None else _now() + 96 * 3600
 
 

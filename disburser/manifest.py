@@ -651,7 +651,7 @@ def with_signature(m: Manifest, signature: str, source: str = "manifest") -> Man
         raise ManifestError("signature is not a 65-byte 0x-hex string")
     signer = recover(m, signature.lower())  # refuses a high s or a bad recovery byte
     if signer in signers_of(m, source):
-        raise ManifestError(f"{signer} has already signed this manifest")
+        raise ManifestError(f"{source}: {signer} has already signed this manifest")
     return Manifest(
         program=m.program,
         chain_id=m.chain_id,

@@ -1104,9 +1104,9 @@ def run_reconcile(s: Settings, manifest_paths: list[Path], *, program: str | Non
     if not entries:
         if not use_ledger:
             raise InputError("reconcile --no-ledger needs at least one MANIFEST file")
+        held = "has none" if ledger is not None else "does not exist"
         raise InputError(f"no manifests to reconcile: the ledger DISBURSER_DB "
-                         f"{redact_url(s.db)} has "
-                         "none and no MANIFEST file was given")
+                         f"{redact_url(s.db)} {held} and no MANIFEST file was given")
     entries = dedupe(entries)
     for e in entries:
         where = ", ".join(e.sources) or e.manifest.root

@@ -152,6 +152,10 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
     the programs named: any other is refused), or the same with ``*=N`` for the others
     (whole tokens). Nothing at all: 300000000 for every program."""
     where = f"{PREFIX}CEILING"
+    if re.fullmatch(r"\s*[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?\s*", text):
+        raise SettingsError(f"{where}: {text.strip()!r}: write whole tokens without thousands "
+                            f"separators ({text.strip().replace(',', '')}); a comma separates "
+                            "programs (name=amount,...)")
     default: int | None = None
     per: dict[str, int] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):

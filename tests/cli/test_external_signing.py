@@ -60,8 +60,8 @@ def test_cast_signatures_verify_and_match_ours(tmp_path: Path) -> None:
     # the same cast signature again is refused
     code, _, err = _cli("manifest", "add-signature", str(m), sigs[1])
     assert code == 2
-    assert err.strip() == (f"disburser: error: {dn.DEV_ADDRESSES[3]} has already signed this "
-                           "manifest")
+    assert err.strip() == (f"disburser: error: {m}: {dn.DEV_ADDRESSES[3]} has already signed "
+                           "this manifest")
 
 
 def test_typed_data_past_2_53_reaches_a_javascript_wallet_exactly(tmp_path: Path) -> None:

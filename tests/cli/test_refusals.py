@@ -272,8 +272,10 @@ def test_a_send_declined_at_the_prompt_says_so_and_exits_2(env: Env) -> None:
 def test_expired(env: Env, tmp_path: Path) -> None:
     csv_path = env.write_payments(2)
     out = tmp_path / "old.json"
-    assert env.cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(out),
-                   "--not-after", "1700000000").code == 0
+    r = env.cli("manifest", "build", str(csv_path), "--program", "p", "-o", str(out),
+                "--not-after", "1700000000")
+    assert (r.code, r.err) == (0, "warning: --not-after 1700000000 (2023-11-14 22:13:20 UTC) "
+                               "is already past: send refuses this manifest\n")
     for i in (0, 1):
         env.cli("manifest", "sign", str(out), "--private-key-env", f"APPROVER_{i}")
     _assert_refused(env, ["send", str(out), "--yes"], "manifest expired at not_after=1700000000")
@@ -518,6 +520,32 @@ def test_an_env_file_that_sets_a_key_twice_is_refused(env: Env) -> None:
     _assert_refused(env, ["send", str(m), "--yes"],
                     f"{dotenv}:3: DISBURSER_CEILING is already set on line 1",
                     extra={"DISBURSER_ENV_FILE": str(dotenv)}, exact=True)
+
+
+def test_verify_and_send_without_approvers_configured_say_so(env: Env) -> None:
+    """With DISBURSER_APPROVERS unset no signature can count: said as such, by verify and
+    by send, before anything is sent."""
+    m = env.signed_manifest(2)
+    for args in (["manifest", "verify", str(m)], ["send", str(m), "--yes"]):
+        _assert_refused(env, args, "DISBURSER_APPROVERS is not set: no manifest can reach "
+                        "quorum", extra={"DISBURSER_APPROVERS": ""}, exact=True)
+
+
+def test_a_bad_value_in_the_settings_file_names_its_line(env: Env) -> None:
+    """A value from the settings file was refused without saying where it came from; a
+    ceiling written with thousands separators was "the ceiling of every other program
+    twice"."""
+    m = env.signed_manifest(2)
+    dotenv = env.tmp / "prod.env"
+    dotenv.write_text("# pilot\nDISBURSER_BUMP_AFTER_BLOCKS=two\n")
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    f"{dotenv}:2: DISBURSER_BUMP_AFTER_BLOCKS: 'two' is not an integer",
+                    extra={"DISBURSER_ENV_FILE": str(dotenv)},
+                    exact=True)
+    _assert_refused(env, ["send", str(m), "--yes"],
+                    "DISBURSER_CEILING: '300,000,000': write whole tokens without thousands "
+                    "separators (300000000); a comma separates programs (name=amount,...)",
+                    extra={"DISBURSER_CEILING": "300,000,000"}, exact=True)
 
 
 def test_a_misspelt_setting_is_refused_not_ignored(env: Env) -> None:

@@ -232,7 +232,9 @@ def test_messy_run_every_finding_to_the_base_unit(env: Env) -> None:
     # Ledger file deleted, no manifest file: nothing to reconcile is bad input (exit 2)
     Path(env.vars["DISBURSER_DB"]).unlink()
     r = env.cli("reconcile")
-    assert r.code == 2 and "no manifests to reconcile" in r.err
+    assert (r.code, r.err) == (2, "disburser: error: no manifests to reconcile: the ledger "
+                               f"DISBURSER_DB {env.vars['DISBURSER_DB']} does not exist and no "
+                               "MANIFEST file was given\n")
     code, files_only = reconcile(env, str(relief_path), str(loans_path))
     assert files_only["paid_total"] == str(int(doc["paid_total"]) + victim.amount)
 

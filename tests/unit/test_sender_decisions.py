@@ -1202,6 +1202,7 @@ def test_gas_meter_is_given_up_only_after_several_windows_without_an_answer(
     assert s._measure(BATCH, ["0x"]) == [(True, 100_000, b"")]
     assert s._meter is True
 
+    (tmp_path / "2").mkdir()
     s2 = _sender(tmp_path / "2", chain)
     answers[:] = [ch.NodeError("no overrides")] * 3
     for _ in range(METER_TRIES - 1):
