@@ -147,9 +147,15 @@ def main_options(
         # instead would pay from, or build for, the wrong chain with nothing said.
         raise SettingsError(f"{env_file}: no such settings file (--env-file / "
                             "DISBURSER_ENV_FILE)")
-    keys = load_dotenv(env_file)
+    # `<command> --help` is what an operator reads to find a setting's right name: the
+    # checks of the variables wait for a command that runs (the console script's argv;
+    # an in-process caller's help is not told apart).
+    helping = "--help" in sys.argv[1:]
+    keys = load_dotenv(env_file, strict=not helping)
     _state["dotenv"] = (env_file, keys)
-    _refuse_unknown_variables(known_variables(ctx.find_root().command), env_file, keys)
+    if not helping:
+        _refuse_unknown_variables(known_variables(ctx.find_root().command) | _key_variables(),
+                                  env_file, keys)
     # The subcommands' options are parsed after this and see the file's variables; these
     # two were parsed before it was read.
     if _env("DEBUG") in keys and ctx.get_parameter_source("debug") is ParameterSource.DEFAULT:
@@ -176,6 +182,19 @@ def known_variables(root: Any) -> set[str]:
     return names
 
 
+def _key_variables() -> set[str]:
+    """The variables `--private-key-env NAME` (or DISBURSER_PRIVATE_KEY_ENV) names: a key an
+    approver keeps in a DISBURSER_-prefixed variable is no misspelt setting."""
+    argv = sys.argv[1:]
+    names = {os.environ.get(_env("PRIVATE_KEY_ENV"), "")}
+    for i, a in enumerate(argv):
+        if a == "--private-key-env" and i + 1 < len(argv):
+            names.add(argv[i + 1])
+        elif a.startswith("--private-key-env="):
+            names.add(a.split("=", 1)[1])
+    return {n for n in names if n}
+
+
 def _refuse_unknown_variables(known: set[str], env_file: Path, keys: dict[str, int]) -> None:
     """A DISBURSER_* variable that names no setting: a misspelt ceiling was ignored and the
     default of 300,000,000 applied; a misspelt quorum of 3 left it at 2."""
@@ -186,7 +205,10 @@ def _refuse_unknown_variables(known: set[str], env_file: Path, keys: dict[str, i
     for key in sorted(os.environ):
         if not key.startswith("DISBURSER_") or key in known:
             continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        # Alike after the prefix they all share (FOO is no FORMAT, CIELING is CEILING).
+        close = difflib.get_close_matches(key[10:], sorted(k[10:] for k in known), n=1,
+                                          cutoff=0.8)
+        close = ["DISBURSER_" + c for c in close]
         where = f"{env_file}:{keys[key]}: {key}" if key in keys else f"{key} (environment)"
         raise SettingsError(f"{where} is not a disburser setting"
                             + (f" (did you mean {close[0]}?)" if close else "")
@@ -425,7 +447,29 @@ def _precious(path: Path) -> str | None:
         return "is a keystore"
     if signed := _signatures_in(path):
         return f"holds a manifest with {signed} signature(s)"
+    if not _written_by_disburser(path):
+        # A password file given on the command line (`--password-file a1.pw`), notes, a
+        # payments CSV: only what disburser itself writes is written over.
+        return "is a file disburser did not write (no manifest or report of its own)"
     return None
+
+
+def _written_by_disburser(path: Path) -> bool:
+    """An empty file, or one that begins as a manifest, a reconcile report (any format) or an
+    eligibility report does."""
+    from disburser.allocate import REPORT_COLUMNS
+    from disburser.report import CSV_COLUMNS
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    first = head.lstrip("\ufeff").split("\n", 1)[0].replace('"', "").strip()
+    return (not head.strip() or head.startswith("reconcile: program ")
+            or "<title>disburser reconcile" in head
+            or '"format": "disburser.' in head
+            or first in (",".join(CSV_COLUMNS), ",".join(REPORT_COLUMNS)))
 
 
 def _is_keystore(path: Path) -> bool:
@@ -779,10 +823,15 @@ def send(
             raise InputError("send needs confirmation: pass --yes (or DISBURSER_YES=1)")
         ledger_now = _ledger(s) if lg.exists(s.db) else None
         owed = _owed(ledger_now, m, retry_failed)
-        done = "" if len(owed) == m.count else f" (of {m.count}; the rest settled before)"
-        if not typer.confirm(f"Pay {len(owed)} payments{done}, "
-                             f"{format_units(sum(p.amount for p in owed), s.decimals)} tokens, "
-                             f"from {m.payer} on chain {s.chain_id}?"):
+        others = "" if len(owed) == m.count else \
+            f" (of {m.count}; the others paid, in flight or failed)"
+        try:
+            agreed = typer.confirm(f"Pay {len(owed)} payments{others}, "
+                                   f"{format_units(sum(p.amount for p in owed), s.decimals)} "
+                                   f"tokens, from {m.payer} on chain {s.chain_id}?")
+        except typer.Abort:  # Ctrl-C or Ctrl-D at the question: a no as well
+            agreed = False
+        if not agreed:
             raise InputError("not confirmed: nothing was sent")
     _configure_logging(s)
     ledger = _ledger(s)
@@ -821,6 +870,23 @@ def send(
                    err=True)
     if result.failed or result.unpaid:
         raise typer.Exit(1)
+
+
+def _reads_bitmap(c: Any, cfg: Any) -> bool:
+    """Whether a run reads the batch contract's bitmap (``Sender._reads_bitmap``): in batch
+    mode, and in direct mode when DISBURSER_BATCH_CONTRACT holds BatchPayout."""
+    from disburser.errors import ChainMismatchError
+    from disburser.sender import verify_batch_contract
+
+    if cfg.batch_contract is None:
+        return False
+    if cfg.mode.value == "batch":
+        return True  # verified by check_chain
+    try:
+        verify_batch_contract(c, cfg.batch_contract)
+    except ChainMismatchError:
+        return False
+    return True
 
 
 def _owed(ledger: Ledger | None, m: Any, retry_failed: bool) -> list[Any]:
@@ -865,7 +931,7 @@ def _dry_run(s: Settings, m: Any, cfg: Any, c: Any, payer: str, *,
         ledger.check_acceptable(m, ceiling=cfg.ceiling)
         known = ledger.manifest(m.root) is not None
         owed = _owed(ledger, m, retry_failed)
-    if not known and cfg.mode.value == "batch" and owed:
+    if not known and owed and _reads_bitmap(c, cfg):
         # What the batch contract's bitmap says this payer paid of it, as the real run reads
         # it first (a lost ledger, or the manifest paid from another machine's ledger).
         words = c.paid_words(cfg.batch_contract, payer, cfg.token, m.root,
@@ -1047,6 +1113,8 @@ def devnet(
 
     if env_out.is_dir():
         raise InputError(f"{env_out}: is a directory (--env-out)")
+    if not env_out.parent.is_dir():
+        raise InputError(f"{env_out}: no such directory {env_out.parent} (--env-out)")
     if env_out.exists() and not _written_by_devnet(env_out):
         raise InputError(f"{env_out}: exists and was not written by `disburser devnet`; "
                          "refusing to write over it (--env-out elsewhere, or move it away)")

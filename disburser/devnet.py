@@ -127,7 +127,8 @@ class Anvil:
                     # Its last line says why; not with a fork URL, which it may quote
                     # with a password or a provider's key in any form.
                     said = self._err.read().decode(errors="replace").strip().splitlines()
-                    why = f": {said[-1][:200]}" if said and not self._fork else ""
+                    said = [x for x in said if x.lower().startswith("error")] or said[-1:]
+                    why = f": {said[0][:200]}" if said and not self._fork else ""
                     raise DisburserError(f"anvil exited with code {self.proc.returncode} "
                                          f"({' '.join(self.shown_args[1:])}){why}") from None
                 if time.monotonic() > deadline:

@@ -378,8 +378,8 @@ class Sender:
         DISBURSER_FROM_BLOCK to the head are matched to the queued payments (``history``
         says how, and which logs are left out). A match, or a manifest the payer paid that
         this ledger does not know, stops the run before anything is sent: it may be this
-        fund's payment, or an unrelated transfer of the same amount, and the run does not
-        guess. Each is logged (``past_transfer_matches_payment``,
+        fund's payment (of this amount or, re-signed, of another), or an unrelated transfer,
+        and the run does not guess. Each is logged (``past_transfer_matches_payment``,
         ``payer_paid_unknown_manifest``) and listed in the ledger. ``--accept-past-transfers``
         records the matched payments as paid elsewhere, each with its transfer, once an
         earlier refusal listed every one of them. Later transfers need no look: every

@@ -36,13 +36,13 @@ OTHER_NAMES = frozenset(PREFIX + n for n in (
     "APPROVER_PASSWORD", "TEST_CRASH_AT"))
 
 
-def load_dotenv(path: Path = Path(".env")) -> dict[str, int]:
+def load_dotenv(path: Path = Path(".env"), *, strict: bool = True) -> dict[str, int]:
     """Put ``KEY=VALUE`` lines of ``path`` into the environment without overriding what is
     already set (the environment wins over the file); the keys it set, each with its line.
     A key given twice is refused: the shell would take the last, a reader of the file may
     see the first, and for a ceiling or a fee cap the difference is money. So is a
     DISBURSER_* key the file sets and the environment holds empty (but DISBURSER_PROGRAM):
-    neither value would apply."""
+    neither value would apply (not ``strict``: a command's --help, which applies neither)."""
     set_here: dict[str, int] = {}
     if not path.is_file():
         return set_here
@@ -75,7 +75,7 @@ def load_dotenv(path: Path = Path(".env")) -> dict[str, int]:
         if key not in os.environ:
             os.environ[key] = value
             set_here[key] = lineno
-        elif (os.environ[key] == "" and value and key.startswith(PREFIX)
+        elif (strict and os.environ[key] == "" and value and key.startswith(PREFIX)
               and key not in _CLEARABLE):
             # An empty value means the built-in default: DISBURSER_QUORUM= left by a compose
             # file (`- X=${X}`) or a unit's `Environment=X=` put quorum 2 and a 300,000,000
@@ -330,7 +330,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     return Settings(
         network=prof,
         rpc_url=_rpc_url(_get(env, "RPC_URL", prof.default_rpc) or ""),
-        db=_get(env, "DB", "disburser.sqlite") or "",
+        db=_db(_get(env, "DB", "disburser.sqlite") or ""),
         chain_id=_int(env, "CHAIN_ID", prof.chain_id, minimum=1),
         token=token,
         decimals=decimals,
@@ -362,6 +362,16 @@ def load(env: dict[str, str] | None = None) -> Settings:
         allow_plain_key=_flag(env, "ALLOW_PLAIN_KEY"),
         from_block=_int(env, "FROM_BLOCK", 0),
     )
+
+
+def _db(value: str) -> str:
+    """DISBURSER_DB: a PostgreSQL URL, or a SQLite file in a directory that exists (a typo
+    made a new, empty ledger; checked here so that every command says so alike)."""
+    if not value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        parent = Path(value).parent
+        if not parent.is_dir():
+            raise SettingsError(f"{PREFIX}DB {value}: no such directory {parent}")
+    return value
 
 
 def redact_url(url: str) -> str:

@@ -185,6 +185,8 @@ def test_a_signed_manifest_is_not_written_over(tmp_path: Path) -> None:
     ("pw.txt", "text", "is a password file (DISBURSER_PASSWORD_FILE)"),
     ("run.log", "text", "is the log (DISBURSER_LOG_FILE)"),
     ("settings.env", "text", "is the settings file in use"),
+    # given on a command line (`key new --password-file a1.pw`), named by no setting
+    ("a1.pw", "text", "is a file disburser did not write (no manifest or report of its own)"),
 ])
 def test_outputs_never_replace_a_ledger_keystore_or_settings_file(
         tmp_path: Path, name: str, make: str, what: str) -> None:

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from disburser import devnet as dn
 from disburser import manifest as mf
+from disburser.cli import app
 from disburser.ledger import Ledger
 from tests.conftest import Env, fresh_address
 
@@ -227,10 +229,12 @@ def test_manifest_build_prompts_for_a_keystore_that_records_no_address(env: Env)
     assert mf.load(out).payer == dn.DEV_ADDRESSES[0]
 
 
-def test_a_send_declined_at_the_prompt_says_so_and_exits_2(env: Env) -> None:
-    """Answering no printed "Aborted!" and exited 1 (the code of failed payments), and the
-    prompt offered the whole manifest's total for one already paid in part. Now it asks
-    for what is still owed, and a no is one line, exit 2, nothing sent."""
+@pytest.mark.parametrize("answer", [b"n\n", b"\x04", b"\x03"], ids=["no", "ctrl-d", "ctrl-c"])
+def test_a_send_declined_at_the_prompt_says_so_and_exits_2(env: Env, answer: bytes) -> None:
+    """Answering no (or Ctrl-D, Ctrl-C at the question) printed "Aborted!" and exited 1
+    (the code of failed payments), and the prompt offered the whole manifest's total for one
+    already paid. Now it asks for what is still owed, and a no is one line, exit 2, nothing
+    sent."""
     import os
     import pty
     import select
@@ -250,7 +254,7 @@ def test_a_send_declined_at_the_prompt_says_so_and_exits_2(env: Env) -> None:
         chunk = os.read(master, 1024)
         assert chunk, seen
         seen += chunk
-    os.write(master, b"n\n")
+    os.write(master, answer)
     while True:  # drain until the child is gone (EIO on Linux once it has exited)
         try:
             chunk = os.read(master, 1024)
@@ -262,7 +266,8 @@ def test_a_send_declined_at_the_prompt_says_so_and_exits_2(env: Env) -> None:
     _, status = os.waitpid(pid, 0)
     os.close(master)
     text = seen.decode().replace("\r", "")
-    assert f"Pay 0 payments (of 3; the rest settled before), 0 tokens, from {dn.PAYER} " in text
+    assert (f"Pay 0 payments (of 3; the others paid, in flight or failed), 0 tokens, from "
+            f"{dn.PAYER} ") in text
     assert text.rstrip().endswith("disburser: error: not confirmed: nothing was sent")
     assert "Aborted" not in text
     assert os.waitstatus_to_exitcode(status) == 2
@@ -531,6 +536,32 @@ def test_verify_and_send_without_approvers_configured_say_so(env: Env) -> None:
                         "quorum", extra={"DISBURSER_APPROVERS": ""}, exact=True)
 
 
+def test_help_and_a_key_variable_are_no_misspelt_settings(env: Env) -> None:
+    """`send --help` is where an operator looks up a setting's name: it printed the refusal
+    of a misspelt one instead (and of an empty variable over the file's value). A key kept
+    as DISBURSER_APPROVER_KEY for --private-key-env is not a setting misspelt. Real
+    processes: the checks read the command line."""
+    dotenv = env.tmp / "prod.env"
+    dotenv.write_text("DISBURSER_QUORUM=2\n")
+    r = env.proc("send", "--help", extra={"DISBURSER_FOO": "1", "DISBURSER_QUORUM": "",
+                                          "DISBURSER_ENV_FILE": str(dotenv)})
+    assert r.code == 0 and "--dry-run" in r.out, r.err
+    r = env.proc("send", "x.json", extra={"DISBURSER_FOO": "1"})
+    assert (r.code, r.err) == (2, "disburser: error: DISBURSER_FOO (environment) is not a "
+                               "disburser setting: it would be ignored; correct it or remove "
+                               "it\n")
+    m = env.tmp / "m.json"
+    assert env.cli("manifest", "build", str(env.write_payments(2)), "--program", "p", "-o",
+                   str(m)).code == 0
+    key = {"DISBURSER_APPROVER_KEY": env.vars["APPROVER_0"]}
+    r = env.proc("manifest", "sign", str(m), "--private-key-env", "DISBURSER_APPROVER_KEY",
+                 extra=key)
+    assert r.code == 0, r.err
+    r = env.proc("manifest", "sign", str(m), extra={
+        **key, "DISBURSER_PRIVATE_KEY_ENV": "DISBURSER_APPROVER_KEY"})
+    assert r.code == 2 and "has already signed this manifest" in r.err  # read, and refused
+
+
 def test_a_bad_value_in_the_settings_file_names_its_line(env: Env) -> None:
     """A value from the settings file was refused without saying where it came from; a
     ceiling written with thousands separators was "the ceiling of every other program
@@ -666,14 +697,34 @@ def test_devnet_on_a_port_in_use_leaves_that_node_alone(env: Env) -> None:
     assert env.chain.code(env.devnet.token) == code and not out.exists()
 
 
+def test_an_anvil_that_exits_at_start_says_why(tmp_path: Path) -> None:
+    """"anvil exited with code 2 (args)" was all; its own error line is shown (never with a
+    fork URL, which it may quote with a key). And devnet's --env-out in a directory that
+    does not exist is refused before the chain is started (it was an internal error after)."""
+    from disburser.errors import DisburserError
+
+    with pytest.raises(DisburserError) as e:
+        dn.Anvil(extra=["--no-such-flag"]).start()
+    assert str(e.value).endswith(": error: unexpected argument '--no-such-flag' found")
+    with pytest.raises(DisburserError) as e:
+        dn.Anvil(fork_url="http://127.0.0.1:9/v3/KEY-s3cret", extra=["--no-such-flag"]).start()
+    assert "s3cret" not in str(e.value) and "unexpected argument" not in str(e.value)
+    out = tmp_path / "nodir" / "x.env"
+    r = CliRunner().invoke(app, ["--env-file", "/dev/null", "devnet", "--port",
+                                 str(dn.free_port()), "--env-out", str(out)])
+    assert (r.exit_code, r.stderr) == (2, f"disburser: error: {out}: no such directory "
+                                          f"{out.parent} (--env-out)\n")
+
+
 def test_a_ledger_in_a_directory_that_does_not_exist_is_refused(env: Env) -> None:
     """A typo in DISBURSER_DB made the directories and a new, empty ledger, which then took
     the payer's past transfers for a lost ledger's (a page of advice about a refusal)."""
     m = env.signed_manifest(2)
     db = env.tmp / "nonexist" / "dir" / "l.sqlite"
-    _assert_refused(env, ["send", str(m), "--yes"],
-                    f"DISBURSER_DB {db}: no such directory {db.parent}",
-                    extra={"DISBURSER_DB": str(db)}, exact=True)
+    for args in (["send", str(m), "--yes"], ["send", str(m), "--dry-run"], ["status"],
+                 ["reconcile", str(m)]):  # every command alike (status said "no ledger yet")
+        _assert_refused(env, args, f"DISBURSER_DB {db}: no such directory {db.parent}",
+                        extra={"DISBURSER_DB": str(db)}, exact=True)
     assert not (env.tmp / "nonexist").exists()
 
 

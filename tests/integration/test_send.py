@@ -163,9 +163,10 @@ def test_a_dry_run_with_a_lost_ledger_reads_the_bitmap_and_says_what_it_does_not
     m = env.signed_manifest(3)
     assert env.cli("send", str(m), "--yes").code == 0
     Path(env.vars["DISBURSER_DB"]).unlink()
-    r = env.cli("send", str(m), "--dry-run")
-    assert r.code == 0, r.err
-    assert r.out.startswith("dry run: would pay 0 of 3 payments, 0 tokens, in about 0 ")
+    for mode in ("batch", "direct"):  # direct mode reads a configured BatchPayout's too
+        r = env.cli("send", str(m), "--dry-run", "--mode", mode)
+        assert r.code == 0, r.err
+        assert r.out.startswith("dry run: would pay 0 of 3 payments, 0 tokens, in about 0 ")
     assert r.err == ("note: this ledger does not know this manifest and did not see the "
                      "payer's first transaction: the real run first reads the payer's past "
                      "transfers and stops, sending nothing, if any may be these payments\n")

@@ -83,6 +83,19 @@ def test_transport_failure_keeps_the_secrets_of_the_url_out(url: str) -> None:
     assert "s3cret" not in str(e.value) and str(e.value).endswith(": Connection refused")
 
 
+def test_an_error_without_the_systems_reason_keeps_the_url_secrets_out() -> None:
+    """A connect timeout says no "[Errno ...]": its text (requests quotes the path and query)
+    is shown, less every secret of the URL. The tests above end in the operating system's
+    reason and no longer see the URL at all."""
+    url = "http://user:pw-s3cret@127.0.0.1:9/v3/KEY-s3cret?apikey=Q-s3cret"
+    text = ("HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: "
+            "/v3/KEY-s3cret?apikey=Q-s3cret (Caused by ConnectTimeoutError(<urllib3.connection"
+            ".HTTPConnection object>, 'Connection to 127.0.0.1 timed out. (connect timeout=1)'))")
+    got = ch._short(Exception(text), url)
+    assert "s3cret" not in got and got.startswith("HTTPConnectionPool(host='127.0.0.1', "
+                                                  "port=9): Max retries exceeded with url: …")
+
+
 def test_a_url_requests_cannot_use_is_a_node_error_without_its_secrets() -> None:
     t = ch.Transport("http://127.0.0.1:99999/v3/KEY-s3cret", retries=1,
                      sleep=lambda _: None, timeout=0.5)
