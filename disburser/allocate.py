@@ -19,9 +19,13 @@ Reading
 - ``time`` is ISO-8601 as read by ``datetime.fromisoformat`` and must carry a zero UTC
   offset (``Z``, ``+00:00``, ``+0000``...). A time without an offset is refused ("no time
   zone") rather than guessed; any other offset is refused ("not UTC").
-- ``product`` is compared case-insensitively: ``futures`` and ``margin`` count; any other
-  non-empty product (``spot``, ``options``...) is read, validated and does not count.
-- A user id is 1-128 printable characters (it becomes the manifest payment id).
+- ``product`` is compared in NFKC, case-folded: ``futures`` and ``margin`` count,
+  ``spot`` and ``options`` do not (the policy's ``products_counted`` and
+  ``products_not_counted``); any other label is refused, naming its line, rather than taken
+  for a product that does not count.
+- A user id is 1-128 printable characters (it becomes the manifest payment id), written one
+  way in every file: two ids that differ only by case or Unicode form are refused (the same
+  user written twice would escape the compensated list, or the snapshot).
 - Bad input raises ``InputError`` with one line ``FILE:LINE: COLUMN: problem`` where LINE
   is the 1-based line in the file (the header is line 1); see ``_where``.
 
@@ -95,6 +99,7 @@ import csv
 import enum
 import os
 import tomllib
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -126,6 +131,12 @@ REPORT_COLUMNS = (
 )  # fmt: skip
 
 COUNTED_PRODUCTS = frozenset({"futures", "margin"})
+OTHER_PRODUCTS = frozenset({"spot", "options"})
+
+
+def fold(text: str) -> str:
+    """How labels and user ids are compared for sameness: NFKC, case-folded."""
+    return unicodedata.normalize("NFKC", text).casefold()
 
 # What the liquidation file says about a user, before amounts are looked at.
 SEEN_OTHER_PRODUCT = 0  # only rows of products that do not count
@@ -184,6 +195,11 @@ class Policy:
     window_end: datetime = datetime(2025, 10, 11, 23, 59, 59, tzinfo=UTC)
     cap_usd: int | None = None
     tiers: tuple[Tier, ...] = field(default=DEFAULT_TIERS)
+    # Product labels (compared in NFKC, case-folded): those whose liquidations count, and
+    # those known not to. Any other label is refused: "perpetual" or "USDT-M futures" read as
+    # spot dropped users the fund is for, with nothing said.
+    products_counted: frozenset[str] = COUNTED_PRODUCTS
+    products_not_counted: frozenset[str] = OTHER_PRODUCTS
 
     def __post_init__(self) -> None:
         problem = _policy_problem(self)
@@ -245,12 +261,18 @@ def _policy_problem(p: Policy) -> str | None:
         prev = t
     if p.tiers[0].min_ratio_bps > p.min_ratio_bps:
         return "the lowest tier's min_ratio_bps must be <= min_ratio_bps"
+    if not p.products_counted:
+        return "products_counted must not be empty"
+    if any(fold(x) != x or not x.strip() for x in p.products_counted | p.products_not_counted):
+        return "product labels must be non-empty, in lower case"
+    if both := sorted(p.products_counted & p.products_not_counted):
+        return f"product {both[0]!r} is in both products_counted and products_not_counted"
     return None
 
 
 _POLICY_KEYS = (
     "fund_usd", "min_loss_usd", "min_ratio_bps", "window_start", "window_end", "cap_usd",
-    "tiers",
+    "tiers", "products_counted", "products_not_counted",
 )  # fmt: skip
 _TIER_KEYS = ("min_ratio_bps", "weight_bps")
 
@@ -280,6 +302,12 @@ def load_policy(path: Path | None) -> Policy:
     for key in ("window_start", "window_end"):
         if key in data:
             kw[key] = _toml_time(data[key], f"{path}: {key}")
+    for key in ("products_counted", "products_not_counted"):
+        if key in data:
+            labels = data[key]
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise InputError(f"{path}: {key} must be an array of strings")
+            kw[key] = frozenset(fold(x.strip()) for x in labels)
     if "tiers" in data:
         tiers = data["tiers"]
         if not isinstance(tiers, list) or not all(isinstance(t, dict) for t in tiers):
@@ -509,16 +537,19 @@ def read_records(
     factors: Path | None,
     policy: Policy,
 ) -> Records:
-    """Read and validate every input file. Raises InputError naming file, line and column."""
-    seen, losses = _read_liquidations(liquidations, policy)
+    """Read and validate every input file. Raises InputError naming file, line and column.
+    A user id written two ways (case, Unicode form) in the files is refused: "alice" in the
+    compensated file did not stop "Alice" from being paid again."""
+    ids: dict[str, tuple[str, str]] = {}  # folded id -> (id as first written, where)
+    seen, losses = _read_liquidations(liquidations, policy, ids)
     net_assets: dict[str, int] = {}
-    for line, (uid, value) in _unique_rows(snapshot, SNAPSHOT_COLUMNS):
+    for line, (uid, value) in _unique_rows(snapshot, SNAPSHOT_COLUMNS, ids):
         net_assets[uid] = _usd(value, snapshot, line, "net_assets_usd")
-    comp = frozenset(uid for _, (uid,) in _table(compensated, COMPENSATED_COLUMNS))
-    addr = {uid: a for _, (uid, a) in _unique_rows(addresses, ADDRESS_COLUMNS)}
+    comp = frozenset(uid for _, (uid,) in _table(compensated, COMPENSATED_COLUMNS, ids))
+    addr = {uid: a for _, (uid, a) in _unique_rows(addresses, ADDRESS_COLUMNS, ids)}
     fac: dict[str, int] = {}
     if factors is not None:
-        for line, (uid, value) in _unique_rows(factors, FACTOR_COLUMNS):
+        for line, (uid, value) in _unique_rows(factors, FACTOR_COLUMNS, ids):
             where = _where(factors, line, "factor")
             f = _signed(value, FACTOR_DECIMALS, where)
             if f < 0:
@@ -527,7 +558,8 @@ def read_records(
     return Records(seen, losses, net_assets, comp, addr, fac)
 
 
-def _read_liquidations(path: Path, policy: Policy) -> tuple[dict[str, int], dict[str, int]]:
+def _read_liquidations(path: Path, policy: Policy, ids: dict[str, tuple[str, str]]
+                       ) -> tuple[dict[str, int], dict[str, int]]:
     seen: dict[str, int] = {}
     losses: dict[str, int] = {}
     start = policy.window_start
@@ -537,7 +569,10 @@ def _read_liquidations(path: Path, policy: Policy) -> tuple[dict[str, int], dict
     utc = UTC
     zero = timedelta(0)
     fromiso = datetime.fromisoformat
-    for line, (uid, time_text, product, loss_text) in _table(path, LIQUIDATION_COLUMNS):
+    counted, others = policy.products_counted, policy.products_not_counted
+    known: dict[str, str] = {}  # label as written -> folded
+    for line, (uid, time_text, product, loss_text) in _table(path, LIQUIDATION_COLUMNS,
+                                                             ids):
         state = seen.get(uid)
         if state is None:
             state = seen[uid] = SEEN_OTHER_PRODUCT
@@ -567,7 +602,16 @@ def _read_liquidations(path: Path, policy: Policy) -> tuple[dict[str, int], dict
         loss = _usd(loss_text, path, line, "loss_usd")
         if loss < 0:
             raise InputError(f"{_where(path, line, 'loss_usd')}: amount {loss_text!r} is negative")
-        if product.lower() in COUNTED_PRODUCTS:
+        label = known.get(product)
+        if label is None:
+            label = known[product] = fold(product)
+            if label not in counted and label not in others:
+                raise InputError(
+                    f"{_where(path, line, 'product')}: {product!r} is neither a product that "
+                    f"counts ({', '.join(sorted(counted))}) nor one known not to "
+                    f"({', '.join(sorted(others))}): say which in the policy "
+                    "(products_counted / products_not_counted)")
+        if label in counted:
             if start <= t < end_excl:
                 losses[uid] = losses.get(uid, 0) + loss
                 seen[uid] = SEEN_IN_WINDOW
@@ -617,10 +661,12 @@ def _check_id(uid: str, path: Path, line: int) -> None:
         )
 
 
-def _unique_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
+def _unique_rows(path: Path, columns: tuple[str, ...],
+                 ids: dict[str, tuple[str, str]] | None = None
+                 ) -> Iterator[tuple[int, list[str]]]:
     """Rows of a file where each user appears at most once."""
     first_line: dict[str, int] = {}
-    for line, row in _table(path, columns):
+    for line, row in _table(path, columns, ids):
         uid = row[0]
         if uid in first_line:
             raise InputError(
@@ -631,10 +677,12 @@ def _unique_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, li
         yield line, row
 
 
-def _table(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
+def _table(path: Path, columns: tuple[str, ...],
+           ids: dict[str, tuple[str, str]] | None = None) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, fields)`` for each data row, fields in ``columns`` order, stripped.
 
-    The first column is always ``user_id`` and is checked (1-128 printable characters).
+    The first column is always ``user_id`` and is checked (1-128 printable characters; with
+    ``ids``, folded id -> where first seen, the same way as everywhere before it).
     Blank lines are skipped; a row with a different number of fields than the header is
     refused (a stray comma must not shift a loss into another column).
     """
@@ -677,6 +725,8 @@ def _table(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str
                 if uid not in checked:
                     _check_id(uid, path, reader.line_num)
                     checked.add(uid)
+                    if ids is not None:
+                        _one_way(uid, ids, _where(path, reader.line_num))
                 yield reader.line_num, fields
         except UnicodeDecodeError:
             # Text files decode by blocks, so reader.line_num may be early: find the line.
@@ -685,6 +735,14 @@ def _table(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str
             raise InputError(f"{_where(path, reader.line_num)}: {e}") from None
         except OSError as e:
             raise InputError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _one_way(uid: str, ids: dict[str, tuple[str, str]], where: str) -> None:
+    key = fold(uid)
+    first = ids.setdefault(key, (uid, where))
+    if first[0] != uid:
+        raise InputError(f"{where}: user_id {uid!r} differs from {first[0]!r} ({first[1]}) "
+                         "only by case or Unicode form: one user? write each id one way")
 
 
 def _undecodable_line(path: Path) -> int:

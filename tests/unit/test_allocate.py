@@ -29,6 +29,7 @@ from disburser.allocate import (
     allocate,
     checksum_address,
     decide,
+    fold,
     load_policy,
     write_report,
 )
@@ -422,6 +423,54 @@ def test_line_numbers_count_the_header_and_blank_lines(files: Files) -> None:
         files.run()
 
 
+@pytest.mark.parametrize("label", ["perpetual", "USDT-M Futures", "future", "futures\u200b"])
+def test_a_product_label_neither_counted_nor_known_not_to_count_is_refused(
+        files: Files, label: str) -> None:
+    """"perpetual" or "USDT-M Futures" was read as spot: users the fund is for were left out
+    (no_futures_or_margin), exit 0, nothing said (review helper-58). Refused with its line;
+    the policy names the labels."""
+    files.user("u1", (IN, "futures", "60"))
+    files.user("u2", (IN, label, "60"))
+    with pytest.raises(InputError) as e:
+        files.run()
+    liq = files.root / "liquidations.csv"
+    assert str(e.value) == (
+        f"{liq}:3: product: {label!r} is neither a product that counts (futures, margin) nor "
+        "one known not to (options, spot): say which in the policy (products_counted / "
+        "products_not_counted)")
+    policy = Policy(products_counted=frozenset({"futures", "margin", fold(label)}))
+    assert one(files.run(policy), "u2") == (True, "in_manifest")
+    assert one(files.run(Policy(products_not_counted=frozenset({"spot", "options",
+                                                                  fold(label)}))),
+               "u2") == (False, "no_futures_or_margin")
+
+
+def test_full_width_or_upper_case_labels_are_the_same_label(files: Files) -> None:
+    files.user("u1", (IN, "ＦＵＴＵＲＥＳ", "60"))
+    files.user("u2", (IN, " Margin ", "60"))
+    alloc = files.run()
+    assert one(alloc, "u1") == (True, "in_manifest") and one(alloc, "u2") == (True, "in_manifest")
+
+
+@pytest.mark.parametrize("written, where", [
+    ("alice", "compensated.csv:2"),
+    ("Jose\u0301", "compensated.csv:2"),  # "José" decomposed (NFD)
+])
+def test_a_user_id_written_two_ways_is_refused(files: Files, written: str, where: str) -> None:
+    """"Alice" liquidated and "alice" in the compensated file: compared as exact strings,
+    Alice was paid again (review helper-58). Any two ids that differ only by case or Unicode
+    form are refused, naming both lines."""
+    uid = "Alice" if written == "alice" else "Jos\u00e9"
+    files.user(uid, (IN, "futures", "60"))
+    files.compensated.append(written)
+    with pytest.raises(InputError) as e:
+        files.run()
+    assert str(e.value) == (
+        f"{files.root / where}: user_id {written!r} differs from {uid!r} "
+        f"({files.root / 'liquidations.csv'}:2) only by case or Unicode form: one user? write "
+        "each id one way")
+
+
 def test_a_bad_row_of_a_product_that_does_not_count_is_still_refused(files: Files) -> None:
     files.liquidations.append("u1,2025-10-10T12:00:00,spot,60")
     with pytest.raises(InputError, match="has no time zone"):
@@ -552,8 +601,12 @@ def test_policy_file_sets_every_key(tmp_path: Path) -> None:
         (
             'fund = "1"',
             "unknown key 'fund' (known: fund_usd, min_loss_usd, min_ratio_bps, window_start, "
-            "window_end, cap_usd, tiers)",
+            "window_end, cap_usd, tiers, products_counted, products_not_counted)",
         ),
+        ('products_counted = ["futures"]\nproducts_not_counted = ["Futures"]',
+         "product 'futures' is in both products_counted and products_not_counted"),
+        ("products_counted = []", "products_counted must not be empty"),
+        ('products_counted = "futures"', "products_counted must be an array of strings"),
         ("fund_usd = 1.5", 'fund_usd: write the amount as a string, e.g. "50"'),
         ('fund_usd = "0"', "fund_usd must be greater than 0"),
         ('min_loss_usd = "-1"', "min_loss_usd: amount '-1' is not a plain decimal number"),
