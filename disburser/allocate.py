@@ -46,8 +46,9 @@ not). ``loss`` is the sum of their ``loss_usd``.
    Otherwise the user is eligible and owed an amount; then:
 9. ``zero_amount``             the amount after scaling is 0 (factor 0, say)
 10. ``no_address`` / ``invalid_address``  no (or empty) address row / not a usable address:
-   not ``0x`` + 40 hex digits, a mixed-case address failing its EIP-55 checksum, or the zero
-   address. All-lower or all-upper case is accepted and checksummed.
+   not ``0x`` + 40 hex digits, a mixed-case address failing its EIP-55 checksum, the zero
+   address, or one no payment may go to (the token, the payer, the batch contract). All-lower
+   or all-upper case is accepted and checksummed.
 11. ``in_manifest``            paid by this manifest.
 Eligible users of 9-10 stay in the report with their amount and count against the fund, so a
 later manifest can pay them under the same ceiling.
@@ -100,7 +101,7 @@ import enum
 import os
 import tomllib
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -428,14 +429,19 @@ def allocate(
     factors: Path | None,
     policy: Policy,
     decimals: int = 6,
+    refused: Collection[str] = (),
 ) -> Allocation:
     """Read the input files and decide every user's amount. Raises InputError on bad input."""
     records = read_records(liquidations, snapshot, compensated, addresses, factors, policy)
-    return decide(records, policy, decimals)
+    return decide(records, policy, decimals, refused)
 
 
-def decide(records: Records, policy: Policy, decimals: int = 6) -> Allocation:
-    """Apply the rules, the amount policy and the fund ceiling. Pure."""
+def decide(records: Records, policy: Policy, decimals: int = 6,
+           refused: Collection[str] = ()) -> Allocation:
+    """Apply the rules, the amount policy and the fund ceiling. Pure. ``refused``:
+    checksummed addresses no payment may go to (the token, the payer, the batch contract):
+    a user with one of them is ``invalid_address``, as with a malformed one, and the others
+    are paid (one such row stopped the whole allocation)."""
     if decimals < 0:
         raise InputError(f"decimals must not be negative, got {decimals}")
     users = sorted(
@@ -476,7 +482,7 @@ def decide(records: Records, policy: Policy, decimals: int = 6) -> Allocation:
                 reason = Reason.ZERO_AMOUNT
             elif address is None:
                 reason = Reason.NO_ADDRESS
-            elif checksummed is None:
+            elif checksummed is None or checksummed in refused:
                 reason = Reason.INVALID_ADDRESS
             else:
                 reason = Reason.IN_MANIFEST

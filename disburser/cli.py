@@ -308,7 +308,9 @@ def allocate(
     _check_outputs([output, report], [liquidations, snapshot, compensated, addresses, factors,
                                       policy])
     pol = al.load_policy(policy)
-    a = al.allocate(liquidations, snapshot, compensated, addresses, factors, pol, s.decimals)
+    refused = {s.token, payer_addr} | ({s.batch_contract} if s.batch_contract else set())
+    a = al.allocate(liquidations, snapshot, compensated, addresses, factors, pol, s.decimals,
+                    refused)
     if not a.payments:
         raise InputError(f"{liquidations}: no eligible user with a valid address; no manifest")
     ceiling = s.ceilings.for_program(program)
