@@ -55,6 +55,11 @@ def bump_fees(old: Fees, base_fee: int, cap: int) -> Fees | None:
     return Fees(max_fee=max_fee, tip=tip)
 
 
+def next_base_fee_max(base_fee: int) -> int:
+    """The highest base fee the next block can have (EIP-1559: +1/8 after a full block)."""
+    return base_fee + max(base_fee // 8, 1)
+
+
 def priced_out(max_fee: int, base_fee: int) -> bool:
     """A fee cap under the base fee cannot be included now: Anvil refuses such a transaction
     (and silently drops one already in its pool), geth parks it. Waiting, not re-sending,

@@ -1197,7 +1197,7 @@ class Sender:
             return True
         changed = False
         last = atts[-1]
-        priced_out = policy.priced_out(int(last.max_fee), head.base_fee)
+        priced_out = self._priced_out(last, head)
         if any(a.hash in known for a in atts) and not any(known.get(a.hash) for a in atts):
             if priced_out:
                 # Neither mined nor pending because the base fee rose over its cap (Anvil
@@ -1240,7 +1240,7 @@ class Sender:
         ``last``: its latest attempt."""
         seen = self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY)
         return (not seen <= now < seen + LOOKUP_EVERY
-                or policy.priced_out(int(last.max_fee), head.base_fee))
+                or self._priced_out(last, head))
 
     def _bump_due(self, t: TxRow, last: Any, head: ch.Head, lowest_pending: int | None, *,
                   record: bool) -> bool:
@@ -1258,13 +1258,21 @@ class Sender:
         lowest = t.nonce == lowest_pending
         sent_at = began(self._sent_at_block)
         since = max(sent_at, began(self._lowest_since)) if lowest else sent_at
-        priced_out = policy.priced_out(int(last.max_fee), head.base_fee)
+        priced_out = self._priced_out(last, head)
         if priced_out and self._mines_on_arrival():
             # The node dropped it, and blocks come only when a transaction arrives: the
             # blocks the rule below waits for would never come.
             return True
         return (lowest or priced_out) and \
             policy.should_bump(since, head.number, self.cfg.bump_after_blocks)
+
+    @staticmethod
+    def _priced_out(last: Any, head: ch.Head) -> bool:
+        """``last`` (an attempt) cannot go into the next block: its fee cap is under the
+        highest base fee that block can have. Judged against the head's own base fee, a
+        transaction a full block then priced out was sent again, dropped again, and on
+        automine waited for a block (a benchmark run lost a second to it)."""
+        return policy.priced_out(int(last.max_fee), policy.next_base_fee_max(head.base_fee))
 
     def _mines_on_arrival(self) -> bool:
         """Whether the node makes a block only when a transaction arrives (Anvil's

@@ -102,3 +102,8 @@ def test_initial_fees_are_never_priced_out_while_the_base_fee_is_under_the_cap(
     is always includable, so a fresh transaction is never born priced out."""
     if base <= cap:
         assert not policy.priced_out(policy.initial_fees(base, tip, cap).max_fee, base)
+
+
+@pytest.mark.parametrize("base, most", [(8 * 10**9, 9 * 10**9), (7, 8), (1, 2), (0, 1)])
+def test_next_base_fee_max_is_an_eighth_up(base: int, most: int) -> None:
+    assert policy.next_base_fee_max(base) == most
