@@ -482,6 +482,7 @@ class Head:
     base_fee: int
     gas_limit: int
     timestamp: int
+    gas_used: int | None = None  # None: not known (the next base fee is taken as this one)
 
 
 class ChainClient(Protocol):
@@ -525,8 +526,10 @@ class RpcChain:
 
     def head(self) -> Head:
         b = self.t.call("eth_getBlockByNumber", ["latest", False])
+        used = b.get("gasUsed")
         return Head(int(b["number"], 16), b["hash"], int(b.get("baseFeePerGas") or "0x0", 16),
-                    int(b["gasLimit"], 16), int(b["timestamp"], 16))
+                    int(b["gasLimit"], 16), int(b["timestamp"], 16),
+                    int(used, 16) if used else None)
 
     def block_hash(self, number: int) -> str | None:
         b = self.t.call("eth_getBlockByNumber", [hex(number), False])

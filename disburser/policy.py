@@ -55,9 +55,16 @@ def bump_fees(old: Fees, base_fee: int, cap: int) -> Fees | None:
     return Fees(max_fee=max_fee, tip=tip)
 
 
-def next_base_fee_max(base_fee: int) -> int:
-    """The highest base fee the next block can have (EIP-1559: +1/8 after a full block)."""
-    return base_fee + max(base_fee // 8, 1)
+def next_base_fee(base_fee: int, gas_used: int | None, gas_limit: int) -> int:
+    """The next block's base fee, as EIP-1559 sets it from its parent (elasticity 2, a
+    change of at most an eighth); the parent's own when its gas used is not known (or it
+    has no base fee: a chain without EIP-1559)."""
+    target = gas_limit // 2
+    if gas_used is None or base_fee == 0 or target == 0 or gas_used == target:
+        return base_fee
+    if gas_used > target:
+        return base_fee + max(base_fee * (gas_used - target) // target // 8, 1)
+    return base_fee - base_fee * (target - gas_used) // target // 8
 
 
 def priced_out(max_fee: int, base_fee: int) -> bool:

@@ -579,7 +579,7 @@ class Sender:
         fee is back under the cap; say so once per episode. The approvals (of the batch
         contract before the first batch, of 0 at the end) are not held back here: an
         approval binds no payment."""
-        base_fee = self._head_now().base_fee
+        base_fee = _next_base_fee(self._head_now())
         # The cap of the next transaction: the operator's, or lower where gas x fee would
         # pass the node's per-transaction fee cap (a full batch).
         if self.cfg.mode is Mode.BATCH:
@@ -882,8 +882,8 @@ class Sender:
         for k, (data, gas, rows, amount) in enumerate(items):
             fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei,
                                        self._fee_cap(gas))
-            if fees.max_fee < head.base_fee:
-                log.warning("fee_cap_below_base_fee", base_fee=head.base_fee,
+            if policy.priced_out(fees.max_fee, _next_base_fee(head)):
+                log.warning("fee_cap_below_base_fee", base_fee=_next_base_fee(head),
                             max_fee=fees.max_fee)
             signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=nonce + k, to=to,
                                          data=data, gas=gas, max_fee=fees.max_fee,
@@ -1208,7 +1208,7 @@ class Sender:
                     self._priced_out_logged.add(last.hash)
                     log.warning("transfer_priced_out_waiting", nonce=t.nonce,
                                 tx_hash=last.hash, max_fee=int(last.max_fee),
-                                base_fee=head.base_fee)
+                                base_fee=_next_base_fee(head))
             else:
                 # Dropped from the pool (or never arrived): the same bytes again.
                 if last.hash in self._gap_refused:  # refused for a gap now filled
@@ -1268,11 +1268,9 @@ class Sender:
 
     @staticmethod
     def _priced_out(last: Any, head: ch.Head) -> bool:
-        """``last`` (an attempt) cannot go into the next block: its fee cap is under the
-        highest base fee that block can have. Judged against the head's own base fee, a
-        transaction a full block then priced out was sent again, dropped again, and on
-        automine waited for a block (a benchmark run lost a second to it)."""
-        return policy.priced_out(int(last.max_fee), policy.next_base_fee_max(head.base_fee))
+        """``last`` (an attempt) cannot go into the next block: its fee cap is under that
+        block's base fee (``_next_base_fee``, as the signing gate judges it)."""
+        return policy.priced_out(int(last.max_fee), _next_base_fee(head))
 
     def _mines_on_arrival(self) -> bool:
         """Whether the node makes a block only when a transaction arrives (Anvil's
@@ -1431,12 +1429,12 @@ class Sender:
     def _bump(self, t: TxRow, last: Any, head: ch.Head) -> bool:
         assert t.id is not None
         old = policy.Fees(max_fee=int(last.max_fee), tip=int(last.tip))
-        new = policy.bump_fees(old, head.base_fee, self._fee_cap(t.gas_limit))
+        new = policy.bump_fees(old, _next_base_fee(head), self._fee_cap(t.gas_limit))
         if new is None:
             if t.id not in self._at_cap_logged:
                 self._at_cap_logged.add(t.id)
                 log.warning("transfer_at_fee_cap_waiting", nonce=t.nonce, max_fee=old.max_fee,
-                            base_fee=head.base_fee, cap=self.cfg.max_fee_wei)
+                            base_fee=_next_base_fee(head), cap=self.cfg.max_fee_wei)
             return False
         signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=t.nonce, to=t.to,
                                      data=self.ledger.tx_data(t.id), gas=t.gas_limit,
@@ -1449,6 +1447,14 @@ class Sender:
                  tip=new.tip)
         self._broadcast(t.id, t.nonce, signed.raw, signed.hash, others_pending=True)
         return True
+
+
+def _next_base_fee(head: ch.Head) -> int:
+    """The base fee the next block will have, from the head (EIP-1559), which is what a
+    transaction must meet to be included. Judged against the head's own, a transaction a
+    full block then priced out was sent again, dropped again, and on automine waited for a
+    block (a benchmark run lost a second to it)."""
+    return policy.next_base_fee(head.base_fee, head.gas_used, head.gas_limit)
 
 
 def _sender_of(client: Any, *, later_first: bool) -> Send:

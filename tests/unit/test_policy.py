@@ -104,6 +104,15 @@ def test_initial_fees_are_never_priced_out_while_the_base_fee_is_under_the_cap(
         assert not policy.priced_out(policy.initial_fees(base, tip, cap).max_fee, base)
 
 
-@pytest.mark.parametrize("base, most", [(8 * 10**9, 9 * 10**9), (7, 8), (1, 2), (0, 1)])
-def test_next_base_fee_max_is_an_eighth_up(base: int, most: int) -> None:
-    assert policy.next_base_fee_max(base) == most
+@pytest.mark.parametrize("base, used, limit, expected", [
+    (8 * 10**9, 30_000_000, 30_000_000, 9 * 10**9),  # full: an eighth up
+    (8 * 10**9, 0, 30_000_000, 7 * 10**9),  # empty: an eighth down
+    (8 * 10**9, 15_000_000, 30_000_000, 8 * 10**9),  # at the target
+    (8 * 10**9, 22_500_000, 30_000_000, 8_500_000_000),  # half way: a sixteenth
+    (7, 30_000_000, 30_000_000, 8),  # at least 1 up
+    (8 * 10**9, None, 30_000_000, 8 * 10**9),  # gas used unknown: the head's own
+    (0, 30_000_000, 30_000_000, 0),  # no EIP-1559
+])
+def test_next_base_fee_follows_eip_1559(base: int, used: int | None, limit: int,
+                                        expected: int) -> None:
+    assert policy.next_base_fee(base, used, limit) == expected

@@ -381,11 +381,12 @@ def test_a_priced_out_or_overdue_transaction_is_due_for_a_check_though_just_seen
     assert not s._check_due(t0, a0, head, 0, now) and not s._check_due(t1, a1, head, 0, now)
     hot = dataclasses.replace(head, base_fee=int(a1.max_fee) + 1)
     assert s._check_due(t1, a1, hot, 0, now)  # not the lowest, but priced out
-    # priced out of the next block: a full block can raise the base fee by an eighth
-    near = dataclasses.replace(head, base_fee=int(a1.max_fee) * 8 // 9 + 9)
-    assert near.base_fee <= int(a1.max_fee) and s._check_due(t1, a1, near, 0, now)
-    assert not s._check_due(t1, a1, dataclasses.replace(
-        head, base_fee=int(a1.max_fee) * 8 // 9 - 9), 0, now)
+    # priced out of the next block: after a full block the base fee rises by an eighth
+    full = dataclasses.replace(head, base_fee=int(a1.max_fee) * 8 // 9 + 9,
+                               gas_used=head.gas_limit)
+    assert full.base_fee <= int(a1.max_fee) and s._check_due(t1, a1, full, 0, now)
+    half = dataclasses.replace(full, gas_used=head.gas_limit // 2)  # the base fee stays
+    assert not s._check_due(t1, a1, half, 0, now)
     s._lowest_since[t0.id or 0] = head.number  # what a poll at this head records
     later = dataclasses.replace(head, number=head.number + s.cfg.bump_after_blocks)
     assert s._check_due(t0, a0, later, 0, now)  # the lowest, a bump due
