@@ -23,9 +23,10 @@ Reading
   ``spot`` and ``options`` do not (the policy's ``products_counted`` and
   ``products_not_counted``); any other label is refused, naming its line, rather than taken
   for a product that does not count.
-- A user id is 1-128 printable characters (it becomes the manifest payment id), written one
-  way in every file: two ids that differ only by case or Unicode form are refused (the same
-  user written twice would escape the compensated list, or the snapshot).
+- A user id is 1-128 printable characters (it becomes the manifest payment id), compared
+  exactly (ids may differ by case alone). An id in the snapshot, compensated, addresses or
+  factors file that is no liquidated user's but differs from one only by case or Unicode
+  form (NFKC, case-folded) is refused: "alice" compensated would leave "Alice" paid again.
 - Bad input raises ``InputError`` with one line ``FILE:LINE: COLUMN: problem`` where LINE
   is the 1-based line in the file (the header is line 1); see ``_where``.
 
@@ -45,10 +46,10 @@ not). ``loss`` is the sum of their ``loss_usd``.
 8. ``compensated``             listed in compensated
    Otherwise the user is eligible and owed an amount; then:
 9. ``zero_amount``             the amount after scaling is 0 (factor 0, say)
-10. ``no_address`` / ``invalid_address``  no (or empty) address row / not a usable address:
-   not ``0x`` + 40 hex digits, a mixed-case address failing its EIP-55 checksum, the zero
-   address, or one no payment may go to (the token, the payer, the batch contract). All-lower
-   or all-upper case is accepted and checksummed.
+10. ``no_address`` / ``invalid_address`` / ``refused_address``  no (or empty) address row /
+   not a usable address: not ``0x`` + 40 hex digits, a mixed-case address failing its EIP-55
+   checksum, or the zero address / an address no payment may go to (the token, the payer,
+   the batch contract). All-lower or all-upper case is accepted and checksummed.
 11. ``in_manifest``            paid by this manifest.
 Eligible users of 9-10 stay in the report with their amount and count against the fund, so a
 later manifest can pay them under the same ceiling.
@@ -79,6 +80,8 @@ Policy TOML (all keys optional; unknown keys refused)::
     [[tiers]]                               # replaces the default tiers if given
     min_ratio_bps = 3000                    # the lowest tier must be <= min_ratio_bps
     weight_bps = 8000                       # 0..10000, non-decreasing with min_ratio_bps
+    products_counted = ["futures", "margin"]   # replaces the default list if given
+    products_not_counted = ["spot", "options"] # the same; any other label is refused
 
 Report (``write_report``): one row per user seen in any input, by user_id::
 
@@ -170,6 +173,8 @@ class Reason(enum.StrEnum):
     NO_ADDRESS = "no_address"
     # Eligible and owed, the address is unusable: left for a later manifest.
     INVALID_ADDRESS = "invalid_address"
+    # A valid address no payment may go to: the token, the payer, the batch contract.
+    REFUSED_ADDRESS = "refused_address"
     # Eligible and paid by this manifest.
     IN_MANIFEST = "in_manifest"
 
@@ -264,8 +269,12 @@ def _policy_problem(p: Policy) -> str | None:
         return "the lowest tier's min_ratio_bps must be <= min_ratio_bps"
     if not p.products_counted:
         return "products_counted must not be empty"
-    if any(fold(x) != x or not x.strip() for x in p.products_counted | p.products_not_counted):
-        return "product labels must be non-empty, in lower case"
+    for key, labels in (("products_counted", p.products_counted),
+                        ("products_not_counted", p.products_not_counted)):
+        for x in sorted(labels):
+            if not x.strip() or x != x.strip() or fold(x) != x:
+                return (f"{key}: {x!r}: a label must be non-empty, without surrounding "
+                        "spaces, in lower case (NFKC)")
     if both := sorted(p.products_counted & p.products_not_counted):
         return f"product {both[0]!r} is in both products_counted and products_not_counted"
     return None
@@ -440,8 +449,8 @@ def decide(records: Records, policy: Policy, decimals: int = 6,
            refused: Collection[str] = ()) -> Allocation:
     """Apply the rules, the amount policy and the fund ceiling. Pure. ``refused``:
     checksummed addresses no payment may go to (the token, the payer, the batch contract):
-    a user with one of them is ``invalid_address``, as with a malformed one, and the others
-    are paid (one such row stopped the whole allocation)."""
+    a user with one of them is ``refused_address`` (owed, for a later manifest), and the
+    others are paid (one such row stopped the whole allocation)."""
     if decimals < 0:
         raise InputError(f"decimals must not be negative, got {decimals}")
     users = sorted(
@@ -482,8 +491,10 @@ def decide(records: Records, policy: Policy, decimals: int = 6,
                 reason = Reason.ZERO_AMOUNT
             elif address is None:
                 reason = Reason.NO_ADDRESS
-            elif checksummed is None or checksummed in refused:
+            elif checksummed is None:
                 reason = Reason.INVALID_ADDRESS
+            elif checksummed in refused:
+                reason = Reason.REFUSED_ADDRESS
             else:
                 reason = Reason.IN_MANIFEST
                 payments.append(Payment(len(payments), uid, checksummed, after))
@@ -544,9 +555,9 @@ def read_records(
     policy: Policy,
 ) -> Records:
     """Read and validate every input file. Raises InputError naming file, line and column.
-    A user id written two ways (case, Unicode form) in the files is refused: "alice" in the
-    compensated file did not stop "Alice" from being paid again."""
-    ids: dict[str, tuple[str, str]] = {}  # folded id -> (id as first written, where)
+    An id of the other files that is no liquidated user's but differs from one only by case
+    or Unicode form is refused (``_LiquidatedIds``)."""
+    ids = _LiquidatedIds()
     seen, losses = _read_liquidations(liquidations, policy, ids)
     net_assets: dict[str, int] = {}
     for line, (uid, value) in _unique_rows(snapshot, SNAPSHOT_COLUMNS, ids):
@@ -564,7 +575,7 @@ def read_records(
     return Records(seen, losses, net_assets, comp, addr, fac)
 
 
-def _read_liquidations(path: Path, policy: Policy, ids: dict[str, tuple[str, str]]
+def _read_liquidations(path: Path, policy: Policy, ids: _LiquidatedIds
                        ) -> tuple[dict[str, int], dict[str, int]]:
     seen: dict[str, int] = {}
     losses: dict[str, int] = {}
@@ -578,7 +589,7 @@ def _read_liquidations(path: Path, policy: Policy, ids: dict[str, tuple[str, str
     counted, others = policy.products_counted, policy.products_not_counted
     known: dict[str, str] = {}  # label as written -> folded
     for line, (uid, time_text, product, loss_text) in _table(path, LIQUIDATION_COLUMNS,
-                                                             ids):
+                                                             ids, register=True):
         state = seen.get(uid)
         if state is None:
             state = seen[uid] = SEEN_OTHER_PRODUCT
@@ -667,8 +678,7 @@ def _check_id(uid: str, path: Path, line: int) -> None:
         )
 
 
-def _unique_rows(path: Path, columns: tuple[str, ...],
-                 ids: dict[str, tuple[str, str]] | None = None
+def _unique_rows(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = None
                  ) -> Iterator[tuple[int, list[str]]]:
     """Rows of a file where each user appears at most once."""
     first_line: dict[str, int] = {}
@@ -683,12 +693,12 @@ def _unique_rows(path: Path, columns: tuple[str, ...],
         yield line, row
 
 
-def _table(path: Path, columns: tuple[str, ...],
-           ids: dict[str, tuple[str, str]] | None = None) -> Iterator[tuple[int, list[str]]]:
+def _table(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = None,
+           *, register: bool = False) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, fields)`` for each data row, fields in ``columns`` order, stripped.
 
     The first column is always ``user_id`` and is checked (1-128 printable characters; with
-    ``ids``, folded id -> where first seen, the same way as everywhere before it).
+    ``ids``, added to them where ``register``, else checked against them).
     Blank lines are skipped; a row with a different number of fields than the header is
     refused (a stray comma must not shift a loss into another column).
     """
@@ -732,7 +742,8 @@ def _table(path: Path, columns: tuple[str, ...],
                     _check_id(uid, path, reader.line_num)
                     checked.add(uid)
                     if ids is not None:
-                        _one_way(uid, ids, _where(path, reader.line_num))
+                        (ids.add if register else ids.check)(uid, _where(path,
+                                                                         reader.line_num))
                 yield reader.line_num, fields
         except UnicodeDecodeError:
             # Text files decode by blocks, so reader.line_num may be early: find the line.
@@ -743,12 +754,28 @@ def _table(path: Path, columns: tuple[str, ...],
             raise InputError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _one_way(uid: str, ids: dict[str, tuple[str, str]], where: str) -> None:
-    key = fold(uid)
-    first = ids.setdefault(key, (uid, where))
-    if first[0] != uid:
-        raise InputError(f"{where}: user_id {uid!r} differs from {first[0]!r} ({first[1]}) "
-                         "only by case or Unicode form: one user? write each id one way")
+class _LiquidatedIds:
+    """The liquidations file's user ids, as written and folded (folded -> first as written,
+    where). Ids may differ by case alone (an exchange's case-sensitive ids); an id of
+    another file that is none of them but folds to one is refused: "alice" in the
+    compensated file left "Alice" paid again."""
+
+    def __init__(self) -> None:
+        self.exact: set[str] = set()
+        self.folded: dict[str, tuple[str, str]] = {}
+
+    def add(self, uid: str, where: str) -> None:
+        self.exact.add(uid)
+        self.folded.setdefault(fold(uid), (uid, where))
+
+    def check(self, uid: str, where: str) -> None:
+        if uid in self.exact:
+            return
+        first = self.folded.get(fold(uid))
+        if first is not None:
+            raise InputError(f"{where}: user_id {uid!r} is no liquidated user's, but "
+                             f"{first[0]!r} ({first[1]}) differs from it only by case or "
+                             "Unicode form: write it as the liquidations file does")
 
 
 def _undecodable_line(path: Path) -> int:

@@ -333,10 +333,13 @@ def allocate(
     eligible = sum(1 for d in a.decisions if d.eligible)
     by_reason = Counter(d.reason for d in a.decisions if d.eligible)
     no_address = by_reason[al.Reason.NO_ADDRESS] + by_reason[al.Reason.INVALID_ADDRESS]
+    to_refused = by_reason[al.Reason.REFUSED_ADDRESS]
     typer.echo(f"users seen      {len(a.decisions)}")
     typer.echo(f"eligible        {eligible}")
     typer.echo(f"in manifest     {m.count} (others eligible: {no_address} without a valid "
-               f"address, {by_reason[al.Reason.ZERO_AMOUNT]} with an amount of 0)")
+               f"address, {by_reason[al.Reason.ZERO_AMOUNT]} with an amount of 0"
+               + (f", {to_refused} with the token's, the payer's or the batch contract's "
+                  "address (refused_address)" if to_refused else "") + ")")
     typer.echo(f"owed            {format_units(a.owed, s.decimals)} tokens"
                + (" (scaled down to fit the fund)" if a.scaled else ""))
     typer.echo(f"manifest total  {format_units(m.total, s.decimals)} tokens")

@@ -1140,7 +1140,8 @@ class Sender:
         # one still counts as "in the pool". A transaction seen in the pool less than
         # LOOKUP_EVERY seconds ago is not asked about again (a drop is noticed a second
         # later at most; _advance leaves the drop checks of those for later), unless the
-        # base fee has passed its fee cap (a node drops such transactions: say so now).
+        # next block's base fee passes its fee cap (a node drops such transactions: say so
+        # now).
         self._pool_seen_at = {k: v for k, v in self._pool_seen_at.items() if k in open_ids}
         unmined = [a.hash for t in pending
                    if not any(receipts.get(a.hash) for a in attempts[t.id or 0])
@@ -1236,7 +1237,7 @@ class Sender:
 
     def _lookup_due(self, t: TxRow, last: Any, head: ch.Head, now: float) -> bool:
         """A pool lookup of pending ``t`` is due: not seen in the pool for LOOKUP_EVERY
-        seconds, or priced out by the base fee (a node drops such transactions: say so now).
+        seconds, or priced out of the next block (a node drops such transactions: say so now).
         ``last``: its latest attempt."""
         seen = self._pool_seen_at.get(t.id or 0, -LOOKUP_EVERY)
         return (not seen <= now < seen + LOOKUP_EVERY

@@ -456,19 +456,31 @@ def test_full_width_or_upper_case_labels_are_the_same_label(files: Files) -> Non
     ("alice", "compensated.csv:2"),
     ("Jose\u0301", "compensated.csv:2"),  # "José" decomposed (NFD)
 ])
-def test_a_user_id_written_two_ways_is_refused(files: Files, written: str, where: str) -> None:
+def test_a_user_id_written_another_way_than_the_liquidated_one_is_refused(
+        files: Files, written: str, where: str) -> None:
     """"Alice" liquidated and "alice" in the compensated file: compared as exact strings,
-    Alice was paid again (review helper-58). Any two ids that differ only by case or Unicode
-    form are refused, naming both lines."""
+    Alice was paid again (review helper-58). An id of another file that is no liquidated
+    user's but differs from one only by case or Unicode form is refused, naming both."""
     uid = "Alice" if written == "alice" else "Jos\u00e9"
     files.user(uid, (IN, "futures", "60"))
     files.compensated.append(written)
     with pytest.raises(InputError) as e:
         files.run()
     assert str(e.value) == (
-        f"{files.root / where}: user_id {written!r} differs from {uid!r} "
-        f"({files.root / 'liquidations.csv'}:2) only by case or Unicode form: one user? write "
-        "each id one way")
+        f"{files.root / where}: user_id {written!r} is no liquidated user's, but {uid!r} "
+        f"({files.root / 'liquidations.csv'}:2) differs from it only by case or Unicode "
+        "form: write it as the liquidations file does")
+
+
+def test_ids_that_differ_by_case_alone_are_two_users(files: Files) -> None:
+    """Case-sensitive ids (base62, say) are distinct users: "aB3xK" and "Ab3xK" are each
+    paid, each compensated only by its own id (review helper-59: refusing every pair that
+    folds together would stop most allocations of 300,000 six-character ids)."""
+    files.user("aB3xK", (IN, "futures", "60"))
+    files.user("Ab3xK", (IN, "futures", "70"), compensated=True)
+    alloc = files.run()
+    assert one(alloc, "aB3xK") == (True, "in_manifest")
+    assert one(alloc, "Ab3xK") == (False, "compensated")
 
 
 def test_a_bad_row_of_a_product_that_does_not_count_is_still_refused(files: Files) -> None:
@@ -606,6 +618,8 @@ def test_policy_file_sets_every_key(tmp_path: Path) -> None:
         ('products_counted = ["futures"]\nproducts_not_counted = ["Futures"]',
          "product 'futures' is in both products_counted and products_not_counted"),
         ("products_counted = []", "products_counted must not be empty"),
+        ('products_counted = [""]', "products_counted: '': a label must be non-empty, without "
+         "surrounding spaces, in lower case (NFKC)"),
         ('products_counted = "futures"', "products_counted must be an array of strings"),
         ("fund_usd = 1.5", 'fund_usd: write the amount as a string, e.g. "50"'),
         ('fund_usd = "0"', "fund_usd must be greater than 0"),
