@@ -420,11 +420,12 @@ _NAMED_FILES = (("DB", "disburser.sqlite", "the ledger (DISBURSER_DB)"),
 
 
 def _precious(path: Path) -> str | None:
-    """What an existing file at ``path`` is, if it is one an output must not replace: a file
-    the settings name (the ledger and its journal files, the payer's keystore, a password
-    file, the log, the settings file in use), a settings file (``.env*``), any SQLite
-    database or JSON keystore, or a manifest that carries signatures. None otherwise (no
-    file, or a file of no such kind: an earlier report, an unsigned manifest)."""
+    """What an existing file at ``path`` is, if an output must not replace it: a file the
+    settings name (the ledger and its journal files, the payer's keystore, a password file,
+    the log, the settings file in use), a settings file (``.env*``), any SQLite database or
+    JSON keystore, a manifest that carries signatures, or any other file disburser did not
+    write. None for no file, or one disburser wrote (an earlier report, an unsigned
+    manifest, an empty file)."""
     if not path.is_file():
         return None
     full = path.resolve()

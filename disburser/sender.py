@@ -1451,11 +1451,14 @@ class Sender:
 
 
 def _next_base_fee(head: ch.Head) -> int:
-    """The base fee the next block will have, from the head (EIP-1559), which is what a
-    transaction must meet to be included. Judged against the head's own, a transaction a
-    full block then priced out was sent again, dropped again, and on automine waited for a
-    block (a benchmark run lost a second to it)."""
-    return policy.next_base_fee(head.base_fee, head.gas_used, head.gas_limit)
+    """The base fee a transaction must meet to be included: the next block's as EIP-1559
+    sets it from the head, or the head's own where that is higher (after a block under its
+    target, and on chains whose base fee follows other rules, an L2's: never less careful
+    than the head's own). Judged against the head's alone, a transaction a full block then
+    priced out was sent again, dropped again, and on automine waited for a block (a
+    benchmark run lost a second to it)."""
+    return max(head.base_fee, policy.next_base_fee(head.base_fee, head.gas_used,
+                                                   head.gas_limit))
 
 
 def _sender_of(client: Any, *, later_first: bool) -> Send:
