@@ -24,9 +24,11 @@ Reading
   ``products_not_counted``); any other label is refused, naming its line, rather than taken
   for a product that does not count.
 - A user id is 1-128 printable characters (it becomes the manifest payment id), compared
-  exactly (ids may differ by case alone). An id in the snapshot, compensated, addresses or
-  factors file that is no liquidated user's but differs from one only by case or Unicode
-  form (NFKC, case-folded) is refused: "alice" compensated would leave "Alice" paid again.
+  exactly (ids may differ by case alone). An id in the compensated or factors file that is
+  no liquidated user's but differs from one only by case or Unicode form (NFKC,
+  case-folded), where that one has no row of its own, is refused: "alice" compensated
+  would leave "Alice" paid again. (In the snapshot or addresses file such an id leaves the
+  liquidated user without a snapshot or an address: unpaid, and so reported.)
 - Bad input raises ``InputError`` with one line ``FILE:LINE: COLUMN: problem`` where LINE
   is the 1-based line in the file (the header is line 1); see ``_where``.
 
@@ -560,18 +562,25 @@ def read_records(
     ids = _LiquidatedIds()
     seen, losses = _read_liquidations(liquidations, policy, ids)
     net_assets: dict[str, int] = {}
-    for line, (uid, value) in _unique_rows(snapshot, SNAPSHOT_COLUMNS, ids):
+    for line, (uid, value) in _unique_rows(snapshot, SNAPSHOT_COLUMNS):
         net_assets[uid] = _usd(value, snapshot, line, "net_assets_usd")
-    comp = frozenset(uid for _, (uid,) in _table(compensated, COMPENSATED_COLUMNS, ids))
-    addr = {uid: a for _, (uid, a) in _unique_rows(addresses, ADDRESS_COLUMNS, ids)}
+    comp_lines: dict[str, int] = {}
+    for line, (uid,) in _table(compensated, COMPENSATED_COLUMNS):
+        comp_lines.setdefault(uid, line)
+    ids.check(compensated, comp_lines)
+    comp = frozenset(comp_lines)
+    addr = {uid: a for _, (uid, a) in _unique_rows(addresses, ADDRESS_COLUMNS)}
     fac: dict[str, int] = {}
+    fac_lines: dict[str, int] = {}
     if factors is not None:
-        for line, (uid, value) in _unique_rows(factors, FACTOR_COLUMNS, ids):
+        for line, (uid, value) in _unique_rows(factors, FACTOR_COLUMNS):
+            fac_lines[uid] = line
             where = _where(factors, line, "factor")
             f = _signed(value, FACTOR_DECIMALS, where)
             if f < 0:
                 raise InputError(f"{where}: {value!r} is negative")
             fac[uid] = f
+        ids.check(factors, fac_lines)
     return Records(seen, losses, net_assets, comp, addr, fac)
 
 
@@ -589,7 +598,7 @@ def _read_liquidations(path: Path, policy: Policy, ids: _LiquidatedIds
     counted, others = policy.products_counted, policy.products_not_counted
     known: dict[str, str] = {}  # label as written -> folded
     for line, (uid, time_text, product, loss_text) in _table(path, LIQUIDATION_COLUMNS,
-                                                             ids, register=True):
+                                                             ids):
         state = seen.get(uid)
         if state is None:
             state = seen[uid] = SEEN_OTHER_PRODUCT
@@ -678,11 +687,10 @@ def _check_id(uid: str, path: Path, line: int) -> None:
         )
 
 
-def _unique_rows(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = None
-                 ) -> Iterator[tuple[int, list[str]]]:
+def _unique_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
     """Rows of a file where each user appears at most once."""
     first_line: dict[str, int] = {}
-    for line, row in _table(path, columns, ids):
+    for line, row in _table(path, columns):
         uid = row[0]
         if uid in first_line:
             raise InputError(
@@ -693,12 +701,12 @@ def _unique_rows(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | Non
         yield line, row
 
 
-def _table(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = None,
-           *, register: bool = False) -> Iterator[tuple[int, list[str]]]:
+def _table(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = None
+           ) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, fields)`` for each data row, fields in ``columns`` order, stripped.
 
     The first column is always ``user_id`` and is checked (1-128 printable characters; with
-    ``ids``, added to them where ``register``, else checked against them).
+    ``ids``, added to them).
     Blank lines are skipped; a row with a different number of fields than the header is
     refused (a stray comma must not shift a loss into another column).
     """
@@ -742,8 +750,7 @@ def _table(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = No
                     _check_id(uid, path, reader.line_num)
                     checked.add(uid)
                     if ids is not None:
-                        (ids.add if register else ids.check)(uid, _where(path,
-                                                                         reader.line_num))
+                        ids.add(uid, _where(path, reader.line_num))
                 yield reader.line_num, fields
         except UnicodeDecodeError:
             # Text files decode by blocks, so reader.line_num may be early: find the line.
@@ -756,9 +763,7 @@ def _table(path: Path, columns: tuple[str, ...], ids: _LiquidatedIds | None = No
 
 class _LiquidatedIds:
     """The liquidations file's user ids, as written and folded (folded -> first as written,
-    where). Ids may differ by case alone (an exchange's case-sensitive ids); an id of
-    another file that is none of them but folds to one is refused: "alice" in the
-    compensated file left "Alice" paid again."""
+    where). Ids may differ by case alone (an exchange's case-sensitive ids)."""
 
     def __init__(self) -> None:
         self.exact: set[str] = set()
@@ -768,14 +773,21 @@ class _LiquidatedIds:
         self.exact.add(uid)
         self.folded.setdefault(fold(uid), (uid, where))
 
-    def check(self, uid: str, where: str) -> None:
-        if uid in self.exact:
-            return
-        first = self.folded.get(fold(uid))
-        if first is not None:
-            raise InputError(f"{where}: user_id {uid!r} is no liquidated user's, but "
-                             f"{first[0]!r} ({first[1]}) differs from it only by case or "
-                             "Unicode form: write it as the liquidations file does")
+    def check(self, path: Path, rows: dict[str, int]) -> None:
+        """``rows`` (id -> line) of a file that decides against a user (compensated) or
+        scales an amount (factors): an id of no liquidated user that folds to one without a
+        row of its own there is refused, since "alice" compensated left "Alice" paid again.
+        (A snapshot or address missing that way leaves the user unpaid, in the report.)"""
+        for uid, line in rows.items():
+            if uid in self.exact:
+                continue
+            first = self.folded.get(fold(uid))
+            if first is not None and first[0] not in rows:
+                raise InputError(
+                    f"{_where(path, line)}: user_id {uid!r} is no liquidated user's, but "
+                    f"{first[0]!r} ({first[1]}) differs from it only by case or Unicode form "
+                    "and has no row of its own here: if they are one user, write the id as "
+                    "the liquidations file does")
 
 
 def _undecodable_line(path: Path) -> int:

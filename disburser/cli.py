@@ -148,8 +148,8 @@ def main_options(
         raise SettingsError(f"{env_file}: no such settings file (--env-file / "
                             "DISBURSER_ENV_FILE)")
     # `<command> --help` is what an operator reads to find a setting's right name: the
-    # checks of the variables wait for a command that runs (the console script's argv;
-    # an in-process caller's help is not told apart).
+    # checks of the variables wait for a command that runs (read from the process's argv,
+    # so a program that calls disburser in-process has its own arguments read).
     helping = "--help" in sys.argv[1:]
     keys = load_dotenv(env_file, strict=not helping)
     _state["dotenv"] = (env_file, keys)
@@ -243,6 +243,17 @@ def _ledger(s: Settings) -> Ledger:
     from disburser.ledger import Ledger
 
     return Ledger(s.db)
+
+
+def _ledger_settings() -> Settings:
+    """settings() for a command that opens the ledger: its path checked first, alike in each
+    (`status` said "no ledger yet" for a typo; `manifest sign` on an approver's machine
+    never opens it, and is not stopped by it)."""
+    from disburser.ledger import check_path
+
+    s = settings()
+    check_path(s.db)
+    return s
 
 
 def _out(text: str, output: Path | None) -> None:
@@ -775,7 +786,7 @@ def deploy() -> None:
     from disburser.locks import RunnerLock
     from disburser.sender import deploy_batch_contract
 
-    s = settings()
+    s = _ledger_settings()
     _configure_logging(s)
     signer = _payer_signer(s)
     ledger = _ledger(s)
@@ -814,7 +825,7 @@ def send(
     from disburser.locks import RunnerLock
     from disburser.sender import Sender, config_from_settings
 
-    s = settings()
+    s = _ledger_settings()
     m = mf.load(manifest)
     signer = _payer_signer(s)
     v = _verify(s, m, str(manifest), payer=signer.address)
@@ -829,8 +840,8 @@ def send(
             raise InputError("send needs confirmation: pass --yes (or DISBURSER_YES=1)")
         ledger_now = _ledger(s) if lg.exists(s.db) else None
         owed = _owed(ledger_now, m, retry_failed)
-        others = "" if len(owed) == m.count else \
-            f" (of {m.count}; the others paid, in flight or failed)"
+        rest = "paid or in flight" if retry_failed else "paid, in flight or failed"
+        others = "" if len(owed) == m.count else f" (of {m.count}; the others {rest})"
         try:
             agreed = typer.confirm(f"Pay {len(owed)} payments{others}, "
                                    f"{format_units(sum(p.amount for p in owed), s.decimals)} "
@@ -1038,7 +1049,7 @@ def status(
     from disburser import ledger as lg
     from disburser.status import render_status, status_data
 
-    s = settings()
+    s = _ledger_settings()
     if not lg.exists(s.db):
         raise InputError(f"DISBURSER_DB {s.db}: no ledger yet (nothing was sent)")  # a path
     data = status_data(_ledger(s), s)
@@ -1067,7 +1078,7 @@ def reconcile(
 
     from disburser.reconcile import run_reconcile
 
-    s = settings()
+    s = settings() if no_ledger else _ledger_settings()
     if output is not None:
         _check_outputs([output], list(manifests or []))
     from_env = ctx.get_parameter_source("program") is ParameterSource.ENVIRONMENT
@@ -1121,9 +1132,13 @@ def devnet(
         raise InputError(f"{env_out}: is a directory (--env-out)")
     if not env_out.parent.is_dir():
         raise InputError(f"{env_out}: no such directory {env_out.parent} (--env-out)")
+    if not os.access(env_out.parent, os.W_OK):
+        raise InputError(f"{env_out}: the directory {env_out.parent} is not writable "
+                         "(--env-out)")
     if env_out.exists() and not _written_by_devnet(env_out):
         raise InputError(f"{env_out}: exists and was not written by `disburser devnet`; "
                          "refusing to write over it (--env-out elsewhere, or move it away)")
+    serving = False
     anvil = dn.Anvil(port=port, block_time=block_time, fork_url=fork_url,
                      fork_block=fork_block).start()
     try:
@@ -1156,8 +1171,11 @@ def devnet(
         env.setdefault("DISBURSER_DB", f"disburser-{kind}.sqlite")
         env.setdefault("DISBURSER_LOG_FILE", f"disburser-{kind}.log.jsonl")
         lines = [f"{k}={v}" for k, v in env.items()]
-        env_out.write_text(f"{DEVNET_MARK}; local chain only\n"
-                           + "\n".join(lines) + "\n")
+        try:
+            env_out.write_text(f"{DEVNET_MARK}; local chain only\n"
+                               + "\n".join(lines) + "\n")
+        except OSError as e:
+            raise InputError(f"{env_out}: cannot write ({e.strerror}) (--env-out)") from None
         what = f"fork of {display_url(fork_url)}" if fork_url else "empty chain"
         typer.echo(f"anvil on {anvil.url} ({what}, chain {d.chain_id}); settings written to "
                    f"{env_out}:")
@@ -1165,6 +1183,7 @@ def devnet(
             shown = "<dev key, see " + str(env_out) + ">" if k == "DISBURSER_PRIVATE_KEY" else v
             typer.echo(f"  export {k}={shown}")
         typer.echo("Ctrl-C stops the chain.")
+        serving = True
         stop = {"flag": False}
 
         def _h(*_: Any) -> None:
@@ -1176,7 +1195,8 @@ def devnet(
             time.sleep(0.2)
     finally:
         anvil.stop()
-        typer.echo("devnet stopped", err=True)
+        if serving:  # a refusal before is its one line alone
+            typer.echo("devnet stopped", err=True)
 
 
 def _fork_token(c: Any) -> str:

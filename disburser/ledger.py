@@ -224,14 +224,32 @@ def _refuse_other_header(existing: ManifestRow, m: Manifest) -> None:
             "payments cannot be re-signed for another")
 
 
+POSTGRES_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def check_path(url: str) -> None:
+    """A DISBURSER_DB that is no PostgreSQL URL must be a SQLite file in a directory that
+    exists: a typo made a new, empty ledger, which then read the payer's history as a lost
+    ledger's. One that looks like a URL of another kind is refused without its password."""
+    if url.startswith(POSTGRES_PREFIXES):
+        return
+    if "://" in url:
+        from disburser.settings import redact_url
+
+        raise SettingsError(f"DISBURSER_DB {redact_url(url)}: neither a file path nor a "
+                            "PostgreSQL URL (postgresql://...)")
+    parent = Path(url).parent
+    if not parent.is_dir():
+        raise SettingsError(f"DISBURSER_DB {url}: no such directory {parent}")
+
+
 class Ledger:
     """All reads and guarded writes of the ledger."""
 
     def __init__(self, path: Path | str) -> None:
         self.url = str(path)
         self._shared: Session | None = None
-        self.is_postgres = self.url.startswith(("postgresql://", "postgres://",
-                                                "postgresql+psycopg://"))
+        self.is_postgres = self.url.startswith(POSTGRES_PREFIXES)
         if self.is_postgres:
             # Optional shared backend: several operators' machines, one ledger.
             url = "postgresql+psycopg://" + self.url.split("://", 1)[1]
@@ -241,12 +259,7 @@ class Ledger:
                 raise SettingsError(f"DISBURSER_DB {self.url_display}: not a usable "
                                     "PostgreSQL URL") from None
         else:
-            parent = Path(self.url).parent
-            if not parent.is_dir():
-                # A typo made a directory tree and a new, empty ledger, which then read the
-                # payer's history as a lost ledger's (a page of advice about a refusal).
-                raise SettingsError(f"DISBURSER_DB {self.url_display}: no such directory "
-                                    f"{parent}")
+            check_path(self.url)
             self.engine = create_engine(f"sqlite:///{self.url}", connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:

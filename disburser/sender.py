@@ -579,7 +579,7 @@ class Sender:
         fee is back under the cap; say so once per episode. The approvals (of the batch
         contract before the first batch, of 0 at the end) are not held back here: an
         approval binds no payment."""
-        base_fee = _next_base_fee(self._head_now())
+        base_fee = _next_base_fee(self.cfg.chain_id, self._head_now())
         # The cap of the next transaction: the operator's, or lower where gas x fee would
         # pass the node's per-transaction fee cap (a full batch).
         if self.cfg.mode is Mode.BATCH:
@@ -811,7 +811,10 @@ class Sender:
             raise FailClosed(f"the token {self.cfg.token} blacklists the {hit}; stopped "
                              "before sending any more. Run `send` again once it is lifted")
         low = reason.lower()
-        if "exceeds balance" in low or "exceeds allowance" in low:
+        # OpenZeppelin before 4.7 "exceeds balance/allowance", from 4.7 "insufficient
+        # allowance", from 5 custom errors (chain.decode_revert words them the older way).
+        if any(w in low for w in ("exceeds balance", "exceeds allowance",
+                                  "insufficient balance", "insufficient allowance")):
             what = "batch" if self.cfg.mode is Mode.BATCH else "transfer"
             check = "balance" if "balance" in low else "allowance to the batch contract"
             raise FailClosed(f"token {self.cfg.token} refused the {what}: {reason}; "
@@ -882,9 +885,9 @@ class Sender:
         for k, (data, gas, rows, amount) in enumerate(items):
             fees = policy.initial_fees(head.base_fee, self.cfg.priority_fee_wei,
                                        self._fee_cap(gas))
-            if policy.priced_out(fees.max_fee, _next_base_fee(head)):
-                log.warning("fee_cap_below_base_fee", base_fee=_next_base_fee(head),
-                            max_fee=fees.max_fee)
+            next_base = _next_base_fee(self.cfg.chain_id, head)
+            if policy.priced_out(fees.max_fee, next_base):
+                log.warning("fee_cap_below_base_fee", base_fee=next_base, max_fee=fees.max_fee)
             signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=nonce + k, to=to,
                                          data=data, gas=gas, max_fee=fees.max_fee,
                                          tip=fees.tip)
@@ -1209,7 +1212,7 @@ class Sender:
                     self._priced_out_logged.add(last.hash)
                     log.warning("transfer_priced_out_waiting", nonce=t.nonce,
                                 tx_hash=last.hash, max_fee=int(last.max_fee),
-                                base_fee=_next_base_fee(head))
+                                base_fee=_next_base_fee(self.cfg.chain_id, head))
             else:
                 # Dropped from the pool (or never arrived): the same bytes again.
                 if last.hash in self._gap_refused:  # refused for a gap now filled
@@ -1267,11 +1270,10 @@ class Sender:
         return (lowest or priced_out) and \
             policy.should_bump(since, head.number, self.cfg.bump_after_blocks)
 
-    @staticmethod
-    def _priced_out(last: Any, head: ch.Head) -> bool:
+    def _priced_out(self, last: Any, head: ch.Head) -> bool:
         """``last`` (an attempt) cannot go into the next block: its fee cap is under that
         block's base fee (``_next_base_fee``, as the signing gate judges it)."""
-        return policy.priced_out(int(last.max_fee), _next_base_fee(head))
+        return policy.priced_out(int(last.max_fee), _next_base_fee(self.cfg.chain_id, head))
 
     def _mines_on_arrival(self) -> bool:
         """Whether the node makes a block only when a transaction arrives (Anvil's
@@ -1430,12 +1432,13 @@ class Sender:
     def _bump(self, t: TxRow, last: Any, head: ch.Head) -> bool:
         assert t.id is not None
         old = policy.Fees(max_fee=int(last.max_fee), tip=int(last.tip))
-        new = policy.bump_fees(old, _next_base_fee(head), self._fee_cap(t.gas_limit))
+        next_base = _next_base_fee(self.cfg.chain_id, head)
+        new = policy.bump_fees(old, next_base, self._fee_cap(t.gas_limit))
         if new is None:
             if t.id not in self._at_cap_logged:
                 self._at_cap_logged.add(t.id)
                 log.warning("transfer_at_fee_cap_waiting", nonce=t.nonce, max_fee=old.max_fee,
-                            base_fee=_next_base_fee(head), cap=self.cfg.max_fee_wei)
+                            base_fee=next_base, cap=self._fee_cap(t.gas_limit))
             return False
         signed = self.signer.sign_tx(chain_id=self.cfg.chain_id, nonce=t.nonce, to=t.to,
                                      data=self.ledger.tx_data(t.id), gas=t.gas_limit,
@@ -1450,13 +1453,20 @@ class Sender:
         return True
 
 
-def _next_base_fee(head: ch.Head) -> int:
-    """The base fee a transaction must meet to be included: the next block's as EIP-1559
-    sets it from the head, or the head's own where that is higher (after a block under its
-    target, and on chains whose base fee follows other rules, an L2's: never less careful
-    than the head's own). Judged against the head's alone, a transaction a full block then
-    priced out was sent again, dropped again, and on automine waited for a block (a
-    benchmark run lost a second to it)."""
+# Chains whose base fee follows Ethereum's EIP-1559 parameters (elasticity 2, an eighth a
+# block): mainnet, Sepolia, Holesky, Hoodi and the local chains. Arbitrum's block gas limit
+# (2^50) and the OP Stack's parameters would make the formula wrong there.
+EIP1559_CHAINS = frozenset({1, 11155111, 17000, 560048, 31337, 1337})
+
+
+def _next_base_fee(chain_id: int, head: ch.Head) -> int:
+    """The base fee a transaction must meet to be included: on a chain of Ethereum's rules,
+    the next block's as EIP-1559 sets it from the head, or the head's own where that is
+    higher (never less careful than the head's own); elsewhere the head's own. Judged
+    against the head's alone, a transaction a full block then priced out was sent again,
+    dropped again, and on automine waited for a block (a benchmark run lost a second)."""
+    if chain_id not in EIP1559_CHAINS:
+        return head.base_fee
     return max(head.base_fee, policy.next_base_fee(head.base_fee, head.gas_used,
                                                    head.gas_limit))
 

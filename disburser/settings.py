@@ -181,7 +181,7 @@ def parse_ceilings(text: str, decimals: int) -> Ceilings:
 class Settings:
     network: Profile
     rpc_url: str
-    db: str  # a SQLite path, or a postgresql:// URL (may carry a password: see db_display)
+    db: str  # a SQLite path, or a postgresql:// URL (may carry a password: see redact_url)
     chain_id: int
     token: str
     decimals: int
@@ -330,7 +330,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     return Settings(
         network=prof,
         rpc_url=_rpc_url(_get(env, "RPC_URL", prof.default_rpc) or ""),
-        db=_db(_get(env, "DB", "disburser.sqlite") or ""),
+        db=_get(env, "DB", "disburser.sqlite") or "",
         chain_id=_int(env, "CHAIN_ID", prof.chain_id, minimum=1),
         token=token,
         decimals=decimals,
@@ -362,16 +362,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         allow_plain_key=_flag(env, "ALLOW_PLAIN_KEY"),
         from_block=_int(env, "FROM_BLOCK", 0),
     )
-
-
-def _db(value: str) -> str:
-    """DISBURSER_DB: a PostgreSQL URL, or a SQLite file in a directory that exists (a typo
-    made a new, empty ledger; checked here so that every command says so alike)."""
-    if not value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        parent = Path(value).parent
-        if not parent.is_dir():
-            raise SettingsError(f"{PREFIX}DB {value}: no such directory {parent}")
-    return value
 
 
 def redact_url(url: str) -> str:

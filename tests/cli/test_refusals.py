@@ -714,6 +714,11 @@ def test_an_anvil_that_exits_at_start_says_why(tmp_path: Path) -> None:
                                  str(dn.free_port()), "--env-out", str(out)])
     assert (r.exit_code, r.stderr) == (2, f"disburser: error: {out}: no such directory "
                                           f"{out.parent} (--env-out)\n")
+    r = CliRunner().invoke(app, ["--env-file", "/dev/null", "devnet", "--port",
+                                 str(dn.free_port()), "--env-out", "/proc/x.env"])
+    assert (r.exit_code, r.stderr) == (2, "disburser: error: /proc/x.env: cannot write (No such "
+                                       "file or directory) (--env-out)\n")
+    assert "internal error" not in r.stderr
 
 
 def test_a_ledger_in_a_directory_that_does_not_exist_is_refused(env: Env) -> None:
@@ -726,6 +731,17 @@ def test_a_ledger_in_a_directory_that_does_not_exist_is_refused(env: Env) -> Non
         _assert_refused(env, args, f"DISBURSER_DB {db}: no such directory {db.parent}",
                         extra={"DISBURSER_DB": str(db)}, exact=True)
     assert not (env.tmp / "nonexist").exists()
+    # a command that never opens the ledger is not stopped by it (an approver's machine
+    # with the operator's settings file)
+    r = env.cli("manifest", "verify", str(m), extra={"DISBURSER_DB": str(db)})
+    assert r.code == 0, r.err
+    # a URL of another kind than postgresql:// is refused without its password (the
+    # directory message printed it whole)
+    for url in ("postgresql+psycopg2://admin:S3cret@db.example/ledger",
+                "PostgreSQL://admin:S3cret@db.example/ledger"):
+        r = env.cli("status", extra={"DISBURSER_DB": url})
+        assert r.code == 2 and "S3cret" not in r.err, r.err
+        assert "neither a file path nor a PostgreSQL URL (postgresql://...)" in r.err
 
 
 def test_a_settings_file_named_but_missing_is_refused(env: Env) -> None:

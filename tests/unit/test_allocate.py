@@ -469,7 +469,8 @@ def test_a_user_id_written_another_way_than_the_liquidated_one_is_refused(
     assert str(e.value) == (
         f"{files.root / where}: user_id {written!r} is no liquidated user's, but {uid!r} "
         f"({files.root / 'liquidations.csv'}:2) differs from it only by case or Unicode "
-        "form: write it as the liquidations file does")
+        "form and has no row of its own here: if they are one user, write the id as the "
+        "liquidations file does")
 
 
 def test_ids_that_differ_by_case_alone_are_two_users(files: Files) -> None:
@@ -478,9 +479,17 @@ def test_ids_that_differ_by_case_alone_are_two_users(files: Files) -> None:
     folds together would stop most allocations of 300,000 six-character ids)."""
     files.user("aB3xK", (IN, "futures", "60"))
     files.user("Ab3xK", (IN, "futures", "70"), compensated=True)
+    files.snapshot.append("ABCD,100")  # not liquidated, beside a liquidated "abcD"
+    files.user("abcD", (IN, "futures", "80"))
     alloc = files.run()
     assert one(alloc, "aB3xK") == (True, "in_manifest")
     assert one(alloc, "Ab3xK") == (False, "compensated")
+    assert one(alloc, "abcD") == (True, "in_manifest")
+    # a factor for another spelling, the liquidated user having none: refused (a factor of
+    # 0 meant to exclude would be lost)
+    files.factors = ["ABCD,0"]
+    with pytest.raises(InputError, match="user_id 'ABCD' is no liquidated user's, but 'abcD'"):
+        files.run()
 
 
 def test_a_bad_row_of_a_product_that_does_not_count_is_still_refused(files: Files) -> None:

@@ -252,9 +252,10 @@ def test_a_mined_transaction_is_confirmed_only_at_the_configured_depth(tmp_path:
 @pytest.mark.parametrize("mode, reason", [
     (Mode.DIRECT, "ERC20: transfer amount exceeds balance"),
     (Mode.BATCH, "ERC20: transfer amount exceeds allowance"),
+    (Mode.BATCH, "ERC20: insufficient allowance"),  # OpenZeppelin 4.7 to 4.9
     # OpenZeppelin 5 says it with a custom error: ERC20InsufficientBalance(payer, 5, 10)
     (Mode.DIRECT, "e450d38c" + "00" * 12 + "11" * 20 + f"{5:064x}" + f"{10:064x}"),
-], ids=["direct", "batch", "direct-oz5"])
+], ids=["direct", "batch", "batch-oz47", "direct-oz5"])
 def test_a_balance_or_allowance_short_mid_run_stops_the_run_and_blames_no_one(
         tmp_path: Path, mode: Mode, reason: str) -> None:
     """Invariant 5 (sender.py ``_fail_closed_if_global``, "exceeds balance" / "exceeds

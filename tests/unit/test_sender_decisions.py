@@ -387,6 +387,9 @@ def test_a_priced_out_or_overdue_transaction_is_due_for_a_check_though_just_seen
     assert full.base_fee <= int(a1.max_fee) and s._check_due(t1, a1, full, 0, now)
     half = dataclasses.replace(full, gas_used=head.gas_limit // 2)  # the base fee stays
     assert not s._check_due(t1, a1, half, 0, now)
+    # a chain whose base fee follows other rules (Arbitrum's): the head's own
+    s.cfg = dataclasses.replace(s.cfg, chain_id=42161)
+    assert not s._check_due(t1, a1, full, 0, now)
     s._lowest_since[t0.id or 0] = head.number  # what a poll at this head records
     later = dataclasses.replace(head, number=head.number + s.cfg.bump_after_blocks)
     assert s._check_due(t0, a0, later, 0, now)  # the lowest, a bump due
